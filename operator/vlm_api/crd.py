@@ -1,0 +1,177 @@
+"""Generate the VLMPretrainRun CRD from the pydantic models.
+
+pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema:
+no $ref, a type on every node, boolean exclusive bounds, no `null`, and the special
+`x-kubernetes-int-or-string` / `x-kubernetes-preserve-unknown-fields` markers where a
+field is a union. `to_structural` does that translation and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from . import schema as s
+
+CRD_NAME = f"{s.PLURAL}.{s.GROUP}"
+CRD_FILE = f"crds/{s.GROUP}_{s.PLURAL}.yaml"
+
+_KEEP = {
+    "type", "description", "properties", "required", "items", "enum", "default", "pattern",
+    "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minProperties", "maxProperties", "additionalProperties", "format",
+    "x-kubernetes-validations", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
+}
+
+
+def _resolve(node: Any, defs: dict) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            merged = _resolve(target, defs)
+            merged.update(_resolve(rest, defs))
+            return merged
+        return {k: _resolve(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, defs) for v in node]
+    return node
+
+
+def _merge_union(node: dict) -> dict:
+    """Collapse anyOf: Optional[X] -> X; int|str -> int-or-string; str-enum|object -> preserved."""
+    options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+    outer = {k: v for k, v in node.items()}
+    if len(options) == 1:
+        inner = dict(options[0])
+        inner.update({k: v for k, v in outer.items() if k != "default" or v is not None})
+        return inner
+    types = {o.get("type") for o in options}
+    if types == {"integer", "string"}:
+        outer["x-kubernetes-int-or-string"] = True
+        return outer
+    # A string-or-object union (trainable.llm): CEL on the field does the checking.
+    outer["x-kubernetes-preserve-unknown-fields"] = True
+    return outer
+
+
+def _structural(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_structural(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "anyOf" in node:
+        node = _merge_union(node)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "exclusiveMinimum" in node:
+        node["minimum"] = node.pop("exclusiveMinimum")
+        node["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node:
+        node["maximum"] = node.pop("exclusiveMaximum")
+        node["exclusiveMaximum"] = True
+    if node.get("default", 0) is None:
+        del node["default"]
+    if node.get("type") == "object" and "properties" not in node:
+        extra = node.get("additionalProperties")
+        if extra in (None, True) or extra == {}:
+            # Free-form (inline transformers configs): kept as written.
+            node.pop("additionalProperties", None)
+            node["x-kubernetes-preserve-unknown-fields"] = True
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]  # structural schemas prune unknown fields instead
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("exclusiveMinimum", "exclusiveMaximum"):
+            out[key] = value
+        elif key in ("properties",):
+            out[key] = {k: _structural(v) for k, v in value.items()}
+        elif key in ("items", "additionalProperties"):
+            out[key] = _structural(value)
+        elif key in _KEEP:
+            out[key] = value
+    if out.get("type") is None and not (
+        out.get("x-kubernetes-int-or-string") or out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        raise ValueError(f"schema node without type: {node}")
+    return out
+
+
+def openapi_schema(model: type[s.Model]) -> dict:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    resolved = _resolve(raw, defs)
+    resolved.pop("title", None)
+    return _structural(resolved)
+
+
+def _spec_defaults(spec: dict) -> dict:
+    # Objects that default to {} so the API server fills in their inner defaults.
+    for name in ("resources", "parallelism", "elastic", "metrics"):
+        spec["properties"][name]["default"] = {}
+    model = spec["properties"]["model"]["properties"]
+    for name in ("projector", "tokenizer"):
+        model[name]["default"] = {}
+    stage = spec["properties"]["stages"]["items"]["properties"]
+    for name in ("trainable", "optimizer"):
+        stage[name]["default"] = {}
+    return spec
+
+
+def build_crd() -> dict:
+    spec = _spec_defaults(openapi_schema(s.VLMPretrainRunSpec))
+    status = openapi_schema(s.VLMPretrainRunStatus)
+    version = {
+        "name": s.VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
+            {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
+            {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
+            {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": "A vision-language model pretraining run: a staged recipe the operator runs as elastic PyTorchJobs.",
+                "required": ["spec"],
+                "properties": {
+                    "apiVersion": {"type": "string", "description": "API version: pretrain.vlm.dev/v1alpha1."},
+                    "kind": {"type": "string", "description": "VLMPretrainRun."},
+                    "metadata": {"type": "object"},
+                    "spec": spec,
+                    "status": status,
+                },
+            }
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "vlm-pretrain-operator"}},
+        "spec": {
+            "group": s.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": s.KIND,
+                "listKind": f"{s.KIND}List",
+                "plural": s.PLURAL,
+                "singular": s.SINGULAR,
+                "shortNames": s.SHORT_NAMES,
+                "categories": ["vlm"],
+            },
+            "versions": [version],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `vlmpretrain crd` from vlm_api/schema.py. Do not edit by hand.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)

@@ -1,0 +1,78 @@
+"""Parsing of the human-friendly quantities the API accepts.
+
+`tokens: 100B`, `globalBatchTokens: 4M`, `checkpoint.interval: 30m`, and webdataset-style
+brace ranges in shard URIs (`shard-{00000..01023}.tar`). Pure functions, no dependencies,
+shared by validation, the renderer and the trainer so every layer agrees on the meaning.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBGT]?$"
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(s|m|h|d))+$"
+_DURATION_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def parse_quantity(value: int | float | str) -> int:
+    """`100B` -> 100_000_000_000. Decimal (SI) suffixes: K, M, B (=G), T."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer or a string like '4M', got a boolean")
+    if isinstance(value, (int, float)):
+        if value < 0 or int(value) != value:
+            raise ValueError(f"expected a non-negative integer, got {value!r}")
+        return int(value)
+    text = str(value).strip().upper()
+    if not re.match(QUANTITY_PATTERN, text):
+        raise ValueError(f"{value!r} is not a quantity: use an integer or a number with K/M/B/T suffix, e.g. '4M'")
+    suffix = text[-1] if text[-1] in _SUFFIX and not text[-1].isdigit() else ""
+    number = text[: len(text) - len(suffix)]
+    return int(round(float(number) * _SUFFIX[suffix]))
+
+
+def parse_duration(value: str) -> float:
+    """`1h30m` -> 5400.0 seconds."""
+    text = str(value).strip()
+    if not re.match(DURATION_PATTERN, text):
+        raise ValueError(f"{value!r} is not a duration: use e.g. '90s', '30m', '2h', '1h30m'")
+    return sum(float(n) * _DURATION_UNIT[u] for n, _, u in re.findall(r"([0-9]+(\.[0-9]+)?)(s|m|h|d)", text))
+
+
+def parse_interval(value: int | str) -> tuple[str, float]:
+    """A checkpoint interval: an integer is steps, a string is a duration. -> ("steps"|"seconds", n)."""
+    if isinstance(value, bool):
+        raise ValueError("expected steps (integer) or a duration string")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError("a step interval must be >= 1")
+        return "steps", float(value)
+    if str(value).isdigit():
+        return parse_interval(int(value))
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a duration interval must be > 0")
+    return "seconds", seconds
+
+
+def expand_braces(uri: str, limit: int = 1_000_000) -> list[str]:
+    """Expand `{000..099}` ranges (zero padding kept, several ranges multiply out)."""
+    match = _BRACE.search(uri)
+    if match is None:
+        if "{" in uri or "}" in uri:
+            raise ValueError(f"unbalanced or malformed brace range in {uri!r}; use {{000..099}}")
+        return [uri]
+    lo_text, hi_text = match.group(1), match.group(2)
+    lo, hi = int(lo_text), int(hi_text)
+    if lo > hi:
+        raise ValueError(f"brace range {match.group(0)} is empty: start > end")
+    if hi - lo + 1 > limit:
+        raise ValueError(f"brace range {match.group(0)} expands to more than {limit} shards")
+    width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
+    out: list[str] = []
+    for i in range(lo, hi + 1):
+        out.extend(expand_braces(uri[: match.start()] + str(i).zfill(width) + uri[match.end():], limit))
+        if len(out) > limit:
+            raise ValueError(f"{uri!r} expands to more than {limit} shards")
+    return out

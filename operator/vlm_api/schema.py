@@ -1,0 +1,675 @@
+"""The VLMPretrainRun spec and status: the single source of truth.
+
+The CRD's OpenAPI schema (`vlm_api.crd`), `vlmpretrain validate`, the rendered trainer
+config and the trainer itself all come from these models. Field names are the API
+contract of DESIGN.md section 3: add fields freely, rename none.
+
+Cross-field rules live twice on purpose: as CEL (`x-kubernetes-validations`, enforced by
+the API server at admission) and as Python validators (the same rules for `validate`,
+the operator and the trainer, which cannot assume the CRD is installed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .quantities import (
+    DURATION_PATTERN,
+    QUANTITY_PATTERN,
+    expand_braces,
+    parse_interval,
+    parse_quantity,
+)
+
+GROUP = "pretrain.vlm.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "VLMPretrainRun"
+PLURAL = "vlmpretrainruns"
+SINGULAR = "vlmpretrainrun"
+SHORT_NAMES = ["vlmrun", "vpr"]
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+URI_PATTERN = r"^(s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?|file://.+|/.+|\./.+|[^:{}]+)$"
+MULTIMODAL = ("image-text", "interleaved")
+
+Quantity = Union[int, str]
+QUANTITY_CEL = [
+    {
+        "rule": f"type(self) == int ? self > 0 : self.matches('{QUANTITY_PATTERN}')",
+        "message": "must be a positive integer or a number with a K/M/B/T suffix, e.g. '4M'",
+    }
+]
+INTERVAL_CEL = [
+    {
+        "rule": f"type(self) == int ? self >= 1 : self.matches('{DURATION_PATTERN}')",
+        "message": "must be steps (integer >= 1) or a duration such as '30m' or '2h'",
+    }
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict:
+    out: dict[str, Any] = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+    def dump(self) -> dict:
+        """The camelCase dict a user would write (defaults included)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelPart(Model):
+    """A pretrained component loaded from `path`, or built from scratch from `config`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.path) != has(self.config)", "set exactly one of path or config")
+            ]
+        }
+    )
+    path: str | None = Field(
+        None,
+        max_length=1024,
+        description="Directory that transformers' from_pretrained loads (local, file:// or s3://, downloaded first).",
+    )
+    config: dict[str, Any] | None = Field(
+        None,
+        description="Inline transformers config (must contain model_type); the part starts from random weights.",
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelPart":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("set exactly one of path or config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config.model_type is required (e.g. llama, siglip_vision_model)")
+        return self
+
+
+class Projector(Model):
+    """Maps vision-encoder features into the LLM's embedding space."""
+
+    type: Literal["mlp2x_gelu", "linear"] = Field(
+        "mlp2x_gelu", description="mlp2x_gelu (LLaVA-1.5: Linear-GELU-Linear) or linear."
+    )
+
+
+class Tokenizer(Model):
+    """The tokenizer; the image placeholder token is added when missing."""
+
+    path: str | None = Field(
+        None,
+        max_length=1024,
+        description="Directory AutoTokenizer.from_pretrained loads (local or s3://). Defaults to the LLM's path.",
+    )
+    builtin: Literal["bytes"] | None = Field(
+        None,
+        description="A tokenizer generated in-process: 'bytes' is byte-level (256 tokens + specials); "
+        "for tests, demos and inline-config LLMs, where nothing may be downloaded.",
+    )
+    image_token: str = Field(
+        "<image>", min_length=1, max_length=64, description="Placeholder token that image embeddings replace."
+    )
+
+
+class ModelSpec(Model):
+    """The VLM: an LLM, a vision encoder and a projector between them."""
+
+    llm: ModelPart = Field(description="The causal language model (any AutoModelForCausalLM).")
+    vision_encoder: ModelPart | None = Field(
+        None, description="Vision encoder (SigLIP or CLIP vision model). Required when any stage uses image data."
+    )
+    projector: Projector = Field(default_factory=Projector, description="Vision-to-LLM projector.")
+    tokenizer: Tokenizer = Field(default_factory=Tokenizer, description="Tokenizer (defaults to the LLM's).")
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self) -> "ModelSpec":
+        if self.tokenizer.path is None and self.tokenizer.builtin is None and self.llm.path is None:
+            raise ValueError("tokenizer: set tokenizer.path or tokenizer.builtin when the LLM is built from config")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSource(Model):
+    """A named stream of webdataset tar shards of one modality."""
+
+    name: str = Field(max_length=63, pattern=NAME_PATTERN, description="Name that stage mixtures refer to.")
+    modality: Literal["text", "image-text", "interleaved"] = Field(
+        description="text (<key>.txt), image-text (<key>.png|jpg|webp + <key>.txt caption) or "
+        "interleaved (<key>.json segments referencing images of the same sample)."
+    )
+    uri: str = Field(
+        max_length=2048,
+        pattern=URI_PATTERN,
+        description="Shards: s3://, file:// or a local path, with {00000..00099} brace ranges.",
+    )
+    validation_uri: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=URI_PATTERN,
+        description="Held-out shards for per-modality validation loss (same format).",
+    )
+
+    @field_validator("uri", "validation_uri")
+    @classmethod
+    def _braces(cls, value: str | None) -> str | None:
+        if value is not None:
+            expand_braces(value)
+        return value
+
+
+class DataSpec(Model):
+    """Declared data sources and sequence layout."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.sources.all(a, self.sources.exists_one(b, b.name == a.name))",
+                    "source names must be unique",
+                    ".sources",
+                )
+            ]
+        }
+    )
+    sources: list[DataSource] = Field(min_length=1, max_length=64, description="All sources any stage may mix.")
+    seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per training sequence (image tokens included).")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "DataSpec":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicate names {dup}")
+        return self
+
+    def source(self, name: str) -> DataSource:
+        return next(s for s in self.sources if s.name == name)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class VisualRegion(Model):
+    """Train a sparse, uniformly spread subset of LLM layers (arXiv 2412.12785)."""
+
+    fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Fraction of LLM layers to train: n = max(1, round(fraction * depth)) layers at "
+        "indices floor((i + 0.5) * depth / n) for i in 0..n-1 (8 of 32 -> 2, 6, 10, ..., 30).",
+    )
+
+
+class LayerSelection(Model):
+    """A trainable subset of LLM layers."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.layers) != has(self.visualRegion)", "set exactly one of layers or visualRegion")
+            ]
+        }
+    )
+    layers: list[int] | None = Field(
+        None, min_length=1, max_length=1024, description="Explicit 0-based LLM layer indices to train."
+    )
+    visual_region: VisualRegion | None = Field(None, description="Sparse uniform layer subset.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "LayerSelection":
+        if (self.layers is None) == (self.visual_region is None):
+            raise ValueError("set exactly one of layers or visualRegion")
+        if self.layers is not None:
+            if any(i < 0 for i in self.layers):
+                raise ValueError("layers: indices must be >= 0")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError("layers: indices must be unique")
+        return self
+
+
+class Trainable(Model):
+    """What is updated in this stage; everything else stays frozen (no optimizer state)."""
+
+    vision_encoder: bool = Field(False, description="Train the vision encoder.")
+    projector: bool = Field(True, description="Train the projector.")
+    llm: Union[Literal["all", "none"], LayerSelection] = Field(
+        "all",
+        description="all | none | {layers: [...]} | {visualRegion: {fraction: 0.25}}.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "type(self) == string ? self in ['all', 'none'] : "
+                    "((has(self.layers) ? 1 : 0) + (has(self.visualRegion) ? 1 : 0) == 1)",
+                    "must be 'all', 'none', {layers: [...]} or {visualRegion: {fraction: f}}",
+                )
+            ]
+        },
+    )
+
+    @field_validator("llm", mode="before")
+    @classmethod
+    def _llm_string(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("all", "none"):
+            raise ValueError(f"{value!r} is not one of 'all', 'none', {{layers: [...]}}, {{visualRegion: ...}}")
+        return value
+
+    def trains_anything(self) -> bool:
+        return self.vision_encoder or self.projector or self.llm != "none"
+
+
+class Optimizer(Model):
+    """AdamW with a learning-rate schedule."""
+
+    lr: float = Field(3.0e-4, gt=0, le=1, description="Peak learning rate.")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (ignored when continueSchedule).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of the stage spent decaying.")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="Decoupled weight decay (not applied to norms and biases).")
+    betas: list[float] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0 disables clipping).")
+    continue_schedule: bool = Field(
+        False,
+        description="Continue the previous stage's schedule position and optimizer state instead of re-warming. "
+        "Within a stage the schedule always continues when images enter (visualIntroduceAt).",
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: list[float]) -> list[float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError("betas must lie in [0, 1)")
+        return value
+
+
+class PruneCalibration(Model):
+    """Data used to measure layer importance before pruning."""
+
+    source: str = Field(max_length=63, pattern=NAME_PATTERN, description="Source to draw calibration samples from.")
+    samples: int = Field(64, ge=1, le=100_000, description="Calibration samples.")
+
+
+class Prune(Model):
+    """Visual-region pruning after the stage's training (arXiv 2412.12785)."""
+
+    remove_layers: int = Field(ge=1, le=1024, description="LLM layers to remove, least influential first, never inside the visual region.")
+    calibration: PruneCalibration = Field(description="Calibration data for block influence.")
+
+
+class Stage(Model):
+    """One training stage; each runs as its own PyTorchJob, initialised from the previous stage."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "(has(self.tokens) ? 1 : 0) + (has(self.steps) ? 1 : 0) + (has(self.epochs) ? 1 : 0) == 1",
+                    "set exactly one of tokens, steps or epochs",
+                ),
+                cel(
+                    "self.mixture.all(k, self.mixture[k] >= 0.0 && self.mixture[k] <= 1.0)",
+                    "mixture fractions must lie in [0, 1]",
+                    ".mixture",
+                ),
+                cel(
+                    "self.mixture.map(k, self.mixture[k]).sum() >= 0.999999 && "
+                    "self.mixture.map(k, self.mixture[k]).sum() <= 1.000001",
+                    "mixture fractions must sum to 1 (within 1e-6)",
+                    ".mixture",
+                ),
+            ]
+        }
+    )
+    name: str = Field(max_length=40, pattern=NAME_PATTERN, description="Stage name (part of child object names).")
+    tokens: Quantity | None = Field(
+        None,
+        description="Stage length in tokens: integer or K/M/B/T suffix, e.g. 100B.",
+        json_schema_extra={"x-kubernetes-validations": QUANTITY_CEL},
+    )
+    steps: int | None = Field(None, ge=1, description="Stage length in optimizer steps.")
+    epochs: float | None = Field(None, gt=0, le=1000, description="Stage length in passes over its mixture's smallest-coverage source.")
+    mixture: dict[str, float] = Field(
+        min_length=1,
+        max_length=64,
+        description="Token fractions per source name; must sum to 1.",
+    )
+    visual_introduce_at: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of the stage before which multimodal sources weigh 0 (text sources are renormalised); "
+        "after it the stage's mixture applies. The LR schedule continues across the switch.",
+    )
+    trainable: Trainable = Field(default_factory=Trainable, description="What is trained; the rest is frozen.")
+    optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and LR schedule.")
+    global_batch_tokens: Quantity = Field(
+        "4M",
+        description="Tokens per optimizer step across all workers; fixed under rescaling (gradient accumulation absorbs it).",
+        json_schema_extra={"x-kubernetes-validations": QUANTITY_CEL},
+    )
+    micro_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per worker per forward pass.")
+    eval_interval: int = Field(1000, ge=0, description="Steps between validation passes (0: only at the end).")
+    eval_batches: int = Field(8, ge=0, le=100_000, description="Batches per validation source per pass.")
+    prune: Prune | None = Field(None, description="Prune LLM layers after training; the next stage continues from the pruned model.")
+
+    @field_validator("tokens", "global_batch_tokens")
+    @classmethod
+    def _quantity(cls, value: Quantity | None) -> Quantity | None:
+        if value is not None and parse_quantity(value) <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Stage":
+        given = [k for k in ("tokens", "steps", "epochs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of tokens, steps or epochs (got {given or 'none'})")
+        if any(not (0 <= v <= 1) or math.isnan(v) for v in self.mixture.values()):
+            raise ValueError("mixture: fractions must lie in [0, 1]")
+        total = sum(self.mixture.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"mixture: fractions must sum to 1 (got {total:.6g})")
+        return self
+
+    @property
+    def total_tokens(self) -> int | None:
+        return parse_quantity(self.tokens) if self.tokens is not None else None
+
+    @property
+    def batch_tokens(self) -> int:
+        return parse_quantity(self.global_batch_tokens)
+
+
+# --------------------------------------------------------------------------- infrastructure
+
+
+class NodeRange(Model):
+    """Elastic bounds on worker nodes (PyTorchJob Worker replicas)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [cel("self.min <= self.max", "min must be <= max", ".min")]}
+    )
+    min: int = Field(1, ge=1, le=4096, description="Fewest nodes the job runs with.")
+    max: int = Field(1, ge=1, le=4096, description="Most nodes the job scales to.")
+
+    @model_validator(mode="after")
+    def _order(self) -> "NodeRange":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class Toleration(Model):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(None, description="Taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
+    tolerationSeconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class Resources(Model):
+    """Where and how big the job runs. `nodes` may change while running (in-place rescale)."""
+
+    nodes: NodeRange = Field(default_factory=NodeRange, description="Elastic node range.")
+    gpus_per_node: int = Field(8, ge=0, le=64, description="Worker processes (one per GPU) per node; 0 runs one CPU process.")
+    gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource that counts GPUs.")
+    cpu: str | None = Field(None, max_length=32, description="CPU request per worker pod (e.g. '32').")
+    memory: str | None = Field(None, max_length=32, description="Memory request per worker pod (e.g. '512Gi').")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels worker pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of worker pods.")
+    priority_class_name: str = Field("", max_length=253, description="PriorityClass of worker pods.")
+
+    @property
+    def procs_per_node(self) -> int:
+        return max(1, self.gpus_per_node)
+
+
+class Parallelism(Model):
+    """Data-parallel strategy and numerics."""
+
+    strategy: Literal["ddp", "fsdp"] = Field("fsdp", description="ddp (replicated) or fsdp (FSDP2 fully_shard per layer).")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast where supported, else fp32.")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder-layer activations in backward.")
+
+
+class Elastic(Model):
+    """Rendezvous and failure-detection timing of the elastic job."""
+
+    max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group before the job fails.")
+    last_call_timeout: int = Field(3, ge=1, le=3600, description="Seconds the rendezvous waits for more nodes after min joined.")
+    keep_alive_interval: int = Field(1, ge=1, le=600, description="Seconds between rendezvous heartbeats.")
+    keep_alive_max_attempt: int = Field(2, ge=1, le=100, description="Missed heartbeats before a node counts as dead.")
+    process_group_timeout: int = Field(
+        60, ge=5, le=7200, description="Seconds a collective waits for a hung (not dead) peer before the group restarts."
+    )
+    external_store: bool = Field(
+        True, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
+    )
+
+
+class Checkpoint(Model):
+    """Sharded checkpoints (torch.distributed.checkpoint) uploaded to object storage."""
+
+    uri: str = Field(max_length=2048, pattern=URI_PATTERN, description="s3://bucket/prefix/ (or file:// / a path for local runs).")
+    interval: Quantity = Field(
+        "30m",
+        description="Steps (integer) or wall time ('30m', '2h') between checkpoints; stage ends always checkpoint.",
+        json_schema_extra={"x-kubernetes-validations": INTERVAL_CEL},
+    )
+    keep: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept per stage (stage-final ones are always kept).")
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), injected as env via secretKeyRef.",
+    )
+    endpoint: str = Field("", max_length=2048, description="Endpoint URL of an S3-compatible store (path-style addressing).")
+    region: str = Field("", max_length=64, description="S3 region (default from the environment).")
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: Quantity) -> Quantity:
+        parse_interval(value)
+        return value
+
+
+class Metrics(Model):
+    """Prometheus metrics served by global rank 0."""
+
+    port: int = Field(9400, ge=1024, le=65535, description="Port of the /metrics endpoint on rank 0.")
+    pod_monitor: bool = Field(True, description="Create a PodMonitor (when the prometheus-operator CRD exists).")
+
+
+IMMUTABLE = [cel("self == oldSelf", "is immutable once created; a changed recipe is a new run")]
+
+
+class VLMPretrainRunSpec(Model):
+    """A VLM pretraining recipe and where it runs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.stages.all(s, s.mixture.all(k, self.data.sources.exists(d, d.name == k)))",
+                    "every mixture key must name a source declared in data.sources",
+                    ".stages",
+                ),
+                cel(
+                    "has(self.model.visionEncoder) || self.stages.all(s, s.mixture.all(k, "
+                    "self.data.sources.exists(d, d.name == k && d.modality == 'text')))",
+                    "a stage mixes image data, so model.visionEncoder is required",
+                    ".model",
+                ),
+                cel(
+                    "self.stages.all(a, self.stages.exists_one(b, b.name == a.name))",
+                    "stage names must be unique",
+                    ".stages",
+                ),
+            ]
+        }
+    )
+    image: str = Field(
+        "ghcr.io/vlm-pretrain-operator/trainer:0.1.0", max_length=512, description="Trainer container image."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the trainer image.")
+    model: ModelSpec = Field(description="The VLM's parts.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE})
+    data: DataSpec = Field(description="Data sources.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE})
+    stages: list[Stage] = Field(
+        min_length=1, max_length=16, description="Stages, run in order.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE}
+    )
+    resources: Resources = Field(default_factory=Resources, description="Nodes, GPUs and scheduling.")
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="Distributed strategy and numerics.")
+    elastic: Elastic = Field(default_factory=Elastic, description="Elastic rendezvous and failure detection.")
+    checkpoint: Checkpoint = Field(description="Checkpoint location and cadence.")
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus metrics.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
+    suspend: bool = Field(False, description="Suspend the running stage (resumes from its last checkpoint).")
+    max_retries: int = Field(3, ge=0, le=100, description="Times a failed stage job is recreated before the run fails.")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "VLMPretrainRunSpec":
+        declared = {s.name: s for s in self.data.sources}
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: stage names must be unique")
+        for i, stage in enumerate(self.stages):
+            unknown = sorted(set(stage.mixture) - set(declared))
+            if unknown:
+                raise FieldError(f"stages[{i}].mixture", f"unknown source(s) {unknown}; declared: {sorted(declared)}")
+            if self.model.vision_encoder is None and any(
+                declared[k].modality in MULTIMODAL for k in stage.mixture
+            ):
+                raise FieldError("model.visionEncoder", f"required: stage {stage.name!r} mixes image data")
+            if stage.prune is not None and stage.prune.calibration.source not in declared:
+                raise FieldError(
+                    f"stages[{i}].prune.calibration.source", f"unknown source {stage.prune.calibration.source!r}"
+                )
+        return self
+
+    def stage_index(self, name: str) -> int:
+        for i, s in enumerate(self.stages):
+            if s.name == name:
+                return i
+        raise KeyError(name)
+
+
+class FieldError(ValueError):
+    """A cross-field error that knows its own path (relative to spec)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Condition(Model):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Ready, Progressing, Degraded or RendezvousReady.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="CamelCase reason.")
+    message: str = Field("", description="Human-readable detail.")
+    last_transition_time: str | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, description="Generation the condition was computed for.")
+
+
+class CheckpointRef(Model):
+    """A committed checkpoint."""
+
+    uri: str = Field(description="Checkpoint directory URI.")
+    step: int = Field(description="Optimizer step.")
+    time: str | None = Field(None, description="Commit time.")
+    stage: str | None = Field(None, description="Stage it belongs to.")
+
+
+class VLMPretrainRunStatus(Model):
+    """What the operator observed; written by the operator only."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"] | None = Field(
+        None, description="Pending, Running, Succeeded, Failed, Suspended or Invalid."
+    )
+    stage: str | None = Field(None, description="Current stage name.")
+    stage_index: int | None = Field(None, description="Index of the current stage.")
+    step: int | None = Field(None, description="Latest optimizer step reported by rank 0.")
+    tokens: int | None = Field(None, description="Tokens trained in this stage.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    image_token_fraction: float | None = Field(None, description="Measured fraction of image tokens in recent steps.")
+    world_size: int | None = Field(None, description="Worker processes in the current rendezvous.")
+    nodes: int | None = Field(None, description="Worker replicas requested now.")
+    last_checkpoint: CheckpointRef | None = Field(None, description="Newest committed checkpoint.")
+    final_checkpoints: dict[str, CheckpointRef] | None = Field(None, description="Final checkpoint of each finished stage.")
+    restarts: int | None = Field(None, description="Elastic restarts reported by torchrun.")
+    attempt: int | None = Field(None, description="Attempt number of the current stage job (0 = first).")
+    job_name: str | None = Field(None, description="Current PyTorchJob.")
+    start_time: str | None = Field(None, description="When the run started.")
+    completion_time: str | None = Field(None, description="When the run finished.")
+    observed_generation: int | None = Field(None, description="Generation the operator last acted on.")
+    conditions: list[Condition] | None = Field(None, description="Ready, Progressing, Degraded.")
+
+
+def parse_spec(spec: dict) -> VLMPretrainRunSpec:
+    return VLMPretrainRunSpec.model_validate(spec)
+
+
+# --------------------------------------------------------------------------- trainer config
+
+
+class RunRef(Model):
+    """The run a trainer process belongs to."""
+
+    name: str = Field(description="VLMPretrainRun name.")
+    namespace: str = Field("default", description="Namespace.")
+    uid: str = Field("", description="Run uid (the rendezvous id).")
+
+
+class TrainerConfig(Model):
+    """What the operator renders into `<run>-<stage>-config` and the trainer reads:
+    the whole spec plus which stage to run and where to start from. Never holds secrets."""
+
+    api_version: Literal["pretrain.vlm.dev/v1alpha1"] = API_VERSION
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
+    run: RunRef
+    stage: str = Field(description="Name of the stage this process trains.")
+    spec: VLMPretrainRunSpec
+    init_from: str | None = Field(
+        None, description="Committed checkpoint (URI of its step directory) the stage starts from when it has none of its own."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (local runs and tests).")
+
+    @model_validator(mode="after")
+    def _stage_exists(self) -> "TrainerConfig":
+        if self.stage not in [s.name for s in self.spec.stages]:
+            raise ValueError(f"stage {self.stage!r} is not in spec.stages")
+        return self
+
+    @property
+    def stage_spec(self) -> Stage:
+        return self.spec.stages[self.spec.stage_index(self.stage)]
