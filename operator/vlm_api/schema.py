@@ -468,7 +468,7 @@ class Elastic(Model):
         60, ge=5, le=7200, description="Seconds a collective waits for a hung (not dead) peer before the group restarts."
     )
     external_store: bool = Field(
-        True, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
+        False, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
     )
 
 

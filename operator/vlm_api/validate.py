@@ -147,23 +147,17 @@ def semantic_problems(spec: s.VLMPretrainRunSpec) -> list[Problem]:
 
 
 def validate_spec(spec: Any, old_spec: Any = None) -> list[Problem]:
-    """All problems with a spec dict, deduplicated by path (first layer wins)."""
+    """All problems with a spec dict. Layers run in admission order and stop at the first
+    that finds something, so one mistake gives one line, named by the layer that owns it."""
     if not isinstance(spec, dict):
         return [Problem("spec", "must be a mapping")]
     spec = apply_defaults(spec)
-    problems = schema_problems(spec)
-    if not problems:  # CEL assumes a schema-valid object, as the API server does
-        problems += cel_problems(spec, old_spec)
-    pyd, model = _pydantic_problems(spec)
-    problems += pyd
-    if model is not None:
-        problems += semantic_problems(model)
-    seen, out = set(), []
-    for p in problems:
-        if p.path not in seen:
-            seen.add(p.path)
-            out.append(p)
-    return out
+    old = apply_defaults(old_spec) if isinstance(old_spec, dict) else None
+    problems = schema_problems(spec) or cel_problems(spec, old)
+    if problems:
+        return problems
+    problems, model = _pydantic_problems(spec)
+    return problems or semantic_problems(model)
 
 
 def validate_object(obj: Any) -> list[Problem]:

@@ -1,0 +1,121 @@
+"""`vlmpretrain`: one command line for the API, the operator and local runs.
+
+Subcommands import their implementation lazily, so `vlmpretrain validate` works in the
+operator image (no torch) and `vlmpretrain local` does not load kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from . import crd
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    text = crd.crd_yaml()
+    if args.check:
+        path = Path(args.output or crd.CRD_FILE)
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale: run `vlmpretrain crd -o {path}`", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _read(path: str) -> str:
+    return sys.stdin.read() if path == "-" else Path(path).read_text()
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import validate_text
+
+    bad = 0
+    for path in args.files:
+        try:
+            problems = validate_text(_read(path))
+        except OSError as exc:
+            print(f"{path}: <file>: {exc.strerror or exc}")
+            bad += 1
+            continue
+        for p in problems:
+            print(f"{path}: {p}")
+        if problems:
+            bad += 1
+        elif not args.quiet:
+            print(f"{path}: valid", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .render import render_manifest
+    from .validate import load_documents, validate_text
+
+    text = _read(args.file)
+    problems = validate_text(text)
+    if problems:
+        for p in problems:
+            print(f"{args.file}: {p}", file=sys.stderr)
+        return 1
+    objs = [o for doc in load_documents(text) for o in render_manifest(doc, args.stage)]
+    sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
+    return 0
+
+
+def _lazy(target: str):
+    """A subcommand implemented elsewhere: 'module:function', imported on use."""
+
+    def run(args: argparse.Namespace) -> int:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmpretrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("crd", help="print (or write, or check) the VLMPretrainRun CRD generated from the schema")
+    p.add_argument("-o", "--output", help=f"write to this file (e.g. {crd.CRD_FILE})")
+    p.add_argument("--check", action="store_true", help="exit 1 when the file differs from the schema")
+    p.set_defaults(func=_cmd_crd)
+
+    p = sub.add_parser("validate", help="check manifests: CRD schema, CEL rules and semantic checks")
+    p.add_argument("files", nargs="+", metavar="FILE", help="manifest files ('-' for stdin)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("render", help="print the objects the operator creates for a stage")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--stage", help="stage to render (default: the first)")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("demo", help="generate demo data and run examples/demo.yaml locally")
+    p.add_argument("--file", default="examples/demo.yaml", help="recipe to run (default: examples/demo.yaml)")
+    p.set_defaults(func=_lazy("vlm_api.demo:main"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

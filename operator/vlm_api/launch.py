@@ -1,0 +1,89 @@
+"""The launch description of one stage: a torchx AppDef.
+
+Both runners consume it, so they cannot drift: `vlmpretrain local` hands it to torchx's
+local scheduler, and `render.build_pytorchjob` turns it into a PyTorchJob container.
+Rendezvous settings travel as torchrun's own `PET_*` environment variables: locally they
+are passed as they are; in a PyTorchJob they become `elasticPolicy` fields, because the
+Kubeflow controller sets the same variables itself from there (and updates them when the
+job is rescaled, which a flag baked into the command could not follow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torchx import specs
+
+from .schema import VLMPretrainRunSpec
+
+TRAINER_MODULE = "vlm_trainer"
+CONFIG_MOUNT = "/etc/vlm"
+CONFIG_PATH = f"{CONFIG_MOUNT}/config.yaml"
+DEFAULT_RDZV_PORT = 29400
+
+# PET_* variables the Kubeflow controller owns in a PyTorchJob (from elasticPolicy/nprocPerNode).
+CONTROLLER_PET = (
+    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT",
+    "PET_RDZV_ID", "PET_RDZV_CONF", "PET_MAX_RESTARTS",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendezvous:
+    """Where and how the torchrun agents of a stage meet."""
+
+    run_id: str                      # the run uid: one rendezvous per run, across restarts
+    endpoint: str                    # host:port of the c10d store
+    conf: dict[str, str]             # rdzv_conf key/values (timeouts, is_host)
+
+
+def rdzv_conf(spec: VLMPretrainRunSpec, *, external_store: bool) -> dict[str, str]:
+    e = spec.elastic
+    conf = {
+        "last_call_timeout": str(e.last_call_timeout),
+        "keep_alive_interval": str(e.keep_alive_interval),
+        "keep_alive_max_attempt": str(e.keep_alive_max_attempt),
+    }
+    if external_store:
+        conf["is_host"] = "false"   # no agent hosts the store: losing worker-0 is survivable
+    return conf
+
+
+def build_appdef(
+    spec: VLMPretrainRunSpec,
+    *,
+    name: str,
+    rdzv: Rendezvous,
+    config_path: str = CONFIG_PATH,
+    env: dict[str, str] | None = None,
+) -> specs.AppDef:
+    """One role, `torchrun -m vlm_trainer --config FILE`, with the rendezvous in PET_* env."""
+    nproc = spec.resources.procs_per_node
+    role_env = {
+        "PET_NNODES": f"{spec.resources.nodes.min}:{spec.resources.nodes.max}",
+        "PET_NPROC_PER_NODE": str(nproc),
+        "PET_RDZV_BACKEND": "c10d",
+        "PET_RDZV_ENDPOINT": rdzv.endpoint,
+        "PET_RDZV_ID": rdzv.run_id,
+        "PET_RDZV_CONF": ",".join(f"{k}={v}" for k, v in rdzv.conf.items()),
+        "PET_MAX_RESTARTS": str(spec.elastic.max_restarts),
+        # A restarted rank must not read the previous rank 0's address from torchrun's store
+        # (shared/notes: connectFullMesh refused + hang after a worker SIGKILL).
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+        "VLM_PG_TIMEOUT_SECONDS": str(spec.elastic.process_group_timeout),
+        "PYTHONUNBUFFERED": "1",
+    }
+    role_env.update(env or {})
+    role = specs.Role(
+        name="trainer",
+        image=spec.image,
+        entrypoint="torchrun",
+        args=["-m", TRAINER_MODULE, "--config", config_path],
+        env=role_env,
+        num_replicas=spec.resources.nodes.max,
+        min_replicas=spec.resources.nodes.min,
+        max_retries=spec.max_retries,
+        resource=specs.Resource(cpu=1, gpu=spec.resources.gpus_per_node, memMB=1024),
+        port_map={"metrics": spec.metrics.port, "c10d": DEFAULT_RDZV_PORT},
+    )
+    return specs.AppDef(name=name, roles=[role])

@@ -1,0 +1,275 @@
+"""Pure renderers: a run (metadata + spec) and a stage -> the Kubernetes objects for it.
+
+`vlmpretrain render` prints exactly these; the operator creates exactly these. No I/O,
+no clock, no randomness: same input, same bytes (golden-file tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from . import launch, schema as s
+
+LABEL_RUN = f"{s.GROUP}/run"
+LABEL_STAGE = f"{s.GROUP}/stage"
+LABEL_ATTEMPT = f"{s.GROUP}/attempt"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "vlm-pretrain-operator"}
+# Job names leave room for the controller's `-worker-<i>` Services (DNS labels, 63 chars).
+MAX_JOB_NAME = 50
+
+
+def _fit(name: str, limit: int) -> str:
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{name[: limit - 7].rstrip('-')}-{digest}"
+
+
+def job_name(run: str, stage: str, attempt: int = 0) -> str:
+    """Deterministic child name: `<run>-<stage>`, `-r<N>` for the N-th retry."""
+    return _fit(f"{run}-{stage}" + (f"-r{attempt}" if attempt else ""), MAX_JOB_NAME)
+
+
+def config_name(run: str, stage: str) -> str:
+    return _fit(f"{run}-{stage}", MAX_JOB_NAME) + "-config"
+
+
+def store_name(run: str, stage: str) -> str:
+    return _fit(f"{run}-{stage}", MAX_JOB_NAME) + "-rdzv"
+
+
+def labels(run: dict, stage: str, attempt: int | None = None) -> dict[str, str]:
+    out = {LABEL_RUN: run["name"], LABEL_STAGE: stage, **MANAGED_BY}
+    if attempt is not None:
+        out[LABEL_ATTEMPT] = str(attempt)
+    return out
+
+
+def _meta(name: str, run: dict, stage: str, attempt: int | None = None) -> dict:
+    return {"name": name, "namespace": run.get("namespace", "default"), "labels": labels(run, stage, attempt)}
+
+
+def build_trainer_config(run: dict, spec: s.VLMPretrainRunSpec, stage: str, init_from: str | None = None) -> dict:
+    cfg = s.TrainerConfig(
+        run=s.RunRef(name=run["name"], namespace=run.get("namespace", "default"), uid=run.get("uid", "")),
+        stage=stage,
+        spec=spec,
+        init_from=init_from,
+    )
+    return cfg.dump()
+
+
+def build_configmap(run: dict, spec: s.VLMPretrainRunSpec, stage: str, init_from: str | None = None) -> dict:
+    config = build_trainer_config(run, spec, stage, init_from)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(config_name(run["name"], stage), run, stage),
+        "data": {"config.yaml": yaml.safe_dump(config, sort_keys=False)},
+    }
+
+
+def rendezvous(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> launch.Rendezvous:
+    external = spec.elastic.external_store
+    host = store_name(run["name"], stage) if external else f"{job_name(run['name'], stage, attempt)}-worker-0"
+    return launch.Rendezvous(
+        run_id=run.get("uid") or run["name"],
+        endpoint=f"{host}:{launch.DEFAULT_RDZV_PORT}",
+        conf=launch.rdzv_conf(spec, external_store=external),
+    )
+
+
+def _credential_env(spec: s.VLMPretrainRunSpec) -> list[dict]:
+    secret = spec.checkpoint.credentials_secret
+    if not secret:
+        return []
+    keys = [("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)]
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
+        for key, optional in keys
+    ]
+
+
+def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, role) -> dict:
+    res = spec.resources
+    limits: dict[str, Any] = {}
+    requests: dict[str, Any] = {}
+    if res.gpus_per_node:
+        limits[res.gpu_resource_name] = res.gpus_per_node
+        requests[res.gpu_resource_name] = res.gpus_per_node
+    if res.cpu:
+        requests["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = res.memory
+        limits["memory"] = res.memory
+    env = [{"name": k, "value": v} for k, v in sorted(role.env.items()) if k not in launch.CONTROLLER_PET]
+    if spec.checkpoint.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.checkpoint.endpoint})
+    env += _credential_env(spec)
+    container = {
+        "name": "pytorch",  # the controller finds the training container by this name
+        "image": role.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": [role.entrypoint],
+        "args": list(role.args),
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
+            {"name": "c10d", "containerPort": launch.DEFAULT_RDZV_PORT, "protocol": "TCP"},
+        ],
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "volumeMounts": [
+            {"name": "config", "mountPath": launch.CONFIG_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_name(run["name"], stage)}},
+            # NCCL and DataLoader workers need more shared memory than the 64Mi default.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "terminationGracePeriodSeconds": 120,  # time to finish an in-flight checkpoint commit
+    }
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    return {"metadata": {"labels": labels(run, stage, attempt)}, "spec": pod_spec}
+
+
+def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
+    name = job_name(run["name"], stage, attempt)
+    rdzv = rendezvous(run, spec, stage, attempt)
+    role = launch.build_appdef(spec, name=name, rdzv=rdzv).roles[0]
+    host, port = rdzv.endpoint.rsplit(":", 1)
+    nodes = spec.resources.nodes
+    elastic: dict[str, Any] = {
+        "minReplicas": nodes.min,
+        "maxReplicas": nodes.max,
+        "rdzvBackend": "c10d",
+        "rdzvId": rdzv.run_id,
+        "rdzvConf": [{"key": k, "value": v} for k, v in rdzv.conf.items()],
+        "maxRestarts": spec.elastic.max_restarts,
+    }
+    if spec.elastic.external_store:
+        elastic["rdzvHost"] = host
+        elastic["rdzvPort"] = int(port)
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _meta(name, run, stage, attempt),
+        "spec": {
+            "elasticPolicy": elastic,
+            "nprocPerNode": str(spec.resources.procs_per_node),
+            "runPolicy": {
+                "suspend": spec.suspend,
+                # Pod failures are torchrun's to handle (elastic restarts); the operator
+                # owns job-level retries (a new attempt resumes from the last checkpoint).
+                "backoffLimit": 0,
+                "cleanPodPolicy": "None",
+            },
+            "pytorchReplicaSpecs": {
+                "Worker": {
+                    "replicas": nodes.max,
+                    "restartPolicy": "OnFailure",
+                    "template": _worker_template(run, spec, stage, attempt, role),
+                }
+            },
+        },
+    }
+    check_pytorchjob(job)
+    return job
+
+
+def check_pytorchjob(job: dict) -> None:
+    """The rules Kubeflow's webhook enforces (the CRD itself has no enums or replica rules)."""
+    spec = job["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    if set(replicas) - {"Master", "Worker"}:
+        raise ValueError(f"replica types must be Master/Worker, got {sorted(replicas)}")
+    for rtype, rspec in replicas.items():
+        containers = rspec["template"]["spec"]["containers"]
+        if not any(c["name"] == "pytorch" for c in containers):
+            raise ValueError(f"{rtype}: no container named 'pytorch'")
+        if any(not c.get("image") for c in containers):
+            raise ValueError(f"{rtype}: every container needs an image")
+        if rspec.get("restartPolicy") not in (None, "Always", "OnFailure", "Never", "ExitCode"):
+            raise ValueError(f"{rtype}: invalid restartPolicy {rspec.get('restartPolicy')!r}")
+    ep = spec.get("elasticPolicy")
+    if ep:
+        if "Master" in replicas:
+            raise ValueError("elastic jobs run Worker replicas only")
+        if ep["minReplicas"] > ep["maxReplicas"]:
+            raise ValueError("elasticPolicy.minReplicas must be <= maxReplicas")
+        if not ep["minReplicas"] <= replicas["Worker"]["replicas"] <= ep["maxReplicas"]:
+            raise ValueError("Worker replicas must lie within elasticPolicy min..max")
+        if ep.get("rdzvBackend") not in ("c10d", "etcd", "etcd-v2"):
+            raise ValueError(f"invalid rdzvBackend {ep.get('rdzvBackend')!r}")
+        if "nProcPerNode" in ep:
+            raise ValueError("use spec.nprocPerNode, not the deprecated elasticPolicy.nProcPerNode")
+
+
+def build_podmonitor(run: dict, spec: s.VLMPretrainRunSpec) -> dict:
+    """Scrapes the run's worker pods; global rank 0 serves the training series."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {
+            "name": run["name"],
+            "namespace": run.get("namespace", "default"),
+            "labels": {LABEL_RUN: run["name"], **MANAGED_BY},
+        },
+        "spec": {
+            "selector": {"matchLabels": {LABEL_RUN: run["name"]}},
+            "podMetricsEndpoints": [
+                {
+                    "port": "metrics",
+                    "path": "/metrics",
+                    "interval": "15s",
+                    "relabelings": [
+                        {"sourceLabels": ["__meta_kubernetes_pod_label_pretrain_vlm_dev_run"], "targetLabel": "vlmrun"},
+                        {"sourceLabels": ["__meta_kubernetes_pod_label_pretrain_vlm_dev_stage"], "targetLabel": "stage"},
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def build_children(
+    run: dict,
+    spec: s.VLMPretrainRunSpec,
+    stage: str,
+    *,
+    attempt: int = 0,
+    init_from: str | None = None,
+    podmonitor: bool | None = None,
+) -> list[dict]:
+    """Everything the operator creates for one stage, in creation order."""
+    objs = [build_configmap(run, spec, stage, init_from), build_pytorchjob(run, spec, stage, attempt)]
+    if spec.metrics.pod_monitor if podmonitor is None else podmonitor:
+        objs.append(build_podmonitor(run, spec))
+    return objs
+
+
+def render_manifest(obj: dict, stage: str | None = None) -> list[dict]:
+    """`vlmpretrain render`: the children of a manifest's first (or named) stage."""
+    meta = obj.get("metadata") or {}
+    run = {"name": meta["name"], "namespace": meta.get("namespace", "default"), "uid": meta.get("uid", "")}
+    spec = s.parse_spec(obj["spec"])
+    return build_children(run, spec, stage or spec.stages[0].name)
