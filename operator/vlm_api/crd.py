@@ -32,7 +32,11 @@ def _resolve(node: Any, defs: dict) -> Any:
             target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
             rest = {k: v for k, v in node.items() if k != "$ref"}
             merged = _resolve(target, defs)
-            merged.update(_resolve(rest, defs))
+            rest = _resolve(rest, defs)
+            rules = merged.get("x-kubernetes-validations", []) + rest.pop("x-kubernetes-validations", [])
+            merged.update(rest)
+            if rules:
+                merged["x-kubernetes-validations"] = rules
             return merged
         return {k: _resolve(v, defs) for k, v in node.items()}
     if isinstance(node, list):

@@ -1,0 +1,175 @@
+"""CRD generation and the pure renderers: stable output, real schemas, no secrets."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.schemas import core_errors, crd_errors
+from vlm_api import crd, launch, render, schema
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden"
+EXAMPLES = ["demo.yaml", "run.yaml"]
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+def test_crd_file_is_generated_from_the_schema():
+    assert (REPO / crd.CRD_FILE).read_text() == crd.crd_yaml(), "run `vlmpretrain crd -o crds/...`"
+    assert crd.crd_yaml() == crd.crd_yaml()  # deterministic
+
+
+def _nodes(node, path="spec"):
+    yield path, node
+    for key, sub in (node.get("properties") or {}).items():
+        yield from _nodes(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _nodes(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_crd_schema_is_structural_and_explained():
+    version = crd.build_crd()["spec"]["versions"][0]
+    root = version["schema"]["openAPIV3Schema"]
+    text = json.dumps(root)
+    assert "$ref" not in text and '"anyOf"' not in text and '"title"' not in text
+    for path, node in _nodes(root["properties"]["spec"]):
+        scalar_item = path.endswith(("[]", "{}")) and node.get("type") not in ("object", None)
+        assert node.get("description") or scalar_item, f"{path} has no description (kubectl explain)"
+        assert node.get("type") or node.get("x-kubernetes-int-or-string") or node.get(
+            "x-kubernetes-preserve-unknown-fields"
+        ), f"{path} has no type"
+        assert not isinstance(node.get("exclusiveMaximum"), (int, float)) or isinstance(node["exclusiveMaximum"], bool)
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Step", "Loss", "Nodes", "Age"]
+    names = crd.build_crd()["spec"]["names"]
+    assert names["shortNames"] == ["vlmrun", "vpr"] and names["kind"] == "VLMPretrainRun"
+
+
+def test_crd_carries_the_cross_field_and_immutability_rules():
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = json.dumps(spec)
+    for fragment in ["sum() >= 0.999999", "self.min <= self.max", "has(self.model.visionEncoder)", "exists(d, d.name == k)"]:
+        assert fragment in rules
+    for field in ("model", "data", "stages"):
+        assert {"rule": "self == oldSelf", "message": schema.IMMUTABLE[0]["message"]} in spec["properties"][field]["x-kubernetes-validations"]
+    for field in ("resources", "suspend", "checkpoint"):
+        assert "oldSelf" not in json.dumps(spec["properties"][field])
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_render_matches_golden_file(name):
+    rendered = yaml.safe_dump_all(render.render_manifest(_load(name)), sort_keys=False)
+    golden = GOLDEN / f"render-{name}"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), f"render changed; review and rerun with UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_rendered_objects_validate_against_real_schemas(name):
+    obj = _load(name)
+    spec = schema.parse_spec(obj["spec"])
+    run = {"name": obj["metadata"]["name"], "namespace": "ns", "uid": "0f6c-uid"}
+    for stage in spec.stages:
+        for attempt in (0, 2):
+            objs = render.build_children(run, spec, stage.name, attempt=attempt, podmonitor=True)
+            kinds = [o["kind"] for o in objs]
+            assert kinds == ["ConfigMap", "PyTorchJob", "PodMonitor"]
+            assert core_errors(objs[0]) == []
+            assert crd_errors(objs[1]) == []
+            assert crd_errors(objs[2]) == []
+
+
+def test_schema_validation_catches_a_broken_pytorchjob():
+    job = render.build_pytorchjob({"name": "r", "uid": "u"}, schema.parse_spec(_load("demo.yaml")["spec"]), "pretrain")
+    job["spec"]["elasticPolicy"]["rdzvConf"] = "a=b"
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicaz"] = 1
+    errors = crd_errors(job)
+    assert any("rdzvConf" in e for e in errors) and any("replicaz" in e for e in errors)
+
+
+def test_pytorchjob_follows_the_webhook_rules_and_the_rendezvous_contract():
+    spec = schema.parse_spec(_load("run.yaml")["spec"])
+    job = render.build_pytorchjob({"name": "llama", "namespace": "x", "uid": "uid-123"}, spec, "pretrain")
+    ep, worker = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert (ep["minReplicas"], ep["maxReplicas"], worker["replicas"]) == (2, 8, 8)
+    assert ep["rdzvId"] == "uid-123" and ep["rdzvBackend"] == "c10d"
+    assert job["spec"]["nprocPerNode"] == "8" and "nProcPerNode" not in ep
+    container = worker["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["command"] + container["args"] == ["torchrun", "-m", "vlm_trainer", "--config", launch.CONFIG_PATH]
+    # The controller owns PET_* rendezvous variables; the container must not pin them.
+    assert not [e for e in container["env"] if e["name"] in launch.CONTROLLER_PET]
+
+
+@pytest.mark.parametrize(
+    "broken,words",
+    [
+        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Master=j["spec"]["pytorchReplicaSpecs"]["Worker"]), "Worker replicas only"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0].update(name="main"), "pytorch"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"].update(replicas=99), "within elasticPolicy"),
+        (lambda j: j["spec"]["elasticPolicy"].update(rdzvBackend="zk"), "rdzvBackend"),
+        (lambda j: j["spec"]["elasticPolicy"].update(nProcPerNode=8), "deprecated"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Chief={}), "Master/Worker"),
+    ],
+)
+def test_webhook_rules_reject_what_the_crd_cannot(broken, words):
+    job = render.build_pytorchjob({"name": "r", "uid": "u"}, schema.parse_spec(_load("run.yaml")["spec"]), "pretrain")
+    broken(job)
+    with pytest.raises(ValueError, match=words):
+        render.check_pytorchjob(job)
+
+
+def test_no_secret_value_can_reach_rendered_output(monkeypatch):
+    secret_values = ["AKIAEXAMPLESECRET123", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", secret_values[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_values[1])
+    obj = _load("run.yaml")
+    objs = render.render_manifest(obj)
+    text = yaml.safe_dump_all(objs)
+    assert not any(v in text for v in secret_values)
+    env = objs[1]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
+    creds = [e for e in env if e["name"].startswith("AWS_") and e["name"] != "AWS_ENDPOINT_URL"]
+    assert creds and all("value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials" for e in creds)
+    assert "AWS_" not in objs[0]["data"]["config.yaml"].replace("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "")
+
+
+def test_long_names_stay_valid_dns_labels_and_deterministic():
+    long_run, long_stage = "r" * 63, "s" * 40
+    names = {render.job_name(long_run, long_stage, a) for a in range(3)}
+    assert len(names) == 3 and all(len(n) <= render.MAX_JOB_NAME for n in names)
+    assert render.job_name(long_run, long_stage, 1) == render.job_name(long_run, long_stage, 1)
+    assert len(render.config_name(long_run, long_stage)) <= 63
+
+
+def test_trainer_config_round_trips_through_the_schema():
+    obj = _load("demo.yaml")
+    spec = schema.parse_spec(obj["spec"])
+    cm = render.build_configmap({"name": "demo", "uid": "u"}, spec, "sft", init_from="file:///ckpt/pretrain/step-000000240")
+    cfg = schema.TrainerConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert cfg.stage == "sft" and cfg.stage_spec.name == "sft"
+    assert cfg.init_from.endswith("step-000000240")
+    assert cfg.spec == spec
+
+
+def test_appdef_is_shared_by_both_runners():
+    spec = schema.parse_spec(_load("run.yaml")["spec"])
+    rdzv = render.rendezvous({"name": "x", "uid": "u"}, spec, "pretrain")
+    app = launch.build_appdef(spec, name="x-pretrain", rdzv=rdzv)
+    role = app.roles[0]
+    assert role.entrypoint == "torchrun" and role.env["PET_NNODES"] == "2:8"
+    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
+    job = render.build_pytorchjob({"name": "x", "uid": "u"}, spec, "pretrain")
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert container["args"] == role.args
