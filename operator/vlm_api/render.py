@@ -224,15 +224,16 @@ def check_pytorchjob(job: dict) -> None:
             raise ValueError("use spec.nprocPerNode, not the deprecated elasticPolicy.nProcPerNode")
 
 
-def build_podmonitor(run: dict, spec: s.VLMPretrainRunSpec) -> dict:
-    """Scrapes the run's worker pods; global rank 0 serves the training series."""
+def build_podmonitor(run: dict, spec: s.VLMPretrainRunSpec, extra_labels: dict[str, str] | None = None) -> dict:
+    """Scrapes the run's worker pods; global rank 0 serves the training series.
+    `extra_labels` carries what the cluster's Prometheus selects on (e.g. `release: ...`)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": {
             "name": run["name"],
             "namespace": run.get("namespace", "default"),
-            "labels": {LABEL_RUN: run["name"], **MANAGED_BY},
+            "labels": {**(extra_labels or {}), LABEL_RUN: run["name"], **MANAGED_BY},
         },
         "spec": {
             "selector": {"matchLabels": {LABEL_RUN: run["name"]}},
@@ -259,11 +260,12 @@ def build_children(
     attempt: int = 0,
     init_from: str | None = None,
     podmonitor: bool | None = None,
+    podmonitor_labels: dict[str, str] | None = None,
 ) -> list[dict]:
     """Everything the operator creates for one stage, in creation order."""
     objs = [build_configmap(run, spec, stage, init_from), build_pytorchjob(run, spec, stage, attempt)]
     if spec.metrics.pod_monitor if podmonitor is None else podmonitor:
-        objs.append(build_podmonitor(run, spec))
+        objs.append(build_podmonitor(run, spec, podmonitor_labels))
     return objs
 
 
