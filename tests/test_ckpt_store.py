@@ -1,0 +1,526 @@
+"""Checkpoint store against a real HTTP S3 endpoint (moto's ThreadedMotoServer) and a
+local directory; S3 faults come from a small fault-injecting HTTP proxy in front of moto."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import http.server
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+from vlm_trainer.ckpt_store import (  # noqa: E402
+    MANIFEST_NAME,
+    CheckpointCommitConflict,
+    CheckpointUploadError,
+    CheckpointVerifyError,
+    RetrySettings,
+    TransferSettings,
+    open_store,
+    parse_step_dirname,
+    step_dirname,
+)
+
+MiB = 1024 * 1024
+FAKE_SECRET = "fake-secret-" + uuid.uuid4().hex
+SMALL_TRANSFER = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+                                  max_concurrency=4, file_concurrency=3)
+FAST_RETRY = RetrySettings(mode="standard", max_attempts=5, file_attempts=3, backoff_base=0.05,
+                           connect_timeout=5, read_timeout=10)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_env():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "fake-access-key")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            mp.delenv(k, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        yield
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(aws_env):
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _new_bucket(endpoint: str) -> str:
+    name = "ckpt-" + uuid.uuid4().hex[:12]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["s3", "local"])
+def store(request, tmp_path):
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        bucket = _new_bucket(endpoint)
+        return open_store(f"s3://{bucket}/runs/r1", endpoint_url=endpoint,
+                          transfer=SMALL_TRANSFER, retry=FAST_RETRY)
+    return open_store(str(tmp_path / "store"), transfer=SMALL_TRANSFER, retry=FAST_RETRY)
+
+
+def make_ckpt(path: Path, *, world_size: int = 2, shard_bytes: int = 100_000, seed: int = 0) -> Path:
+    """A directory shaped like a torch.distributed.checkpoint save (+ an extra file)."""
+    path.mkdir(parents=True, exist_ok=True)
+    rnd = __import__("random").Random(seed)
+    (path / ".metadata").write_bytes(rnd.randbytes(1234))
+    for r in range(world_size):
+        (path / f"__{r}_0.distcp").write_bytes(rnd.randbytes(shard_bytes + r))
+    (path / "extra").mkdir(exist_ok=True)
+    (path / "extra" / "trainer_state.json").write_text('{"data_pos": {"a": 1}}')
+    return path
+
+
+def _raw_key(store, stage, step, rel) -> str:
+    return store.prefix + store.step_key(stage, step) + rel
+
+
+def corrupt(store, stage, step, rel, *, same_size=True):
+    """Overwrite one stored file (same size, different bytes) or truncate it."""
+    if store.uri.startswith("s3://"):
+        key = _raw_key(store, stage, step, rel)
+        data = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+        new = bytes([data[0] ^ 0xFF]) + data[1:] if same_size else data[:-1]
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=new)
+    else:
+        p = store.root / store.step_key(stage, step) / rel
+        data = p.read_bytes()
+        p.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:] if same_size else data[:-1])
+
+
+def remove(store, stage, step, rel):
+    if store.uri.startswith("s3://"):
+        store.client.delete_object(Bucket=store.bucket, Key=_raw_key(store, stage, step, rel))
+    else:
+        (store.root / store.step_key(stage, step) / rel).unlink()
+
+
+def upload_uncommitted(store, src: Path, stage: str, step: int):
+    """What a killed upload leaves behind: the shards but no marker."""
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            store._put_file(p, store.step_key(stage, step) + p.relative_to(src).as_posix(), "x")
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_step_dirnames_parse_robustly():
+    assert step_dirname(12) == "step-000000012"
+    assert parse_step_dirname("step-000000012") == 12
+    assert parse_step_dirname("step-12/") == 12
+    assert parse_step_dirname("step-1234567890") == 1234567890
+    assert parse_step_dirname("step-x") is None and parse_step_dirname("foo") is None
+
+
+def test_round_trip(store, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="vlm_trainer.ckpt_store")
+    src = make_ckpt(tmp_path / "src")
+    res = store.upload(src, "pretrain", 120, world_size=2, extra={"tokens": 123})
+    st = res.stats
+    assert st.files == 4 and st.bytes == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    assert st.upload_seconds > 0 and st.commit_seconds > 0 and st.total_seconds >= st.upload_seconds
+    assert store.last_stats is st
+
+    [ref] = store.committed("pretrain")
+    assert ref.uri.endswith("/pretrain/step-000000120/") and ref.uri == res.ref.uri
+    m = ref.manifest
+    assert (m["step"], m["stage"], m["world_size"], m["final"], m["extra"]) == (120, "pretrain", 2, False,
+                                                                               {"tokens": 123})
+    assert sorted(f["path"] for f in m["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                     "extra/trainer_state.json"]
+    assert all(len(f["sha256"]) == 64 for f in m["files"])
+    assert store.latest_committed("pretrain").step == 120
+    assert store.verify(ref) == []
+
+    dst = tmp_path / "dst"
+    dl = store.download(ref, dst)
+    assert dl.bytes == st.bytes and dl.files == 4
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (dst / p.relative_to(src)).read_bytes() == p.read_bytes()
+    # corrupt the stored copy: download refuses it
+    corrupt(store, "pretrain", 120, "__1_0.distcp")
+    with pytest.raises(CheckpointVerifyError, match="sha256 mismatch __1_0.distcp"):
+        store.download(ref, tmp_path / "dst2")
+    # credentials never logged nor in the repr
+    assert FAKE_SECRET not in caplog.text and FAKE_SECRET not in repr(store)
+
+
+@pytest.mark.parametrize("checksum", [None, "when_required"])
+def test_multipart_used_above_threshold(moto_endpoint, tmp_path, checksum):
+    bucket = _new_bucket(moto_endpoint)
+    store = open_store(f"s3://{bucket}/mp/", endpoint_url=moto_endpoint, transfer=SMALL_TRANSFER,
+                       retry=FAST_RETRY, request_checksum=checksum)
+    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=11 * MiB)
+    store.upload(src, "s", 1, world_size=1)
+    big = store.client.head_object(Bucket=bucket, Key=_raw_key(store, "s", 1, "__0_0.distcp"))
+    small = store.client.head_object(Bucket=bucket, Key=_raw_key(store, "s", 1, ".metadata"))
+    assert big["ETag"].strip('"').endswith("-3")  # 5 + 5 + 1 MiB parts
+    assert "-" not in small["ETag"]
+    assert big["Metadata"]["sha256"] == next(f["sha256"] for f in store.latest_committed("s").files
+                                             if f["path"] == "__0_0.distcp")
+    store.download(store.latest_committed("s"), tmp_path / "dst")
+    assert (tmp_path / "dst" / "__0_0.distcp").read_bytes() == (src / "__0_0.distcp").read_bytes()
+
+
+def test_second_commit_of_a_step_fails_cleanly(store, tmp_path):
+    first = store.upload(make_ckpt(tmp_path / "a", seed=1), "pretrain", 7, world_size=2)
+    with pytest.raises(CheckpointCommitConflict, match="already committed"):
+        store.upload(make_ckpt(tmp_path / "b", seed=2), "pretrain", 7, world_size=2)
+    [ref] = store.committed("pretrain")
+    assert ref.manifest["id"] == first.ref.manifest["id"]  # the first commit stands
+    if store.uri.startswith("s3://"):  # the server itself honours IfNoneMatch
+        from botocore.exceptions import ClientError
+
+        with pytest.raises(ClientError) as ei:
+            store.client.put_object(Bucket=store.bucket, Key=_raw_key(store, "pretrain", 7, MANIFEST_NAME),
+                                    Body=b"{}", IfNoneMatch="*")
+        assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_skips_incomplete(store, tmp_path, caplog):
+    for step in (10, 20, 30, 40):
+        store.upload(make_ckpt(tmp_path / f"c{step}", seed=step), "pretrain", step, world_size=2)
+    upload_uncommitted(store, make_ckpt(tmp_path / "c50", seed=50), "pretrain", 50)  # killed upload
+    remove(store, "pretrain", 40, "__1_0.distcp")  # missing shard
+    corrupt(store, "pretrain", 30, "__0_0.distcp")  # corrupted (same size)
+    assert [r.step for r in store.committed("pretrain")] == [40, 30, 20, 10]
+
+    caplog.set_level(logging.WARNING, logger="vlm_trainer.ckpt_store")
+    ref = store.resolve_resume("pretrain")
+    assert ref.step == 20
+    text = caplog.text
+    assert "step-000000050" in text and "no valid COMMITTED" in text
+    assert "missing file __1_0.distcp" in text and "sha256 mismatch __0_0.distcp" in text
+
+    # shallow verification cannot see a same-size corruption
+    assert store.resolve_resume("pretrain", deep=False).step == 30
+    # downloading variant: verified while downloading, bad candidates cleaned up
+    ref = store.resolve_resume("pretrain", local_dir=tmp_path / "resume")
+    assert ref.step == 20 and Path(ref.local_dir) == tmp_path / "resume" / "pretrain" / "step-000000020"
+    assert (Path(ref.local_dir) / "__0_0.distcp").read_bytes() == (tmp_path / "c20" / "__0_0.distcp").read_bytes()
+    assert not (tmp_path / "resume" / "pretrain" / "step-000000030").exists()
+
+    # a truncated marker does not count
+    corrupt(store, "pretrain", 20, MANIFEST_NAME, same_size=False)
+    corrupt(store, "pretrain", 10, "__0_0.distcp", same_size=False)
+    assert store.resolve_resume("pretrain") is None
+
+
+def test_prev_stage_final_fallback(store, tmp_path):
+    assert store.resolve_resume("sft", "pretrain") is None
+    store.upload(make_ckpt(tmp_path / "a", seed=1), "pretrain", 90, world_size=2)
+    assert store.resolve_resume("sft", "pretrain") is None  # not final: not a stage result
+    store.upload(make_ckpt(tmp_path / "b", seed=2), "pretrain", 100, world_size=2, final=True)
+    ref = store.resolve_resume("sft", "pretrain")
+    assert (ref.stage, ref.step, ref.final) == ("pretrain", 100, True)
+    store.upload(make_ckpt(tmp_path / "c", seed=3), "sft", 5, world_size=1)
+    assert (store.resolve_resume("sft", "pretrain").stage, store.resolve_resume("sft", "pretrain").step) == ("sft", 5)
+    # the final one corrupted and sft empty -> nothing valid
+    remove(store, "sft", 5, MANIFEST_NAME)
+    corrupt(store, "pretrain", 100, ".metadata")
+    assert store.resolve_resume("sft", "pretrain") is None
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def _steps_present(store, stage):
+    return sorted(r.step for r in store.checkpoints(stage))
+
+
+def test_prune_keeps_exactly_keep(store, tmp_path):
+    src = make_ckpt(tmp_path / "src", shard_bytes=1000)
+    for step in (10, 20, 30, 40, 50, 60):
+        store.upload(src, "pretrain", step, world_size=2, final=(step == 20))
+    upload_uncommitted(store, src, "pretrain", 35)  # garbage: older than newest committed
+    upload_uncommitted(store, src, "pretrain", 70)  # maybe in flight: left alone
+
+    res = store.prune("pretrain", keep=2)
+    assert sorted(res.deleted) == [10, 30, 40] and res.garbage == [35] and res.skipped_inflight == [70]
+    assert [r.step for r in store.committed("pretrain")] == [60, 50, 20]  # 2 newest + the final one
+    assert _steps_present(store, "pretrain") == [20, 50, 60, 70]
+    # keep=0 still never deletes the newest committed one
+    res = store.prune("pretrain", keep=0)
+    assert [r.step for r in store.committed("pretrain")] == [60, 20]
+    assert store.resolve_resume("pretrain").step == 60
+    if not store.uri.startswith("s3://"):  # no empty directories left behind
+        assert sorted(p.name for p in (store.root / "pretrain").iterdir()) == [
+            "step-000000020", "step-000000060", "step-000000070"]
+
+
+def test_prune_deletes_marker_first(store, tmp_path):
+    src = make_ckpt(tmp_path / "src", shard_bytes=1000)
+    for step in (1, 2, 3):
+        store.upload(src, "pretrain", step, world_size=2)
+    calls = []
+    real = store._delete_keys
+
+    def failing(keys):
+        calls.append(list(keys))
+        if len(calls) == 2:
+            raise OSError("injected failure between marker and shard deletion")
+        real(keys)
+
+    store._delete_keys = failing
+    with pytest.raises(OSError, match="injected"):
+        store.prune("pretrain", keep=1)
+    assert calls[0] == [store.step_key("pretrain", 2) + MANIFEST_NAME]  # the marker alone, first
+    assert all(not k.endswith(MANIFEST_NAME) for k in calls[1])
+    # the half-deleted checkpoint is left uncommitted: never valid for resume
+    half = parse_step_dirname(calls[0][0].split("/")[1])
+    refs = {r.step: r for r in store.checkpoints("pretrain")}
+    assert half in refs and not refs[half].committed
+    assert half not in [r.step for r in store.committed("pretrain")]
+    store._delete_keys = real
+    assert store.resolve_resume("pretrain").step == 3
+    res = store.prune("pretrain", keep=1)  # finishes the job: the leftover is garbage now
+    assert _steps_present(store, "pretrain") == [3] and half in res.garbage + res.deleted
+
+
+# --------------------------------------------------------------------------- S3 faults
+
+
+_ERR_XML = {
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
+
+
+def s3_op(method: str, path: str, query: dict) -> str:
+    if method == "PUT" and "partNumber" in query:
+        return "UploadPart"
+    if method == "POST" and "uploads" in query:
+        return "CreateMultipartUpload"
+    if method == "POST" and "uploadId" in query:
+        return "CompleteMultipartUpload"
+    if method == "PUT" and path.endswith("/" + MANIFEST_NAME):
+        return "PutCommitted"
+    if method == "PUT" and path.count("/") >= 2:
+        return "PutObject"
+    return method
+
+
+class FaultProxy:
+    """HTTP proxy to moto answering 500 / 503 SlowDown / a dropped connection for the
+    first K requests of the chosen S3 operations."""
+
+    def __init__(self, upstream: str):
+        u = urlsplit(upstream)
+        self.up = (u.hostname, u.port)
+        self.rules: list[list] = []  # [op, action, remaining]
+        self.injected: list[tuple[str, str]] = []
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def finish(self):
+                try:
+                    super().finish()
+                except OSError:  # the socket was reset on purpose
+                    pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if n == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(n)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                u = urlsplit(self.path)
+                q = parse_qs(u.query, keep_blank_values=True)
+                op = s3_op(self.command, u.path, q)
+                action = None
+                with proxy.lock:
+                    proxy.seen.append(op)
+                    for rule in proxy.rules:
+                        if rule[0] == op and rule[2] != 0:
+                            rule[2] -= 1
+                            action = rule[1]
+                            proxy.injected.append((op, action))
+                            break
+                if action == "drop":  # read a little of the body, then reset the connection
+                    n = int(self.headers.get("Content-Length") or 0)
+                    self.rfile.read(min(n, 64 * 1024))
+                    self.close_connection = True
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.close()
+                    return
+                body = self._body()
+                if action in (500, 503):
+                    code, msg = _ERR_XML[action]
+                    xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                           f"<Message>{msg}</Message><RequestId>fault</RequestId></Error>").encode()
+                    self.send_response(action)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "expect",
+                                                "content-length")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(*proxy.up, timeout=30)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length",
+                                         "server", "date"):
+                        self.send_header(k, v)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
+                    self.end_headers()
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, op: str, action, times: int = 1):
+        """times=-1: forever."""
+        with self.lock:
+            self.rules.append([op, action, times])
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(moto_endpoint):
+    p = FaultProxy(moto_endpoint)
+    yield p
+    p.close()
+
+
+def test_transient_faults_are_retried(proxy, moto_endpoint, tmp_path):
+    bucket = _new_bucket(moto_endpoint)
+    store = open_store(f"s3://{bucket}/faults/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER,
+                       retry=FAST_RETRY)
+    src = make_ckpt(tmp_path / "src", world_size=2, shard_bytes=11 * MiB)  # multipart shards
+    proxy.fail("UploadPart", 500, 2)
+    proxy.fail("UploadPart", "drop", 2)  # connection reset in the middle of an UploadPart
+    proxy.fail("UploadPart", 503, 1)
+    proxy.fail("PutObject", 503, 1)  # SlowDown on a small file
+    proxy.fail("PutObject", "drop", 1)
+    proxy.fail("CompleteMultipartUpload", 500, 1)
+    proxy.fail("PutCommitted", 503, 1)
+    res = store.upload(src, "pretrain", 1, world_size=2)
+
+    assert set(proxy.injected) == {("UploadPart", 500), ("UploadPart", "drop"), ("UploadPart", 503),
+                                   ("PutObject", 503), ("PutObject", "drop"),
+                                   ("CompleteMultipartUpload", 500), ("PutCommitted", 503)}
+    assert len(proxy.injected) == 9
+    assert res.stats.sdk_retries + res.stats.file_retries >= 7
+    # the data verifies, read back around the proxy too
+    direct = open_store(f"s3://{bucket}/faults/", endpoint_url=moto_endpoint)
+    assert direct.verify(direct.latest_committed("pretrain")) == []
+    store.download(res.ref, tmp_path / "dst")
+    assert (tmp_path / "dst" / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
+
+
+def test_adaptive_retry_mode(proxy, moto_endpoint, tmp_path):
+    """botocore's adaptive mode (client-side rate limiting after throttling) also works;
+    it slows the client down after a SlowDown, so the fault set is kept small here."""
+    bucket = _new_bucket(moto_endpoint)
+    store = open_store(f"s3://{bucket}/a/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER,
+                       retry=dataclasses.replace(FAST_RETRY, mode="adaptive"))
+    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=6 * MiB)
+    proxy.fail("UploadPart", 500, 1)
+    proxy.fail("PutObject", 503, 1)
+    res = store.upload(src, "s", 1, world_size=1)
+    assert len(proxy.injected) == 2 and res.stats.sdk_retries == 2
+    assert store.verify(res.ref) == []
+
+
+def test_whole_file_retry_when_sdk_gives_up(proxy, moto_endpoint, tmp_path):
+    """botocore without retries: our whole-file retry around upload_file carries it."""
+    bucket = _new_bucket(moto_endpoint)
+    rs = RetrySettings(max_attempts=1, file_attempts=4, backoff_base=0.01)
+    store = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER, retry=rs)
+    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=6 * MiB)
+    proxy.fail("UploadPart", "drop", 1)
+    proxy.fail("PutObject", 500, 2)
+    res = store.upload(src, "s", 3, world_size=1)
+    assert res.stats.file_retries == 3 and res.stats.sdk_retries == 0
+    assert store.verify(res.ref) == []
+
+
+def test_persistent_failure_raises(proxy, moto_endpoint, tmp_path):
+    bucket = _new_bucket(moto_endpoint)
+    rs = RetrySettings(max_attempts=2, file_attempts=2, backoff_base=0.01)
+    store = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER, retry=rs)
+    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=1000)
+    proxy.fail("PutObject", 500, -1)
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointUploadError, match="upload of s step 4") as ei:
+        store.upload(src, "s", 4, world_size=1)
+    assert time.monotonic() - t0 < 10
+    assert ei.value.stats is not None and ei.value.stats.file_retries >= 1
+    assert "PutCommitted" not in proxy.seen  # nothing committed
+    assert store.committed("s") == [] and store.resolve_resume("s") is None
+
+    # non-transient errors fail fast, without retries: a bucket that does not exist
+    missing = open_store(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/", endpoint_url=moto_endpoint,
+                         retry=rs)
+    with pytest.raises(CheckpointUploadError) as ei:
+        missing.upload(src, "s", 1, world_size=1)
+    assert ei.value.stats.file_retries == 0
