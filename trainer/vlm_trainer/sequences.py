@@ -1,0 +1,159 @@
+"""Samples -> token sequences -> padded batches.
+
+One sample is one sequence (no packing, so no sample ever attends to another):
+
+    [bos] segment tokens in document order ... [eos]
+
+* a text segment contributes its tokens; they are also the labels;
+* an image segment contributes exactly ``tokens_per_image`` placeholder ids, labelled
+  ``IGNORE_INDEX`` (-100) like bos and padding: the model never predicts image positions;
+* truncation to ``seqLength``: text is cut at the limit; an image whose placeholder block
+  does not fit whole ends the sequence before it (an image is never cut).
+
+Batches are right-padded to the longest sequence of the micro-batch (rounded up to a
+multiple of 8), with an attention mask. Token counts (text, image, label) are computed on
+the CPU here, so the training loop never syncs a device to count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from .model import IGNORE_INDEX
+from .tokenizer import TokenizerBundle
+
+
+@dataclasses.dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    images: list[np.ndarray]  # CHW float32, in placeholder order
+    source: str
+    modality: str
+    n_image_tokens: int
+    index: int = -1  # the sample's global position in its source
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_text_tokens(self) -> int:
+        return self.n_tokens - self.n_image_tokens
+
+
+class SequenceBuilder:
+    """Encodes `vlm_trainer.shards.Sample`s for a given tokenizer, image size and seqLength."""
+
+    def __init__(self, tok: TokenizerBundle, *, tokens_per_image: int, seq_length: int):
+        self.tok = tok
+        self.tokens_per_image = tokens_per_image
+        self.seq_length = seq_length
+
+    def encode(self, sample, modality: str) -> Encoded:
+        from .shards import ImageSeg, TextSeg
+
+        ids: list[int] = []
+        labels: list[int] = []
+        images: list[np.ndarray] = []
+        if self.tok.bos_id is not None:
+            ids.append(self.tok.bos_id)
+            labels.append(IGNORE_INDEX)
+        limit = self.seq_length
+        for seg in sample.segments:
+            if len(ids) >= limit:
+                break
+            if isinstance(seg, TextSeg):
+                t = self.tok.encode_text(seg.text)
+                ids += t
+                labels += t
+            elif isinstance(seg, ImageSeg):
+                if self.tokens_per_image <= 0:
+                    raise ValueError(f"source {sample.source!r} has images but the model has no vision encoder")
+                if len(ids) + self.tokens_per_image > limit:
+                    break  # never cut an image: the sequence ends before it
+                ids += [self.tok.image_token_id] * self.tokens_per_image
+                labels += [IGNORE_INDEX] * self.tokens_per_image
+                images.append(seg.pixels)
+            else:
+                raise TypeError(f"unknown segment type {type(seg).__name__}")
+        else:
+            if self.tok.eos_id is not None:
+                ids.append(self.tok.eos_id)
+                labels.append(self.tok.eos_id)
+        ids, labels = ids[:limit], labels[:limit]
+        return Encoded(ids, labels, images, sample.source, modality, self.tokens_per_image * len(images),
+                       getattr(sample, "index", -1))
+
+
+@dataclasses.dataclass
+class Batch:
+    """A padded micro-batch and its CPU-side counts."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, IGNORE_INDEX on bos, images, padding
+    pixel_values: torch.Tensor | None  # [N, 3, S, S] float32 or None
+    n_image_tokens: int
+    n_text_tokens: int
+    n_label_tokens: int  # labels that count in the loss (after the shift)
+    sources: list[str]
+    modalities: list[str]
+    indices: list[int]
+    dummy: bool = False  # a stand-in with no real data (keeps collectives in step); loss weight 0
+
+    @property
+    def n_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+    @property
+    def n_sequences(self) -> int:
+        return 0 if self.dummy else int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        nb = device.type == "cuda"
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=nb),
+            attention_mask=self.attention_mask.to(device, non_blocking=nb),
+            labels=self.labels.to(device, non_blocking=nb),
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=nb),
+        )
+
+
+def collate(items: list[Encoded], pad_id: int, *, multiple_of: int = 8) -> Batch:
+    if not items:
+        raise ValueError("collate needs at least one sequence (use dummy_batch)")
+    length = max(e.n_tokens for e in items)
+    length = max(2, -(-length // multiple_of) * multiple_of)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    images: list[np.ndarray] = []
+    n_img = n_label = 0
+    for row, e in enumerate(items):
+        n = e.n_tokens
+        ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        mask[row, :n] = 1
+        images.extend(e.images)
+        n_img += e.n_image_tokens
+        n_label += sum(1 for lab in e.labels[1:] if lab != IGNORE_INDEX)
+    pixels = torch.from_numpy(np.stack(images)) if images else None
+    if pixels is not None and torch.cuda.is_available():
+        pixels = pixels.pin_memory()
+    n_tok = int(mask.sum())
+    return Batch(ids, mask, labels, pixels, n_img, n_tok - n_img, n_label,
+                 [e.source for e in items], [e.modality for e in items], [e.index for e in items])
+
+
+def dummy_batch(tok: TokenizerBundle) -> Batch:
+    """One two-token sequence with no labels: contributes exactly 0 to loss and gradients."""
+    first = tok.bos_id if tok.bos_id is not None else tok.pad_id
+    ids = torch.tensor([[first, tok.pad_id]], dtype=torch.long)
+    return Batch(ids, torch.tensor([[1, 0]]), torch.full_like(ids, IGNORE_INDEX), None, 0, 0, 0, [], [], [], dummy=True)
