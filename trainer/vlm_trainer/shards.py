@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlparse
 import boto3
 import numpy as np
 from botocore.config import Config
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import HTTPClientError, IncompleteReadError
 from PIL import Image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
@@ -51,8 +52,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MODALITIES = ("text", "image-text", "interleaved")
-# Network failures while streaming a shard: re-open it and skip what was already read.
-_TRANSIENT = (ConnectionError, TimeoutError, HTTPClientError, IncompleteReadError)
+# Network failures opening or streaming a shard (after botocore's own retries): re-open it
+# and skip what was already read, so positions stay exact.
+_TRANSIENT = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError, IncompleteReadError)
 _READ_ATTEMPTS = 4
 
 
@@ -221,6 +223,7 @@ class ShardedSource:
     image: ImageTransform = field(default_factory=ImageTransform)
     samples_per_shard: int | None = None
     endpoint_url: str | None = None
+    # Bad samples by exception type, plus reads of corrupt shards and repeated member names.
     skipped: collections.Counter = field(default_factory=collections.Counter, init=False)
     _counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _client: object = field(default=None, init=False, repr=False)

@@ -204,22 +204,25 @@ def visual_question(scene: list[Shape], rng: random.Random) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- samples
 
 
-def _captions(key: str, rng: random.Random, size: int) -> dict:
+# Makers: (rng, image size, index in shard) -> the sample's members by suffix.
+
+
+def _captions(rng: random.Random, size: int, index: int) -> dict:
     scene = random_scene(rng)
-    return {"__key__": key, "png": draw(scene, size, rng), "txt": caption(scene)}
+    return {"png": draw(scene, size, rng), "txt": caption(scene)}
 
 
-def _text(key: str, rng: random.Random, size: int) -> dict:
-    return {"__key__": key, "txt": text_document(rng)}
+def _text(rng: random.Random, size: int, index: int) -> dict:
+    return {"txt": text_document(rng)}
 
 
-def _text_instruct(key: str, rng: random.Random, size: int) -> dict:
-    return {"__key__": key, "txt": text_instruction(rng)}
+def _text_instruct(rng: random.Random, size: int, index: int) -> dict:
+    return {"txt": text_instruction(rng)}
 
 
-def _interleaved_sample(key: str, parts: list[str | bytes], obelics: bool) -> dict:
-    """Sample dict from parts in document order (str: text, bytes: PNG)."""
-    sample: dict = {"__key__": key}
+def _interleaved_sample(parts: list[str | bytes], obelics: bool) -> dict:
+    """Members from parts in document order (str: text, bytes: PNG)."""
+    sample: dict = {}
     texts: list[str | None] = []
     images: list[str | None] = []
     for part in parts:
@@ -240,7 +243,7 @@ def _interleaved_sample(key: str, parts: list[str | bytes], obelics: bool) -> di
     return sample
 
 
-def _interleaved(key: str, rng: random.Random, size: int) -> dict:
+def _interleaved(rng: random.Random, size: int, index: int) -> dict:
     parts: list[str | bytes] = [rng.choice(("here are some pictures i drew.", "look at these shapes.",
                                             "my drawing book has a few pages."))]
     for _ in range(rng.randint(1, 3)):
@@ -248,17 +251,17 @@ def _interleaved(key: str, rng: random.Random, size: int) -> dict:
         parts += [draw(scene, size, rng), f"this one shows {caption(scene)}."]
         if rng.random() < 0.3:
             parts.append(rng.choice(TEXT_TEMPLATES)(rng))
-    return _interleaved_sample(key, parts, obelics=int(key.rsplit("-", 1)[1]) % 2 == 1)
+    return _interleaved_sample(parts, obelics=index % 2 == 1)
 
 
-def _instruct(key: str, rng: random.Random, size: int) -> dict:
+def _instruct(rng: random.Random, size: int, index: int) -> dict:
     scene = random_scene(rng)
     question, answer = visual_question(scene, rng)
     parts = ["USER: ", draw(scene, size, rng), f" {question} ASSISTANT: {answer}"]
-    return _interleaved_sample(key, parts, obelics=False)
+    return _interleaved_sample(parts, obelics=False)
 
 
-MAKERS: dict[str, Callable[[str, random.Random, int], dict]] = {
+MAKERS: dict[str, Callable[[random.Random, int, int], dict]] = {
     "captions": _captions,
     "text": _text,
     "interleaved": _interleaved,
@@ -280,7 +283,7 @@ def write_shard(path: Path, name: str, split: str, shard: int, *, seed: int, sam
     tmp = path.with_name(path.name + ".tmp")
     with TarWriter(str(tmp), mtime=0) as writer:  # fixed mtime: byte-identical shards per seed
         for i in range(samples):
-            writer.write(MAKERS[name](f"{split}{shard:04d}-{i:06d}", rng, image_size))
+            writer.write({"__key__": f"{split}{shard:04d}-{i:06d}", **MAKERS[name](rng, image_size, i)})
     os.replace(tmp, path)  # a crash never leaves a half shard under the final name
 
 
