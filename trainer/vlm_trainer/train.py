@@ -1,0 +1,551 @@
+"""The training loop of one stage: ``python -m vlm_trainer --config FILE`` (what torchrun runs).
+
+Build order (:class:`Trainer`): process group -> tokenizer -> VLM (same seed on every
+rank) -> trainable policy -> DDP/FSDP2 -> AdamW groups -> data (probe, planner, stage
+length) -> schedule -> metrics/progress. Then :meth:`Trainer.train`:
+
+    checkpointer.restore(trainer)           # resume this stage / init from the previous one
+    loop until step == stop_at:
+        rank batches of the step (prefetched)
+        one all-reduce: label/text/image token counts, images per micro-step, stop flag
+        micro-steps: loss_sum * world / global_label_tokens, backward (sync on the last)
+        clip, lr, AdamW step; metrics, log line, progress line
+        evaluation every evalInterval steps
+        checkpointer.after_step(trainer, step)   # the checkpointer decides (interval)
+    final evaluation; checkpointer.finalize(trainer) -> committed?
+
+Loss normalisation: every micro-step's summed token loss is divided by the GLOBAL number
+of label tokens of the optimizer step (all-reduced before the first forward) and
+multiplied by the world size (DDP/FSDP average gradients over ranks), so the gradient is
+the exact per-token mean over the global batch whatever the world size or micro-batching.
+
+Stage length: ``steps``; ``tokens`` -> ceil(tokens / (G x seqLength)) with G =
+globalBatchTokens // seqLength sequences per step (sequence capacity, padding included);
+``epochs`` -> `mixture.steps_for_epochs` over the sources' sizes. ``max_steps`` caps the
+step this process stops at (an absolute stage step) but never changes the stage's length:
+the LR schedule and ``visualIntroduceAt`` are those of the whole stage, so a capped run is
+a prefix of the full one.
+
+Exit status: 0 when the run reached ``stop_at = min(stage steps, max_steps)`` and the
+checkpointer reports the final checkpoint committed; 1 on any failure; 3 when stopped by
+SIGTERM/SIGINT before the end (the stop is agreed collectively at a step boundary).
+
+Checkpoint seam: a checkpointer object (``restore``, ``after_step``, ``finalize``,
+``close``; see :class:`NullCheckpointer`) from ``vlm_trainer.checkpoint.build_checkpointer``
+when that module exists. It reads and writes the whole training state through
+:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (DCP-ready: model and optimizer
+via ``torch.distributed.checkpoint.state_dict``) or the parts (:meth:`Trainer.extra_state`).
+
+RNG: reseeded every step from (seed, global step, rank), so the random state is a function
+of the step and needs no checkpointing beyond the seed (kept in ``extra_state`` and checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Protocol
+
+import torch
+import yaml
+
+from vlm_api.quantities import parse_quantity
+from vlm_api.schema import TrainerConfig
+
+from .data import StepLoader, open_sources, probe_stats
+from .distributed import DistContext, Parallel, init_distributed, parallelize, shutdown
+from .evaluate import EvalResult, Evaluator
+from .metrics import TrainerMetrics, peak_flops, registry, serve, step_flops
+from .mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
+from .model import build_vlm, count_params, loss_sum
+from .policy import apply_trainable, param_groups
+from .progress import ProgressFile
+from .schedule import LRSchedule, build_optimizer
+from .sequences import SequenceBuilder
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("vlm_trainer")
+
+EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+
+
+# --------------------------------------------------------------------------- checkpoint seam
+
+
+class Checkpointer(Protocol):
+    def restore(self, trainer: "Trainer") -> None:
+        """Before the first step: load this stage's newest committed checkpoint, else
+        initialise from ``cfg.init_from`` (``trainer.load_state_dict(sd, mode="init")``)."""
+
+    def after_step(self, trainer: "Trainer", step: int) -> None:
+        """After every optimizer step (``step`` = completed steps); saves when due."""
+
+    def finalize(self, trainer: "Trainer") -> bool:
+        """After the last step: write the final checkpoint; True once it is committed."""
+
+    def close(self) -> None:
+        """Release resources (also called after failures)."""
+
+
+class NullCheckpointer:
+    """No checkpoints: nothing to restore, nothing to save, the end counts as committed."""
+
+    def restore(self, trainer: "Trainer") -> None:
+        if trainer.cfg.init_from:
+            log.warning("init_from=%s ignored: no checkpoint manager installed", trainer.cfg.init_from)
+
+    def after_step(self, trainer: "Trainer", step: int) -> None:
+        pass
+
+    def finalize(self, trainer: "Trainer") -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def build_checkpointer(trainer: "Trainer") -> Checkpointer:
+    if os.environ.get("VLM_NO_CHECKPOINT") == "1" or importlib.util.find_spec("vlm_trainer.checkpoint") is None:
+        return NullCheckpointer()
+    from .checkpoint import build_checkpointer as build  # provided by the checkpoint manager
+
+    return build(trainer)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0  # completed optimizer steps in this stage
+    global_step_offset: int = 0  # steps of earlier stages whose schedule this one continues
+    text_tokens: int = 0
+    image_tokens: int = 0
+    skipped_samples: int = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.global_step_offset + self.step
+
+    @property
+    def tokens(self) -> int:
+        return self.text_tokens + self.image_tokens
+
+
+@dataclasses.dataclass
+class TrainResult:
+    completed: bool  # reached stop_at
+    stage_finished: bool  # reached the stage's full length (not just max_steps)
+    committed: bool  # the checkpointer committed the final checkpoint
+    stopped: bool  # a signal stopped the run early
+    step: int
+    total_steps: int
+    loss: float | None
+    eval: EvalResult | None
+
+    @property
+    def exit_code(self) -> int:
+        if self.stopped:
+            return EXIT_STOPPED
+        return EXIT_OK if self.completed and self.committed else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, *, ctx: DistContext | None = None, checkpointer: Checkpointer | None = None,
+                 serve_metrics: bool = True):
+        self.cfg = cfg
+        self.spec = spec = cfg.spec
+        self.stage = cfg.stage_spec
+        self.stage_index = spec.stage_index(cfg.stage)
+        self.ctx = ctx or init_distributed(spec.elastic.process_group_timeout)
+        self.seed = spec.seed
+        self._stop_signal = False
+        t0 = time.perf_counter()
+
+        # model
+        self.tok = load_tokenizer(spec.model)
+        vlm = build_vlm(spec.model, self.tok, seed=self.seed)
+        self.policy = apply_trainable(vlm, self.stage.trainable)
+        self.llm_params = count_params(vlm.llm)
+        self.vision_params = count_params(vlm.vision)
+        self.tokens_per_image = vlm.tokens_per_image
+        self.par: Parallel = parallelize(vlm, strategy=spec.parallelism.strategy, precision=spec.parallelism.precision,
+                                         activation_checkpointing=spec.parallelism.activation_checkpointing, ctx=self.ctx)
+        self.vlm = vlm
+        opt = self.stage.optimizer
+        self.optimizer = build_optimizer(param_groups(self.par.module, opt.weight_decay), opt,
+                                         fused=self.ctx.device.type == "cuda" and spec.parallelism.strategy != "fsdp")
+        self.trainable_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        # data
+        seq_len = spec.data.seq_length
+        self.global_batch = max(1, self.stage.batch_tokens // seq_len)
+        self.builder = SequenceBuilder(self.tok, tokens_per_image=vlm.tokens_per_image, seq_length=seq_len)
+        names = sorted(n for n, f in self.stage.mixture.items() if f > 0)
+        endpoint = spec.checkpoint.endpoint or None
+        self.sources = open_sources(spec.data, names, image=vlm.image_spec, seed=self.seed, endpoint_url=endpoint)
+        stats = probe_stats(self.sources, self.builder, int(os.environ.get("VLM_PROBE_SAMPLES", "64")))
+        modality = {s.name: s.modality for s in spec.data.sources}
+        self.planner = MixturePlanner(stage=self.stage.name, mixture=self.stage.mixture, modality=modality, stats=stats,
+                                      global_batch=self.global_batch, total_steps=1,
+                                      visual_introduce_at=self.stage.visual_introduce_at, seed=self.seed)
+        self.total_steps = self._stage_steps()
+        self.planner.set_total_steps(self.total_steps)
+        self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        self.schedule = LRSchedule(opt, self.total_steps)
+        val_names = [s.name for s in spec.data.sources if s.validation_uri
+                     and (vlm.vision is not None or s.modality not in MULTIMODAL)]
+        self.evaluator = Evaluator(
+            open_sources(spec.data, val_names, image=vlm.image_spec, seed=self.seed, split="validation", endpoint_url=endpoint),
+            self.builder, samples_per_source=self.stage.eval_batches * self.stage.micro_batch_size,
+            micro_batch_size=self.stage.micro_batch_size, ctx=self.ctx)
+        self.progress = Progress()
+        self.last_eval: EvalResult | None = None
+
+        # observability
+        self.metrics = TrainerMetrics(registry())
+        self.metrics.set_static(run=cfg.run.name, stage=self.stage.name, stage_index=self.stage_index,
+                                stage_steps=self.total_steps, world_size=self.ctx.world_size,
+                                device=self._device_name(), strategy=self.par.strategy)
+        self.metrics_port = None
+        self._metrics_server = None
+        if self.ctx.is_main and serve_metrics:
+            port = int(os.environ.get("VLM_METRICS_PORT", spec.metrics.port))
+            self._metrics_server, self.metrics_port = serve(port, self.metrics.registry)
+        self.progress_file = ProgressFile.from_env(run=cfg.run.name, stage=self.stage.name, enabled=self.ctx.is_main)
+        self.peak_flops = peak_flops(self._device_name(), self.par.compute_dtype is not None)
+        self.log_every = max(1, int(os.environ.get("VLM_LOG_EVERY", "10")))
+        self._ratio_window = collections.deque(maxlen=max(1, int(os.environ.get("VLM_RATIO_WINDOW", "20"))))
+        self.checkpointer = checkpointer if checkpointer is not None else build_checkpointer(self)
+        if self.ctx.is_main:
+            log.info("stage %s (%d/%d): %d steps x %d sequences x %d tokens, world %d, %s, %s; built in %.1fs",
+                     self.stage.name, self.stage_index + 1, len(spec.stages), self.total_steps, self.global_batch,
+                     seq_len, self.ctx.world_size, self.par.strategy, self.policy.describe(), time.perf_counter() - t0)
+            log.info("mixture %s; images enter at step %d; probe: %s", self.stage.mixture, self.planner.intro_step,
+                     {k: f"{v.mean_tokens:.1f} tok, {v.image_fraction:.2f} img" for k, v in stats.items()})
+
+    # ---- construction helpers
+    def _stage_steps(self) -> int:
+        st = self.stage
+        if st.steps is not None:
+            return int(st.steps)
+        if st.tokens is not None:
+            return max(1, math.ceil(parse_quantity(st.tokens) / (self.global_batch * self.spec.data.seq_length)))
+        sizes = {name: src.epoch_length() for name, src in self.sources.items()}
+        return steps_for_epochs(float(st.epochs), sizes, self.planner)
+
+    def _device_name(self) -> str:
+        if self.ctx.device.type == "cuda":
+            return torch.cuda.get_device_name(self.ctx.device)
+        return "cpu"
+
+    # ---- the checkpoint seam
+    def extra_state(self) -> dict:
+        """Everything but model and optimizer tensors (small, picklable, identical on all ranks)."""
+        return {
+            "format": "vlm-trainer/1",
+            "stage": self.stage.name,
+            "step": self.progress.step,
+            "global_step_offset": self.progress.global_step_offset,
+            "text_tokens": self.progress.text_tokens,
+            "image_tokens": self.progress.image_tokens,
+            "skipped_samples": self.progress.skipped_samples,
+            "data": self.planner.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {"scheme": "reseed(seed, global_step, rank)", "seed": self.seed},
+            "world_size": self.ctx.world_size,
+            "total_steps": self.total_steps,
+        }
+
+    def load_extra_state(self, state: dict, *, mode: str = "resume") -> None:
+        """``resume``: the same stage continues exactly. ``init``: a new stage starts from a
+        previous stage's state: data positions carry over; with ``continueSchedule`` the
+        schedule continues from the previous last lr and the global step count goes on."""
+        if state.get("rng", {}).get("seed", self.seed) != self.seed:
+            log.warning("checkpoint seed %s differs from spec.seed %s", state["rng"]["seed"], self.seed)
+        if mode == "resume":
+            if state.get("stage") not in (None, self.stage.name):
+                raise ValueError(f"checkpoint of stage {state.get('stage')!r} cannot resume stage {self.stage.name!r}")
+            self.progress = Progress(step=int(state["step"]), global_step_offset=int(state.get("global_step_offset", 0)),
+                                     text_tokens=int(state.get("text_tokens", 0)), image_tokens=int(state.get("image_tokens", 0)),
+                                     skipped_samples=int(state.get("skipped_samples", 0)))
+            self.planner.load_state_dict(state["data"])
+            if int(state.get("total_steps", self.total_steps)) != self.total_steps:
+                log.warning("checkpoint planned %s steps, this stage now has %d", state.get("total_steps"), self.total_steps)
+            if self.stage.optimizer.continue_schedule and state["schedule"].get("continued"):
+                self.schedule = LRSchedule(self.stage.optimizer, self.total_steps, start_lr=state["schedule"]["peak"])
+            self.schedule.load_state_dict(state["schedule"])
+        elif mode == "init":
+            self.planner.load_state_dict(state["data"], positions_only=True)
+            if self.stage.optimizer.continue_schedule:
+                prev = int(state.get("global_step_offset", 0)) + int(state.get("step", 0))
+                self.progress = Progress(global_step_offset=prev)
+                self.schedule = LRSchedule(self.stage.optimizer, self.total_steps, start_lr=state["schedule"]["last_lr"])
+        else:
+            raise ValueError(f"mode must be resume or init, not {mode!r}")
+
+    def model_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.par.module)
+
+    def state_dict(self) -> dict:
+        """{"model", "optim", "trainer"}: model/optimizer from DCP's `get_state_dict` (sharded
+        DTensors under FSDP2, full tensors under DDP), "trainer" = :meth:`extra_state`."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.par.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "trainer": self.extra_state()}
+
+    def load_state_dict(self, state: dict, *, mode: str = "resume") -> None:
+        """Inverse of :meth:`state_dict`. ``init`` loads the model (and, with continueSchedule,
+        the optimizer moments that exist for this stage's trainable parameters)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        load_optim = "optim" in state and (mode == "resume" or self.stage.optimizer.continue_schedule)
+        set_state_dict(self.par.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"] if load_optim else {},
+                       options=StateDictOptions(strict=(mode == "resume")))
+        if "trainer" in state:
+            self.load_extra_state(state["trainer"], mode=mode)
+
+    # ---- signals
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            log.warning("signal %d: stopping at the next step boundary", signum)
+            self._stop_signal = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def request_stop(self) -> None:
+        self._stop_signal = True
+
+    # ---- one optimizer step
+    def train_step(self, rank_step) -> dict:
+        ctx, par = self.ctx, self.par
+        micro = rank_step.micro
+        counts = [rank_step.n_label_tokens, rank_step.n_text_tokens, rank_step.n_image_tokens, rank_step.skipped,
+                  1.0 if self._stop_signal else 0.0] + [b.n_images for b in micro]
+        glob = ctx.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=ctx.device)).tolist()
+        label_tokens, text_tokens, image_tokens, skipped, stop = glob[:5]
+        images_per_micro = glob[5:]
+        scale = ctx.world_size / max(label_tokens, 1.0)
+        loss_acc = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for j, batch in enumerate(micro):
+            batch = batch.to(ctx.device)
+            force = images_per_micro[j] > 0 and batch.n_images == 0
+            with par.sync_context(j == len(micro) - 1):
+                with par.autocast():
+                    logits = par.module(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                        n_image_positions=batch.n_image_tokens, force_vision=force)
+                ls = loss_sum(logits, batch.labels)
+                (ls * scale).backward()
+            loss_acc += ls.detach().double()
+        max_norm = self.stage.optimizer.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.schedule.apply(self.optimizer, self.progress.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = float(ctx.all_reduce_sum(loss_acc).item()) / max(label_tokens, 1.0)
+        return {"loss": loss if label_tokens > 0 else math.nan, "lr": lr, "grad_norm": float(grad_norm),
+                "text_tokens": int(text_tokens), "image_tokens": int(image_tokens), "label_tokens": int(label_tokens),
+                "skipped": int(skipped), "stop": stop > 0}
+
+    # ---- evaluation
+    def evaluate(self) -> EvalResult | None:
+        if not self.evaluator.enabled:
+            return None
+        result = self.evaluator.run(self.par)
+        self.last_eval = result
+        if self.ctx.is_main:
+            for m, v in result.by_modality.items():
+                self.metrics.val_loss.labels(modality=m).set(v)
+            for s, v in result.by_source.items():
+                self.metrics.val_source_loss.labels(source=s).set(v)
+            self.progress_file.write("eval", step=self.progress.step, losses=result.by_modality, sources=result.by_source)
+            log.info("eval step %d: %s", self.progress.step,
+                     " ".join(f"{m}={v:.4f}" for m, v in result.by_modality.items()))
+        return result
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.stage.eval_interval
+        return bool(every) and step % every == 0 and step < self.stop_at
+
+    # ---- the loop
+    def train(self) -> TrainResult:
+        ctx, m = self.ctx, self.metrics
+        self.checkpointer.restore(self)
+        start_step = self.progress.step
+        m.steps.inc(start_step)
+        m.tokens.labels(modality="text").inc(self.progress.text_tokens)
+        m.tokens.labels(modality="image").inc(self.progress.image_tokens)
+        for src, n in self.planner.stage_samples.items():
+            m.samples.labels(source=src).inc(n)
+        self.progress_file.write("start", step=start_step, total_steps=self.total_steps, stop_at=self.stop_at,
+                                 world_size=ctx.world_size, global_batch=self.global_batch,
+                                 seq_length=self.spec.data.seq_length, metrics_port=self.metrics_port,
+                                 restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
+        loader = StepLoader(self.planner, self.sources, self.builder, rank=ctx.rank, world_size=ctx.world_size,
+                            micro_batch_size=self.stage.micro_batch_size,
+                            threaded=os.environ.get("VLM_DATA_THREAD", "1") == "1")
+        t_start = time.perf_counter()
+        window = {"t": time.perf_counter(), "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0}
+        last_loss = None
+        stopped = False
+        self.vlm.train()
+        try:
+            while self.progress.step < self.stop_at:
+                t0 = time.perf_counter()
+                wait0 = loader.wait_seconds
+                rank_step = loader.next()
+                wait = loader.wait_seconds - wait0
+                if rank_step.plan.step != self.progress.step:
+                    raise RuntimeError(f"data plan for step {rank_step.plan.step} at step {self.progress.step}")
+                torch.manual_seed(_step_seed(self.seed, self.progress.global_step, ctx.rank))
+                out = self.train_step(rank_step)
+                self.planner.load_state_dict(rank_step.plan.state_after)
+                self.progress.step += 1
+                self.progress.text_tokens += out["text_tokens"]
+                self.progress.image_tokens += out["image_tokens"]
+                self.progress.skipped_samples += out["skipped"]
+                last_loss = out["loss"]
+                dt = time.perf_counter() - t0
+                self._observe(rank_step, out, dt, wait, window)
+                if self._eval_due(self.progress.step):
+                    self.evaluate()
+                self.checkpointer.after_step(self, self.progress.step)
+                if out["stop"]:
+                    stopped = True
+                    break
+            completed = self.progress.step >= self.stop_at
+            committed = False
+            if completed:
+                if self.evaluator.enabled:
+                    self.evaluate()
+                committed = bool(self.checkpointer.finalize(self))
+            result = TrainResult(completed, self.progress.step >= self.total_steps, committed, stopped,
+                                 self.progress.step, self.total_steps, last_loss, self.last_eval)
+            status = "completed" if result.exit_code == EXIT_OK else ("stopped" if stopped else "failed")
+            self.progress_file.write("end", status=status, step=self.progress.step, tokens=self.progress.tokens,
+                                     elapsed_s=round(time.perf_counter() - t_start, 3), committed=committed,
+                                     loss=last_loss, eval=self.last_eval.by_modality if self.last_eval else None)
+            if ctx.is_main:
+                log.info("stage %s %s at step %d/%d (%.1fs)", self.stage.name, status, self.progress.step,
+                         self.total_steps, time.perf_counter() - t_start)
+            return result
+        except BaseException as exc:
+            self.progress_file.write("end", status="failed", step=self.progress.step, tokens=self.progress.tokens,
+                                     elapsed_s=round(time.perf_counter() - t_start, 3), error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            loader.close()
+
+    def _observe(self, rank_step, out: dict, dt: float, wait: float, window: dict) -> None:
+        m, step = self.metrics, self.progress.step
+        tokens = out["text_tokens"] + out["image_tokens"]
+        self._ratio_window.append((out["image_tokens"], tokens))
+        img, tot = map(sum, zip(*self._ratio_window))
+        ratio = img / tot if tot else 0.0
+        images = out["image_tokens"] // max(self.tokens_per_image, 1) if self.tokens_per_image else 0
+        window["tokens"] += tokens
+        window["wait"] += wait
+        window["steps"] += 1
+        window["flops"] += step_flops(llm_params=self.llm_params, vision_params=self.vision_params, tokens=tokens,
+                                      patches=images * self.tokens_per_image, vision_trains=self.policy.vision_encoder)
+        m.steps.inc()
+        m.tokens.labels(modality="text").inc(out["text_tokens"])
+        m.tokens.labels(modality="image").inc(out["image_tokens"])
+        for src, n in rank_step.plan.counts.items():
+            if n:
+                m.samples.labels(source=src).inc(n)
+        if math.isfinite(out["loss"]):
+            m.loss.set(out["loss"])
+        m.image_ratio.set(ratio)
+        target = self.planner.target_image_fraction(step - 1)
+        m.image_target.set(target)
+        m.lr.set(out["lr"])
+        m.grad_norm.set(out["grad_norm"])
+        m.step_seconds.observe(dt)
+        m.data_wait.inc(wait)
+        elapsed = time.perf_counter() - window["t"]
+        tps = window["tokens"] / elapsed if elapsed > 0 else 0.0
+        self.progress_file.write("step", step=step, total_steps=self.total_steps, loss=out["loss"], lr=out["lr"],
+                                 grad_norm=out["grad_norm"], tokens=self.progress.tokens, text_tokens=out["text_tokens"],
+                                 image_tokens=out["image_tokens"], image_token_ratio=ratio, tokens_per_s=tps,
+                                 step_s=round(dt, 4), data_wait_s=round(wait, 4))
+        if step % self.log_every == 0 or step == self.stop_at:
+            mfu = window["flops"] / (elapsed * self.peak_flops * self.ctx.world_size) if elapsed > 0 else 0.0
+            m.tokens_per_second.set(tps)
+            m.mfu.set(mfu)
+            if self.ctx.is_main:
+                log.info("step %d/%d | loss %.4f | lr %.3g | %.0f tok/s | img %.3f (target %.3f) | grad %.3f | "
+                         "data wait %.1f%% | mfu %.2f%%", step, self.total_steps, out["loss"], out["lr"], tps, ratio,
+                         target, out["grad_norm"], 100 * window["wait"] / elapsed if elapsed > 0 else 0.0, 100 * mfu)
+            window.update(t=time.perf_counter(), tokens=0, flops=0.0, wait=0.0, steps=0)
+
+    def close(self) -> None:
+        try:
+            self.checkpointer.close()
+        finally:
+            self.progress_file.close()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+                self._metrics_server = None
+
+
+def _step_seed(seed: int, global_step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + global_step) * 65_537 + rank) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_config(path: str) -> TrainerConfig:
+    with open(path, encoding="utf-8") as f:
+        return TrainerConfig.model_validate(yaml.safe_load(f))
+
+
+def setup_logging(rank: int) -> None:
+    level = os.environ.get("VLM_LOG_LEVEL", "INFO").upper() if rank == 0 else "WARNING"
+    logging.basicConfig(level=level, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer", description="Train one stage of a VLMPretrainRun.")
+    parser.add_argument("--config", required=True, help="TrainerConfig YAML rendered by the operator")
+    parser.add_argument("--max-steps", type=int, default=None, help="override TrainerConfig.max_steps")
+    args = parser.parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    cfg = load_config(args.config)
+    if args.max_steps is not None:
+        cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+    ctx = init_distributed(cfg.spec.elastic.process_group_timeout)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, ctx=ctx)
+        trainer.install_signal_handlers()
+        result = trainer.train()
+        return result.exit_code
+    except Exception:
+        log.exception("training failed")
+        return EXIT_FAILED
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown(ctx)
