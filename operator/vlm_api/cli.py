@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="generate demo data and run examples/demo.yaml locally")
     p.add_argument("--file", default="examples/demo.yaml", help="recipe to run (default: examples/demo.yaml)")
     p.set_defaults(func=_lazy("vlm_api.demo:main"))
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator (kopf; same as `kopf run -m vlm_operator.handlers`)")
+    from vlm_operator.main import add_arguments as _operator_arguments  # argparse only: no kopf import
+
+    _operator_arguments(p)
+    p.set_defaults(func=_lazy("vlm_operator.main:run"))
     return parser
 
 

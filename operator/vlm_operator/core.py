@@ -1,0 +1,274 @@
+"""The pure core of the operator: (run, what was observed, now) -> a Decision.
+
+No I/O, no kopf, no clock of its own: `reconcile.py` gathers the observations, calls
+`decide()` and carries the decision out (create children, patch, write status, post
+events, wait). The same function serves every trigger (create, resume, spec update, job
+event, scrape, backoff wake-up): the operator is level-triggered, and re-running a
+decision after a crash or restart yields the same deterministic child names.
+
+Every decision carries a full status with a phase and the Ready/Progressing/Degraded
+conditions, whatever the input (the property test feeds it arbitrary specs and job
+histories).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from vlm_api import render, schema as s
+
+from . import day2, pipeline, scrape
+from . import status as st
+from .config import CONFIG, Config
+
+
+@dataclasses.dataclass
+class Observed:
+    """What the executor saw in the cluster for one run."""
+
+    pytorchjob_crd: bool = True
+    podmonitor_crd: bool = False
+    job: dict | None = None  # the current attempt's PyTorchJob; None = absent or never created
+    configmap: dict | None = None  # the current stage's ConfigMap (read when the spec changed)
+    check_drift: bool = False  # compare live objects with the spec (day-2 changes)
+    sample: scrape.Sample | None = None
+    scrape_error: str | None = None
+
+
+@dataclasses.dataclass
+class Decision:
+    status: dict
+    create: list[dict] = dataclasses.field(default_factory=list)
+    patch: list[tuple[str, str, str, dict]] = dataclasses.field(default_factory=list)  # kind, ns, name, merge patch
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # type, reason, message
+    wait: float | None = None
+    wait_reason: str = ""
+    invalid: str | None = None
+
+    @property
+    def result(self) -> str:
+        return "invalid" if self.invalid else "waiting" if self.wait else "success"
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def digest(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_spec(spec: Any) -> list[str]:
+    """All problems of a spec, as `path: reason` lines (vlm_api's three layers)."""
+    from vlm_api.validate import validate_spec
+
+    try:
+        return [str(p) for p in validate_spec(spec)]
+    except Exception as exc:  # a validator bug must not take the operator down
+        return [f"spec: could not be validated: {type(exc).__name__}: {exc}"]
+
+
+IMMUTABLE = ("model", "data", "stages")
+
+
+def running_spec(configmap: dict | None) -> s.VLMPretrainRunSpec | None:
+    """The spec the current stage was started with (from its ConfigMap), if readable."""
+    try:
+        config = yaml.safe_load(((configmap or {}).get("data") or {}).get("config.yaml") or "")
+        return s.VLMPretrainRunSpec.model_validate(config["spec"])
+    except Exception:
+        return None
+
+
+def immutable_problems(spec: s.VLMPretrainRunSpec, before: s.VLMPretrainRunSpec | None) -> list[str]:
+    """`model`, `data` and `stages` must not change once the run started. The CRD's CEL
+    rejects such edits at admission; without the CRD the operator marks the run Invalid."""
+    if before is None:
+        return []
+    out = []
+    for field in IMMUTABLE:
+        if getattr(spec, field) != getattr(before, field):
+            out.append(f"spec.{field}: is immutable once created; a changed recipe is a new run")
+    return out
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def clean_status(raw: Any) -> dict:
+    """The status fields we understand, each kept only if it is valid on its own."""
+    if not isinstance(raw, dict):
+        return {}
+    fields = s.VLMPretrainRunStatus.model_fields
+    aliases = {f.alias or name for name, f in fields.items()}
+    out = {}
+    for key, value in raw.items():
+        if key not in aliases or value is None:
+            continue
+        try:
+            out.update(s.VLMPretrainRunStatus.model_validate({key: value}).dump())
+        except ValidationError:
+            continue
+    return out
+
+
+def status_patch(old: dict, new: dict) -> dict:
+    """A merge patch from old to new status (top-level keys; removed keys become null)."""
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+def _normalize(status: dict) -> dict:
+    return s.VLMPretrainRunStatus.model_validate(status).dump()
+
+
+def _cond(status: dict, ctype: str) -> dict:
+    for c in status.get("conditions") or []:
+        if isinstance(c, dict) and c.get("type") == ctype:
+            return c
+    return {}
+
+
+# ---------------------------------------------------------------------------- decide
+
+
+def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime, cfg: Config | None = None) -> Decision:
+    cfg = cfg or CONFIG
+    meta = run.get("metadata") or {}
+    gen = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+    ns = meta.get("namespace") or "default"
+    name = meta.get("name") or ""
+    old = clean_status(run.get("status"))
+    new = dict(old)
+    if gen is not None:
+        new["observedGeneration"] = gen
+    new.setdefault("startTime", st.fmt_time(now))
+    events: list[tuple[str, str, str]] = []
+
+    def finish(view: st.View, **kw: Any) -> Decision:
+        new["phase"] = view.phase
+        new["conditions"] = view.conditions(old.get("conditions"), gen, now)
+        return Decision(_normalize(new), events=events, **kw)
+
+    spec = None
+    if not problems:
+        try:
+            spec = s.VLMPretrainRunSpec.model_validate(run.get("spec"))
+        except ValidationError as exc:
+            problems = [f"spec: {e['msg']}" for e in exc.errors()[:5]]
+    if problems or spec is None:
+        msg = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        msg = msg or "spec: invalid"
+        if old.get("phase") != "Invalid" or old.get("observedGeneration") != gen:
+            events.append(("Warning", "InvalidSpec", msg))
+        return finish(st.invalid(msg), invalid=msg)
+
+    nstages = len(spec.stages)
+    if old.get("phase") in st.TERMINAL:
+        if old.get("conditions"):
+            return Decision(_normalize(new))
+        if old["phase"] == "Succeeded":
+            return finish(st.succeeded(nstages))
+        return finish(st.failed(st.JobState("Failed", "Unknown"), job=old.get("jobName", ""), retries=old.get("attempt", 0)))
+
+    idx = old.get("stageIndex")
+    if not isinstance(idx, int) or not 0 <= idx < nstages:
+        names = [x.name for x in spec.stages]
+        idx = names.index(old["stage"]) if old.get("stage") in names else 0
+    stage = spec.stages[idx]
+    attempt = old.get("attempt") if isinstance(old.get("attempt"), int) and old["attempt"] >= 0 else 0
+    job = render.job_name(name, stage.name, attempt)
+    new.update(stage=stage.name, stageIndex=idx, attempt=attempt, jobName=job, nodes=spec.resources.nodes.max)
+    finals = dict(old.get("finalCheckpoints") or {})
+    prefix = pipeline.stage_prefix(spec, stage.name)
+    if obs.sample is not None and obs.sample.job == job:
+        scrape.apply(new, obs.sample, stage.name, prefix)
+    note = f"metrics: {obs.scrape_error}" if obs.scrape_error else ""
+
+    def view_for(js: st.JobState, att: int, job_name: str, stage_name: str) -> st.View:
+        return st.for_job(js, suspend=spec.suspend, stage=stage_name, attempt=att, job=job_name, note=note)
+
+    if not obs.pytorchjob_crd:
+        msg = "the PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed: install the Kubeflow Training Operator"
+        if _cond(old, "Degraded").get("reason") != "PyTorchJobCRDMissing":
+            events.append(("Warning", "PyTorchJobCRDMissing", msg))
+        return finish(st.crd_missing(msg), wait=cfg.crd_retry, wait_reason="PyTorchJob CRD missing")
+
+    js = st.job_state(obs.job)
+    where = f"stage {stage.name} ({idx + 1}/{nstages})"
+
+    if js.state == "Absent":
+        created = pipeline.children(run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd)
+        if old.get("jobName") != job:
+            start = pipeline.init_from(spec, idx, finals)
+            events.append(("Normal", "StageStarted", f"{where}: created {job}" + (f", initialised from {start}" if start else "")))
+        return finish(view_for(js, attempt, job, stage.name), create=created)
+
+    if js.state == "Succeeded":
+        finals[stage.name] = pipeline.final_checkpoint(spec, stage, new.get("lastCheckpoint"), st.fmt_time(now))
+        new["finalCheckpoints"] = finals
+        events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[stage.name]['uri']}"))
+        if idx + 1 < nstages:
+            nxt = spec.stages[idx + 1]
+            nxt_job = render.job_name(name, nxt.name, 0)
+            for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts"):
+                new.pop(key, None)
+            new.update(stage=nxt.name, stageIndex=idx + 1, attempt=0, jobName=nxt_job)
+            created = pipeline.children(run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd)
+            start = pipeline.init_from(spec, idx + 1, finals)
+            events.append(("Normal", "StageStarted", f"stage {nxt.name} ({idx + 2}/{nstages}): created {nxt_job}, initialised from {start}"))
+            return finish(view_for(st.JobState("Absent"), 0, nxt_job, nxt.name), create=created)
+        new["completionTime"] = st.fmt_time(now)
+        events.append(("Normal", "RunSucceeded", f"all {nstages} stages succeeded"))
+        return finish(st.succeeded(nstages))
+
+    if js.state == "Failed":
+        if attempt < spec.max_retries:
+            degraded = _cond(old, "Degraded")
+            failed_at = st.parse_time(js.since)
+            if failed_at is None and degraded.get("reason") == "JobFailed" and job in str(degraded.get("message")):
+                failed_at = st.parse_time(degraded.get("lastTransitionTime"))
+            failed_at = failed_at or now
+            delay = pipeline.retry_delay(attempt, cfg.retry_backoff, cfg.retry_backoff_max)
+            remaining = delay - (now - failed_at).total_seconds()
+            if remaining > 0:
+                if not (degraded.get("reason") == "JobFailed" and job in str(degraded.get("message"))):
+                    events.append(("Warning", "JobFailed", f"{job} failed ({js.reason or 'Failed'}: {js.message}); "
+                                   f"retry {attempt + 1} of {spec.max_retries} in {remaining:.0f}s"))
+                return finish(st.backoff(js, job=job, attempt=attempt, max_retries=spec.max_retries, delay=remaining),
+                              wait=remaining, wait_reason=f"retry backoff after {job} failed")
+            nxt_attempt = attempt + 1
+            nxt_job = render.job_name(name, stage.name, nxt_attempt)
+            new.update(attempt=nxt_attempt, jobName=nxt_job)
+            created = pipeline.children(run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd)
+            resume = pipeline.resume_point(spec, stage.name, new.get("lastCheckpoint"), pipeline.init_from(spec, idx, finals))
+            events.append(("Warning", "StageRetry", f"{job} failed ({js.reason or 'Failed'}); retry {nxt_attempt} of "
+                           f"{spec.max_retries} as {nxt_job}, resuming from {resume}"))
+            return finish(view_for(st.JobState("Absent"), nxt_attempt, nxt_job, stage.name), create=created)
+        view = st.failed(js, job=job, retries=attempt)
+        events.append(("Warning", "RunFailed", view.ready.message))
+        return finish(view)
+
+    # The job is live: bring it (and the stage config) to the current spec.
+    patches: list[tuple[str, str, str, dict]] = []
+    if obs.check_drift and obs.job is not None:
+        desired = render.build_pytorchjob(pipeline.run_ref(run), spec, stage.name, attempt)
+        jp = day2.job_patch(obs.job, desired)
+        if jp:
+            patches.append(("PyTorchJob", ns, job, jp))
+            events.extend(("Normal", reason, f"{job}: {message}") for reason, message in day2.describe(jp, desired))
+        if obs.configmap is not None:
+            want = render.build_configmap(pipeline.run_ref(run), spec, stage.name, pipeline.init_from(spec, idx, finals))
+            cp = day2.configmap_patch(obs.configmap, want)
+            if cp:
+                cm = want["metadata"]["name"]
+                patches.append(("ConfigMap", ns, cm, cp))
+                events.append(("Normal", "ConfigUpdated", f"{cm}: trainer config follows the spec (e.g. checkpoint.keep)"))
+    return finish(view_for(js, attempt, job, stage.name), patch=patches)

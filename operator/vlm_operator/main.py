@@ -1,0 +1,79 @@
+"""`vlmpretrain operator`: run the operator (same as `kopf run -m vlm_operator.handlers`).
+
+Connection: like kubectl — in-cluster service account when running in a pod, else
+`$KUBECONFIG` / `~/.kube/config` (current context). kopf and the operator's own client
+(`kube.py`) both log in that way.
+
+One replica, `Recreate`
+-----------------------
+The operator is deployed as exactly one replica with the `Recreate` strategy (see
+`manifests/operator/deployment.yaml`), and runs kopf in `--standalone` mode (no peering
+objects, no peering RBAC). Reasons:
+
+- correctness: status is written by one process only, so its in-memory status is
+  authoritative (registry.py) and a run's reconciles are serialised by an in-process lock;
+  two replicas would race (both would act on the same job failure);
+- `Recreate` (not `RollingUpdate`) guarantees the old pod is gone before the new one
+  starts, so there is no overlap during rollouts;
+- restarts are safe by construction: child names are deterministic, a create that finds
+  its object (409) adopts it, and the pipeline state lives in the run's status, so a new
+  process resumes exactly where the old one stopped, without duplicates.
+
+kopf's peering (`--peering NAME`, with the kopf.dev peering CRDs and RBAC installed) is
+available for active/standby setups where a brief dual run on rollout is unacceptable.
+
+Logs are structured: `--log-format json` (default) emits one JSON object per line with
+the run as `object` ({namespace, name}); `--log-format plain` prefixes `[ns/name]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                       help="serve runs in this namespace (repeatable; globs like 'team-*' work)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve runs in all namespaces (the default)")
+    p.add_argument("--standalone", action="store_true", default=True,
+                   help="no peering (the default: one replica with the Recreate strategy)")
+    p.add_argument("--peering", metavar="NAME", help="use kopf peering object NAME instead of --standalone")
+    p.add_argument("--liveness", metavar="URL", help="serve a liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the operator's /metrics (default $VLM_OPERATOR_METRICS_PORT or 8080; 0 disables)")
+    p.add_argument("--log-format", choices=["json", "plain", "full"], default="json", help="log line format")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    if getattr(args, "metrics_port", None) is not None:
+        os.environ["VLM_OPERATOR_METRICS_PORT"] = str(args.metrics_port)
+    fmt = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}[args.log_format]
+    kopf.configure(verbose=args.verbose, log_format=fmt, log_prefix=args.log_format != "json",
+                   log_refkey="object" if args.log_format == "json" else None)
+
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    namespaces = list(args.namespace or [])
+    kopf.run(
+        standalone=not args.peering,
+        peering_name=args.peering,
+        namespaces=namespaces,
+        clusterwide=not namespaces,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm-operator", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

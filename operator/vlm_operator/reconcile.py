@@ -1,0 +1,243 @@
+"""Reconcile one run: observe, let the pure core decide, carry the decision out.
+
+Whatever triggers it (kopf create/resume/update handlers, a PyTorchJob event, the
+scrape/resync loop, a backoff wake-up), a reconcile of a run runs under that run's lock:
+
+1. validate the spec (three layers of vlm_api, cached per spec digest) and, when the spec
+   changed, compare its immutable parts with the running stage's ConfigMap;
+2. observe: is the PyTorchJob (and PodMonitor) CRD served, the current job (from the
+   watch cache, else GET), the stage ConfigMap (only when the spec changed);
+3. `core.decide()`;
+4. create children (owner references via `kopf.adopt`, 409 = already there), patch
+   live objects (rescale / suspend / config), write status through `/status` only,
+   post Events.
+
+Order matters for restarts: children are created before status records them, and child
+names are a pure function of (run, stage, attempt); a restart between the two steps
+re-decides the same names and finds them (409). So no child is ever created twice.
+
+Handlers translate outcomes to kopf: an invalid spec is `PermanentError` (no retry storm),
+waiting (CRD missing, retry backoff, API unavailable) is `TemporaryError(delay=...)`.
+Event-driven paths never raise: they schedule a wake-up instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from vlm_api import render, schema as s
+
+from . import config, core, kube, metrics
+from .registry import REGISTRY, Key, RunState
+
+log = logging.getLogger(__name__)
+
+RUN_KIND = kube.KINDS["VLMPretrainRun"]
+
+
+def run_logger(namespace: str, name: str) -> logging.LoggerAdapter:
+    """Structured logs: kopf's formatters show k8s_ref as the object (JSON) or a prefix."""
+    ref = {"apiVersion": RUN_KIND.api_version, "kind": "VLMPretrainRun", "namespace": namespace, "name": name}
+    return logging.LoggerAdapter(log, {"k8s_ref": ref, "run": name, "run_namespace": namespace})
+
+
+def _problems(state: RunState, spec: Any) -> list[str]:
+    d = core.digest(spec)
+    if state.validated is None or state.validated[0] != d:
+        state.validated = (d, core.check_spec(spec))
+    return list(state.validated[1])
+
+
+def _with_status(run: dict, status: dict) -> dict:
+    out = dict(run)
+    out["status"] = status
+    return out
+
+
+async def _observe(client: kube.Client, run: dict, state: RunState, problems: list[str], job: dict | None,
+                   check_drift: bool) -> tuple[core.Observed, list[str]]:
+    cfg = config.CONFIG
+    meta = run["metadata"]
+    ns = meta.get("namespace") or "default"
+    status = state.current_status
+    obs = core.Observed(check_drift=check_drift, sample=state.sample, scrape_error=state.scrape_error)
+    if problems:
+        return obs, problems
+    try:
+        spec = s.VLMPretrainRunSpec.model_validate(run.get("spec"))
+    except Exception:
+        return obs, problems  # the core reports it
+    obs.pytorchjob_crd = await client.served("PyTorchJob", cfg.discovery_ttl)
+    if spec.metrics.pod_monitor:
+        obs.podmonitor_crd = await client.served("PodMonitor", cfg.discovery_ttl)
+    job_name = status.get("jobName")
+    if job_name and obs.pytorchjob_crd and status.get("phase") not in ("Succeeded", "Failed"):
+        if job is not None and job.get("metadata", {}).get("name") == job_name:
+            obs.job = job
+        else:
+            obs.job = REGISTRY.jobs.get((ns, job_name)) or await client.get("PyTorchJob", ns, job_name)
+        if obs.job is not None and not _owned_by(obs.job, meta.get("uid")):
+            raise kube.ApiError(409, "OwnedByAnother", f"PyTorchJob {job_name} exists but belongs to another object")
+    if check_drift and job_name and status.get("stage"):
+        cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
+        obs.configmap = cm
+        problems = problems + core.immutable_problems(spec, core.running_spec(cm))
+    return obs, problems
+
+
+def _owned_by(obj: dict, uid: str | None) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return not uid or not refs or any(r.get("uid") == uid for r in refs)
+
+
+async def _create(client: kube.Client, run: dict, obj: dict) -> None:
+    kopf.adopt(obj, owner=run)
+    if obj["kind"] == "PodMonitor" and config.CONFIG.podmonitor_labels:
+        labels = obj["metadata"].setdefault("labels", {})
+        for k, v in config.CONFIG.podmonitor_labels.items():
+            labels.setdefault(k, v)
+    stored, created = await client.create(obj)
+    if not created and not _owned_by(stored, run["metadata"].get("uid")):
+        raise kube.ApiError(409, "OwnedByAnother", f"{obj['kind']} {obj['metadata']['name']} belongs to another object")
+
+
+async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = None, trigger: str = "event",
+                    check_drift: bool = False) -> core.Decision | None:
+    """One reconcile of one run. Raises kube.ApiError when the API keeps failing."""
+    client = kube.client()
+    state = REGISTRY.get(*key)
+    if body is not None:
+        state.see(body)
+    rlog = run_logger(*key)
+    started = time.perf_counter()
+    async with state.lock:
+        try:
+            run = state.body
+            if run is None:
+                run = await client.get("VLMPretrainRun", *key)
+                if run is None:
+                    REGISTRY.drop(key)
+                    return None
+                state.see(run)
+                run = state.body
+            run.setdefault("apiVersion", RUN_KIND.api_version)
+            run.setdefault("kind", "VLMPretrainRun")
+            before = state.current_status
+            gen = (run.get("metadata") or {}).get("generation")
+            drift = check_drift or gen != before.get("observedGeneration")
+            problems = _problems(state, run.get("spec"))
+            view = _with_status(run, before)
+            obs, problems = await _observe(client, view, state, problems, job, drift)
+            now = datetime.datetime.now(datetime.timezone.utc)
+            decision = core.decide(view, problems, obs, now)
+
+            for obj in decision.create:
+                try:
+                    await _create(client, run, obj)
+                except kube.ResourceMissing:
+                    client.forget(obj["kind"])
+                    if obj["kind"] == "PyTorchJob":
+                        obs.pytorchjob_crd = False
+                        decision = core.decide(view, problems, obs, now)
+                        break
+                    rlog.info("%s not served: %s %s skipped", obj["kind"], obj["kind"], obj["metadata"]["name"])
+            for kind, ns, name, patch in decision.patch:
+                try:
+                    await client.patch(kind, ns, name, patch)
+                except kube.NotFound:
+                    rlog.info("%s %s vanished before it could be patched", kind, name)
+
+            diff = core.status_patch(before, decision.status)
+            if diff:
+                try:
+                    await client.patch_status("VLMPretrainRun", key[0], key[1], diff)
+                except kube.NotFound:
+                    REGISTRY.drop(key)
+                    return None
+                state.status = decision.status
+            if decision.status.get("jobName") != before.get("jobName"):
+                state.sample, state.scrape_error = None, None
+            for type_, reason, message in decision.events:
+                await client.post_event(run, type_, reason, message)
+                (rlog.warning if type_ == "Warning" else rlog.info)("%s: %s", reason, message)
+            if before.get("phase") != decision.status.get("phase"):
+                rlog.info("phase %s -> %s (%s)", before.get("phase"), decision.status.get("phase"), trigger)
+            metrics.RECONCILES.labels(result=decision.result).inc()
+            return decision
+        except Exception:
+            metrics.RECONCILES.labels(result="error").inc()
+            raise
+        finally:
+            metrics.HANDLER_DURATION.labels(handler=f"reconcile:{trigger}").observe(time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+async def on_change(body: Any, trigger: str) -> None:
+    """kopf create/resume/update handlers: raise kopf's errors so kopf retries or stops."""
+    raw = _plain(body)
+    meta = raw.get("metadata") or {}
+    key = (meta.get("namespace") or "default", meta.get("name") or "")
+    try:
+        decision = await reconcile(key, body=raw, trigger=trigger, check_drift=True)
+    except kube.ApiError as exc:
+        raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=config.CONFIG.api_retry) from exc
+    if decision is None:
+        return
+    if decision.invalid:
+        raise kopf.PermanentError(f"invalid spec: {decision.invalid}")
+    if decision.wait:
+        raise kopf.TemporaryError(decision.wait_reason or "waiting", delay=max(0.05, decision.wait))
+
+
+async def poke(key: Key, *, job: dict | None = None, trigger: str = "event") -> None:
+    """Event-driven reconcile: never raises; waits become scheduled wake-ups."""
+    cfg = config.CONFIG
+    try:
+        decision = await reconcile(key, job=job, trigger=trigger)
+    except kube.ApiError as exc:
+        run_logger(*key).warning("reconcile (%s) failed, retrying in %.1fs: %s", trigger, cfg.api_retry, exc)
+        REGISTRY.schedule(key, cfg.api_retry, _wake)
+        return
+    except Exception:
+        run_logger(*key).exception("reconcile (%s) failed, retrying in %.1fs", trigger, cfg.api_retry)
+        REGISTRY.schedule(key, cfg.api_retry, _wake)
+        return
+    if decision is not None and decision.wait:
+        REGISTRY.schedule(key, decision.wait, _wake)
+
+
+async def _wake(key: Key) -> None:
+    await poke(key, trigger="wake")
+
+
+async def on_job_event(event_type: str | None, body: Any) -> None:
+    """A PyTorchJob of ours changed: reconcile its run if it is the run's current job."""
+    job = _plain(body)
+    REGISTRY.observe_job(event_type, job)
+    if event_type == "DELETED":
+        return  # GC of a deleted run, or a manual delete (the resync loop re-creates it)
+    meta = job.get("metadata") or {}
+    run_name = (meta.get("labels") or {}).get(render.LABEL_RUN)
+    if not run_name:
+        return
+    key = (meta.get("namespace") or "default", run_name)
+    state = REGISTRY.runs.get(key)
+    if state is not None and state.body is not None:
+        if state.current_status.get("jobName") not in (None, meta.get("name")):
+            return  # an earlier attempt or stage: history, not news
+        if not _owned_by(job, state.uid):
+            return
+    await poke(key, job=job, trigger="job")
+
+
+def _plain(body: Any) -> dict:
+    import copy
+
+    return copy.deepcopy(dict(body)) if body is not None else {}

@@ -1,0 +1,172 @@
+"""In-memory state of one operator process: what it knows about each run and job.
+
+Only one operator replica runs (Deployment `replicas: 1`, strategy `Recreate`), so this
+process is the only writer of `VLMPretrainRun.status`: the status it last wrote is
+authoritative, fresher than what the watch stream has delivered back. After a restart
+the cache is empty and the status read from the API server takes over.
+
+The PyTorchJob bodies delivered by the watch serve as an informer cache (no GET per
+reconcile). Per-run locks serialise every reconcile of a run, whatever triggered it
+(kopf handler, job event, scrape/resync loop, backoff wake-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import time
+from typing import Any, Awaitable, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def _gen(body: dict | None) -> int:
+    try:
+        return int(((body or {}).get("metadata") or {}).get("generation") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _rv(body: dict | None) -> int:
+    try:
+        return int(((body or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclasses.dataclass
+class RunState:
+    namespace: str
+    name: str
+    uid: str | None = None
+    body: dict | None = None  # the latest body seen (metadata + spec; its status may be stale)
+    status: dict | None = None  # the status this process last wrote
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    wake: asyncio.TimerHandle | None = None
+    sample: Any = None  # latest scrape.Sample of the current job
+    scrape_error: str | None = None
+    last_scrape: float = 0.0
+    last_resync: float = dataclasses.field(default_factory=time.monotonic)
+    validated: tuple[str, list[str]] | None = None  # (spec digest, problems)
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    @property
+    def current_status(self) -> dict:
+        if self.status is not None:
+            return self.status
+        return dict(((self.body or {}).get("status")) or {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.current_status.get("phase")
+
+    def see(self, body: dict) -> None:
+        """Remember a body if it is at least as new as the one we have."""
+        uid = (body.get("metadata") or {}).get("uid")
+        if uid and self.uid and uid != self.uid:  # deleted and re-created under the same name
+            self.reset(uid)
+        self.uid = uid or self.uid
+        if self.body is None or (_gen(body), _rv(body)) >= (_gen(self.body), _rv(self.body)):
+            self.body = body
+
+    def reset(self, uid: str | None) -> None:
+        self.uid, self.body, self.status, self.sample, self.validated = uid, None, None, None, None
+        self.scrape_error = None
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.runs: dict[Key, RunState] = {}
+        self.jobs: dict[Key, dict] = {}  # (namespace, job name) -> latest PyTorchJob body
+        self._tasks: set[asyncio.Task] = set()
+
+    def reset(self) -> None:
+        for state in self.runs.values():
+            if state.wake is not None:
+                state.wake.cancel()
+        self.runs.clear()
+        self.jobs.clear()
+        self._tasks.clear()
+
+    def get(self, namespace: str, name: str) -> RunState:
+        key = (namespace, name)
+        state = self.runs.get(key)
+        if state is None:
+            state = self.runs[key] = RunState(namespace, name)
+        return state
+
+    def observe_run(self, event_type: str | None, body: dict) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta.get("name") or "")
+        if event_type == "DELETED":
+            self.drop(key)
+            return
+        self.get(*key).see(copy.deepcopy(body))
+
+    def observe_job(self, event_type: str | None, body: dict) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace") or "default", meta.get("name") or "")
+        if event_type == "DELETED":
+            self.jobs.pop(key, None)
+        elif _rv(body) >= _rv(self.jobs.get(key)):
+            self.jobs[key] = copy.deepcopy(body)
+
+    def drop(self, key: Key) -> None:
+        state = self.runs.pop(key, None)
+        if state is not None and state.wake is not None:
+            state.wake.cancel()
+
+    def phases(self) -> Iterator[tuple[str, str, str]]:
+        for (namespace, name), state in list(self.runs.items()):
+            phase = state.phase
+            if phase:
+                yield namespace, name, phase
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def schedule(self, key: Key, delay: float, fn: Callable[[Key], Awaitable[Any]]) -> None:
+        """Call `fn(key)` once after `delay` seconds (replacing an earlier wake-up of the run)."""
+        state = self.runs.get(key)
+        if state is None:
+            return
+        if state.wake is not None:
+            state.wake.cancel()
+        loop = asyncio.get_running_loop()
+        state.wake = loop.call_later(max(0.0, delay), self._spawn, key, fn)
+
+    def _spawn(self, key: Key, fn: Callable[[Key], Awaitable[Any]]) -> None:
+        state = self.runs.get(key)
+        if state is not None:
+            state.wake = None
+        self.spawn(fn(key))
+
+    def spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background reconcile failed", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        for state in self.runs.values():
+            if state.wake is not None:
+                state.wake.cancel()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+REGISTRY = Registry()

@@ -1,0 +1,244 @@
+"""Rank-0 metrics -> run status, and the operator's periodic loop.
+
+The trainer's global rank 0 serves Prometheus text on `spec.metrics.port`. Every
+`VLM_OPERATOR_SCRAPE_INTERVAL` seconds the loop finds the current job's worker pods by
+their labels (`pretrain.vlm.dev/run|stage|attempt`), tries worker-0 first (the usual
+rank 0) and then the others, reads `http://<podIP>:<port>/metrics` in a thread and parses
+it with `prometheus_client.parser`. What it reads lands in status (step, tokens, loss,
+measured image-token fraction, world size, elastic restarts, last committed checkpoint).
+A failed scrape only changes the Progressing condition's message.
+
+The same loop re-checks every active run every `VLM_OPERATOR_RESYNC_INTERVAL` seconds
+(level-triggered safety net for missed events). It is one task for all runs, not a kopf
+timer per run: kopf timers need a finalizer, and this operator has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import math
+import time
+import urllib.request
+from typing import Any
+
+from vlm_api import render
+
+from . import config, metrics
+from .registry import REGISTRY, RunState
+
+log = logging.getLogger(__name__)
+
+REPLICA_INDEX = "training.kubeflow.org/replica-index"
+MAX_PODS_TRIED = 4
+
+
+class ScrapeError(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    job: str = ""  # the PyTorchJob the sample came from
+    step: int | None = None
+    tokens: int | None = None
+    loss: float | None = None
+    image_token_fraction: float | None = None
+    world_size: int | None = None
+    restarts: int | None = None
+    checkpoint_step: int | None = None
+    checkpoint_time: float | None = None
+    checkpoint_uri: str | None = None
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _int(value: Any) -> int | None:
+    v = _finite(value)
+    return int(v) if v is not None and v >= 0 else None
+
+
+def parse(text: str, job: str = "") -> Sample:
+    """Prometheus text exposition -> Sample. Raises ScrapeError when it is not a trainer's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    seen: dict[str, float] = {}
+    tokens: float | None = None
+    uri: str | None = None
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name, labels, value = sample.name, sample.labels, sample.value
+                if name == "vlmtrain_tokens_total":
+                    v = _finite(value)
+                    if v is not None:
+                        tokens = (tokens or 0.0) + v
+                elif name in ("vlmtrain_checkpoint_last_info", "vlmtrain_checkpoint_last"):
+                    if labels.get("uri") and (_finite(value) or 0) >= 1:
+                        uri = labels["uri"]
+                else:
+                    seen[name] = value
+    except Exception as exc:  # the parser raises ValueError and friends on malformed text
+        raise ScrapeError(f"unparsable metrics: {exc}") from None
+    if "vlmtrain_steps_total" not in seen:
+        raise ScrapeError("no vlmtrain_steps_total in the response (not the trainer's rank 0?)")
+    fraction = _finite(seen.get("vlmtrain_image_token_ratio"))
+    ckpt_time = _finite(seen.get("vlmtrain_checkpoint_last_success_timestamp_seconds"))
+    return Sample(
+        job=job,
+        step=_int(seen.get("vlmtrain_steps_total")),
+        tokens=_int(tokens),
+        loss=_finite(seen.get("vlmtrain_loss")),
+        image_token_fraction=min(1.0, max(0.0, fraction)) if fraction is not None else None,
+        world_size=_int(seen.get("vlmtrain_world_size")),
+        restarts=_int(seen.get("vlmtrain_elastic_restart_count")),
+        checkpoint_step=_int(seen.get("vlmtrain_checkpoint_last_step")),
+        checkpoint_time=ckpt_time if ckpt_time and ckpt_time > 0 else None,
+        checkpoint_uri=uri,
+    )
+
+
+def apply(status: dict, sample: Sample, stage: str, prefix: str) -> None:
+    """Write a sample into a status dict (camelCase, the CRD's status fields)."""
+    for key, value in (
+        ("step", sample.step),
+        ("tokens", sample.tokens),
+        ("loss", sample.loss),
+        ("imageTokenFraction", sample.image_token_fraction),
+        ("worldSize", sample.world_size),
+        ("restarts", sample.restarts),
+    ):
+        if value is not None:
+            status[key] = value
+    committed = sample.checkpoint_uri is not None or sample.checkpoint_time is not None
+    if sample.checkpoint_step is not None and committed:
+        ref: dict[str, Any] = {"uri": sample.checkpoint_uri or prefix, "step": sample.checkpoint_step, "stage": stage}
+        if sample.checkpoint_time is not None:
+            when = datetime.datetime.fromtimestamp(sample.checkpoint_time, datetime.timezone.utc)
+            ref["time"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+        status["lastCheckpoint"] = ref
+
+
+# ---------------------------------------------------------------------------- I/O
+
+
+def _fetch(url: str, timeout: float) -> str:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # pods are never behind a proxy
+    with opener.open(url, timeout=timeout) as resp:
+        if resp.status != 200:
+            raise ScrapeError(f"{url}: HTTP {resp.status}")
+        return resp.read(8 * 1024 * 1024).decode("utf-8", "replace")
+
+
+def _pod_order(pod: dict) -> tuple:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    try:
+        index = int(labels.get(REPLICA_INDEX, 1 << 30))
+    except ValueError:
+        index = 1 << 30
+    return (index, (pod.get("metadata") or {}).get("name", ""))
+
+
+async def scrape_job(client, namespace: str, run: str, stage: str, attempt: int, job: str, port: int,
+                     timeout: float) -> Sample:
+    wanted = render.labels({"name": run}, stage, attempt)
+    selector = ",".join(f"{k}={wanted[k]}" for k in (render.LABEL_RUN, render.LABEL_STAGE, render.LABEL_ATTEMPT))
+    pods = await client.list("Pod", namespace, selector)
+    pods = [
+        p for p in pods
+        if all(((p.get("metadata") or {}).get("labels") or {}).get(k) == v
+               for k, v in wanted.items() if k != "app.kubernetes.io/managed-by")
+        and (p.get("status") or {}).get("podIP")
+    ]
+    if not pods:
+        raise ScrapeError(f"no worker pod of {job} has an IP yet")
+    errors = []
+    for pod in sorted(pods, key=_pod_order)[:MAX_PODS_TRIED]:
+        ip = pod["status"]["podIP"]
+        host = f"[{ip}]" if ":" in ip else ip
+        url = f"http://{host}:{port}/metrics"
+        try:
+            text = await asyncio.to_thread(_fetch, url, timeout)
+            return parse(text, job)
+        except (OSError, ScrapeError, ValueError) as exc:
+            errors.append(f"{pod['metadata'].get('name')}: {getattr(exc, 'reason', None) or exc}")
+    raise ScrapeError("; ".join(errors))
+
+
+async def scrape_state(state: RunState, client) -> bool:
+    """Scrape one run's current job into `state`; True when the sample or error changed."""
+    from vlm_api import schema as s
+
+    status = state.current_status
+    body = state.body or {}
+    job, stage = status.get("jobName"), status.get("stage")
+    if not job or not stage:
+        return False
+    try:
+        port = s.Metrics.model_validate((body.get("spec") or {}).get("metrics") or {}).port
+    except Exception:
+        port = s.Metrics().port
+    attempt = status.get("attempt") if isinstance(status.get("attempt"), int) else 0
+    state.last_scrape = time.monotonic()
+    try:
+        sample = await scrape_job(client, state.namespace, state.name, stage, attempt, job, port,
+                                  config.CONFIG.scrape_timeout)
+    except Exception as exc:  # any failure is a message, never a crash
+        metrics.SCRAPES.labels(result="error").inc()
+        error = str(exc) or type(exc).__name__
+        changed = error != state.scrape_error
+        state.scrape_error = error
+        return changed
+    metrics.SCRAPES.labels(result="ok").inc()
+    changed = sample != state.sample or state.scrape_error is not None
+    state.sample, state.scrape_error = sample, None
+    return changed
+
+
+SCRAPED_PHASES = ("Running",)
+ACTIVE_PHASES = ("Pending", "Running", "Suspended", None)
+
+
+async def tick(client, poke) -> None:
+    """One pass over all runs: scrape the running ones, re-check what is due."""
+    cfg = config.CONFIG
+    now = time.monotonic()
+    sem = asyncio.Semaphore(32)
+
+    async def one(state: RunState) -> None:
+        phase = state.phase
+        if phase not in ACTIVE_PHASES:
+            return
+        changed = False
+        if phase in SCRAPED_PHASES and now - state.last_scrape >= cfg.scrape_interval * 0.999:
+            async with sem:
+                changed = await scrape_state(state, client)
+        if changed or now - state.last_resync >= cfg.resync_interval:
+            state.last_resync = now
+            await poke(state.key, trigger="scrape" if changed else "resync")
+
+    await asyncio.gather(*(one(st) for st in list(REGISTRY.runs.values())), return_exceptions=True)
+
+
+async def loop(stop: asyncio.Event, client_fn, poke) -> None:
+    """The operator-wide periodic task (started at startup, stopped at cleanup)."""
+    while not stop.is_set():
+        cfg = config.CONFIG
+        period = max(0.05, min(cfg.scrape_interval, cfg.resync_interval))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=period)
+            return
+        except asyncio.TimeoutError:
+            pass
+        try:
+            await tick(client_fn(), poke)
+        except Exception:  # never let the loop die
+            log.exception("scrape/resync pass failed")
