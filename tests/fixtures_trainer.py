@@ -88,3 +88,28 @@ def torchrun_env(**extra) -> dict:
                 "VLM_NO_CHECKPOINT": "1", "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+_DATA_CACHE: dict = {}
+
+
+def shared_data(tmp_path_factory) -> dict:
+    """The generated shards, once per test session (whichever module asks first)."""
+    if "data" not in _DATA_CACHE:
+        _DATA_CACHE["data"] = make_data(tmp_path_factory.mktemp("synth"))
+    return _DATA_CACHE["data"]
+
+
+def tiny_bundle(image_size: int = 32):
+    """(tokenizer bundle, VLM) from the inline tiny configs."""
+    from vlm_api.schema import ModelSpec
+    from vlm_trainer.model import build_vlm
+    from vlm_trainer.tokenizer import load_tokenizer
+
+    spec = ModelSpec.model_validate({
+        "llm": {"config": TINY_LLM},
+        "visionEncoder": {"config": {**TINY_VISION, "image_size": image_size}},
+        "tokenizer": {"builtin": "bytes"},
+    })
+    tok = load_tokenizer(spec)
+    return tok, build_vlm(spec, tok, seed=0)

@@ -82,3 +82,31 @@ def build_optimizer(groups: list[dict], spec: OptimizerSpec, *, fused: bool | No
     if fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=1e-8, **kwargs)
+
+
+@torch.no_grad()
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW state (zero moments, step 0) for every parameter up front.
+
+    AdamW creates state lazily at a parameter's first gradient, so a checkpoint taken
+    before images enter would lack the projector's state and a strict load would fail. A
+    step with zero gradients at lr 0 leaves every parameter exactly unchanged; resetting
+    ``step`` to 0 makes the state identical to a fresh optimizer's first real step.
+    """
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    for p in params:
+        p.grad = None
+        state = optimizer.state[p]
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
+        elif "step" in state:
+            state["step"] = 0

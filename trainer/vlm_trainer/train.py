@@ -68,7 +68,7 @@ from .mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
 from .model import build_vlm, count_params, loss_sum
 from .policy import apply_trainable, param_groups
 from .progress import ProgressFile
-from .schedule import LRSchedule, build_optimizer
+from .schedule import LRSchedule, build_optimizer, init_optimizer_state
 from .sequences import SequenceBuilder
 from .tokenizer import load_tokenizer
 
@@ -186,6 +186,7 @@ class Trainer:
         opt = self.stage.optimizer
         self.optimizer = build_optimizer(param_groups(self.par.module, opt.weight_decay), opt,
                                          fused=self.ctx.device.type == "cuda" and spec.parallelism.strategy != "fsdp")
+        init_optimizer_state(self.optimizer)  # complete, stable optimizer state dicts from step 0
         self.trainable_params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
         # data

@@ -1,0 +1,131 @@
+"""The training loop in one process: frozen parameters, the checkpoint seam (state_dict
+round trip = uninterrupted run), metrics over HTTP, the progress file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.request
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures_trainer import shared_data, spec_dict, stage, trainer_config
+from vlm_trainer.metrics import reset_registry
+from vlm_trainer.train import EXIT_OK, Trainer
+
+
+@pytest.fixture
+def make_trainer(tmp_path_factory, monkeypatch):
+    data = shared_data(tmp_path_factory)
+    monkeypatch.setenv("VLM_METRICS_PORT", "0")
+    monkeypatch.setenv("VLM_NO_CHECKPOINT", "1")
+    monkeypatch.setenv("VLM_DATA_THREAD", "0")
+    built = []
+
+    def make(*, serve_metrics=False, **stage_kw):
+        reset_registry()
+        cfg = trainer_config(spec_dict(data, stages=[stage(**stage_kw)]))
+        t = Trainer(cfg, serve_metrics=serve_metrics)
+        built.append(t)
+        return t
+
+    yield make
+    for t in built:
+        t.close()
+
+
+def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(make_trainer):
+    t = make_trainer(steps=6, mixture={"text": 0.4, "captions": 0.6},
+                     trainable={"visionEncoder": False, "projector": True, "llm": {"visualRegion": {"fraction": 0.5}}})
+    before = {n: p.detach().clone() for n, p in t.vlm.named_parameters()}
+    frozen = {n for n, p in t.vlm.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("vision.") for n in frozen) and "llm.model.embed_tokens.weight" in frozen
+    assert any(n.startswith("llm.model.layers.0.") for n in frozen)
+    assert not any(n.startswith(("llm.model.layers.1.", "llm.model.layers.3.")) for n in frozen)
+    assert t.train().exit_code == EXIT_OK
+    after = dict(t.vlm.named_parameters())
+    for n in frozen:
+        assert torch.equal(before[n], after[n].detach()), n
+    changed = [n for n in before if n not in frozen and not torch.equal(before[n], after[n].detach())]
+    assert any(n.startswith("projector.") for n in changed) and any(n.startswith("llm.model.layers.3.") for n in changed)
+    optimized = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    state_ids = {id(p) for p in t.optimizer.state}
+    frozen_ids = {id(p) for n, p in t.vlm.named_parameters() if n in frozen}
+    assert not (frozen_ids & optimized) and not (frozen_ids & state_ids)
+    assert state_ids and state_ids <= optimized
+
+
+def test_state_dict_round_trip_continues_exactly(make_trainer, tmp_path, monkeypatch):
+    """The checkpoint seam: state after k steps loaded into a fresh trainer gives the same
+    next losses and weights as the uninterrupted run (DCP state-dict helpers, one process)."""
+    progress = tmp_path / "p.jsonl"
+    kw = dict(steps=8, visualIntroduceAt=0.5, optimizer={"lr": 3e-3, "schedule": "cosine", "warmupSteps": 2})
+    monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress))
+    full = make_trainer(**kw)
+    assert full.train().exit_code == EXIT_OK
+    full_losses = [json.loads(line)["loss"] for line in progress.read_text().splitlines() if '"step"' in line and '"event": "step"' in line]
+    assert len(full_losses) == 8
+    monkeypatch.delenv("VLM_PROGRESS_FILE")
+
+    first = make_trainer(**kw)
+    first.stop_at = 4
+    assert first.train().completed
+    saved = copy.deepcopy(first.state_dict())
+    assert saved["trainer"]["step"] == 4 and saved["trainer"]["data"]["counters"]
+
+    progress2 = tmp_path / "p2.jsonl"
+    monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress2))
+    second = make_trainer(**kw)
+    second.load_state_dict(saved)
+    assert second.progress.step == 4
+    assert second.train().exit_code == EXIT_OK
+    resumed = [json.loads(line)["loss"] for line in progress2.read_text().splitlines() if '"event": "step"' in line]
+    assert resumed == pytest.approx(full_losses[4:], rel=1e-6)
+    for (n, a), b in zip(full.vlm.named_parameters(), second.vlm.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def _scrape(port: int) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def test_metrics_endpoint_and_progress_file(make_trainer, tmp_path, monkeypatch):
+    progress = tmp_path / "progress.jsonl"
+    monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    t = make_trainer(serve_metrics=True, steps=6, visualIntroduceAt=0.5, evalInterval=3)
+    assert t.metrics_port and t.metrics_port > 0
+    assert t.train().exit_code == EXIT_OK
+    m = _scrape(t.metrics_port)
+    assert m["vlmtrain_steps_total"][0][1] == 6
+    tokens = {labels["modality"]: v for labels, v in m["vlmtrain_tokens_total"]}
+    assert tokens["text"] > 0 and tokens["image"] > 0
+    assert 0 < m["vlmtrain_loss"][0][1] < 10
+    assert 0 < m["vlmtrain_image_token_ratio"][0][1] < 1
+    assert m["vlmtrain_image_token_target_ratio"][0][1] > 0
+    assert ({"run": "t", "stage": "pretrain", "stage_index": "0"}, 1.0) in m["vlmtrain_stage_info"]
+    assert {labels["source"] for labels, _ in m["vlmtrain_samples_total"]} == {"text", "captions", "interleaved"}
+    assert sum(v for _, v in m["vlmtrain_samples_total"]) == 6 * 8
+    assert {labels["modality"] for labels, _ in m["vlmtrain_validation_loss"]} == {"text", "image-text", "interleaved"}
+    for name in ("vlmtrain_learning_rate", "vlmtrain_grad_norm", "vlmtrain_data_wait_seconds_total",
+                 "vlmtrain_mfu_ratio", "vlmtrain_tokens_per_second", "vlmtrain_stage_steps"):
+        assert name in m, name
+    assert m["vlmtrain_step_duration_seconds_count"][0][1] == 6
+    assert m["vlmtrain_world_size"][0][1] == 1 and m["vlmtrain_elastic_restart_count"][0][1] == 2
+    assert m["vlmtrain_build_info"][0][0]["strategy"] == "single"
+
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 6 and kinds.count("eval") == 2
+    assert events[-1]["status"] == "completed" and events[0]["metrics_port"] == t.metrics_port
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 7))
+    assert steps[-1]["tokens"] == sum(e["text_tokens"] + e["image_tokens"] for e in steps)
+    assert steps[0]["image_tokens"] == 0 and steps[-1]["image_tokens"] > 0  # images enter at step 3
