@@ -420,6 +420,10 @@ class CheckpointStore:
         """Create key with data unless it exists. False if it already existed."""
         raise NotImplementedError
 
+    def _put_overwrite(self, key: str, data: bytes) -> None:
+        """Create or atomically replace key with data."""
+        raise NotImplementedError
+
     def _get_bytes(self, key: str) -> Optional[bytes]:
         """Object content, None when missing."""
         raise NotImplementedError
@@ -454,6 +458,23 @@ class CheckpointStore:
 
         Raises :class:`CheckpointUploadError` (``CheckpointCommitConflict`` when this
         step is already committed) after retries; nothing is committed then.
+        Equivalent to :meth:`upload_files` followed by :meth:`commit`.
+        """
+        t0 = time.perf_counter()
+        entries, stats = self.upload_files(local_dir, stage, step)
+        res = self.commit(stage, step, entries, world_size=world_size, final=final, extra=extra, stats=stats,
+                          check_listing=False)
+        res.stats.total_seconds = time.perf_counter() - t0
+        return res
+
+    def upload_files(self, local_dir: str | os.PathLike, stage: str, step: int, *,
+                     files: Optional[list[str]] = None) -> tuple[list[dict], TransferStats]:
+        """Upload files of ``local_dir`` (all of them, or the relative paths ``files``) into
+        the step directory WITHOUT committing. Returns the manifest entries
+        (``{"path", "size", "sha256"}``) and the transfer figures.
+
+        Several uploaders (one per node, each with its node's files) may upload into the
+        same step; one of them then calls :meth:`commit` with all entries.
         """
         t0 = time.perf_counter()
         root = Path(local_dir)
@@ -462,8 +483,14 @@ class CheckpointStore:
         sdk0 = self._sdk_retry_count()
         if not root.is_dir():
             raise CheckpointUploadError(f"checkpoint directory {root} does not exist", stats=stats)
-        files = [(rel, p) for rel, p in _iter_local_files(root) if rel != MANIFEST_NAME]
-        if not files:
+        found = [(rel, p) for rel, p in _iter_local_files(root) if rel != MANIFEST_NAME]
+        if files is not None:
+            wanted = set(files)
+            found = [(rel, p) for rel, p in found if rel in wanted]
+            missing = sorted(wanted - {rel for rel, _ in found})
+            if missing:
+                raise CheckpointUploadError(f"files missing in {root}: {missing[:5]}", stats=stats)
+        if not found:
             raise CheckpointUploadError(f"checkpoint directory {root} is empty", stats=stats)
         lock = threading.Lock()
 
@@ -487,9 +514,9 @@ class CheckpointStore:
 
         tu = time.perf_counter()
         try:
-            workers = max(1, min(self.transfer.file_concurrency, len(files)))
+            workers = max(1, min(self.transfer.file_concurrency, len(found)))
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-upload") as pool:
-                entries = list(pool.map(one, files))
+                entries = list(pool.map(one, found))
         except CheckpointStoreError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -499,7 +526,46 @@ class CheckpointStore:
             raise CheckpointUploadError(
                 f"upload of {stage} step {step} to {self.uri} failed: {_short(e)}", stats=stats) from e
         stats.upload_seconds = time.perf_counter() - tu
+        stats.total_seconds = time.perf_counter() - t0
+        stats.sdk_retries = self._sdk_retry_count() - sdk0
+        return entries, stats
 
+    def commit(self, stage: str, step: int, entries: list[dict], *, world_size: int, final: bool = False,
+               extra: Optional[dict] = None, stats: Optional[TransferStats] = None,
+               check_listing: bool = True) -> UploadResult:
+        """Write the COMMITTED manifest over ``entries`` (from :meth:`upload_files`, maybe
+        several uploaders' lists joined). With ``check_listing`` every entry must first be
+        present in the store with its size (one listing); a path listed twice must agree.
+        Raises :class:`CheckpointUploadError` / :class:`CheckpointCommitConflict`."""
+        t0 = time.perf_counter()
+        prefix = self.step_key(stage, step)
+        stats = stats if stats is not None else TransferStats(stage=stage, step=step)
+        sdk0 = self._sdk_retry_count()
+        merged: dict[str, dict] = {}
+        for e in entries:
+            old = merged.get(e["path"])
+            if old is not None and (old["size"], old["sha256"]) != (e["size"], e["sha256"]):
+                raise CheckpointUploadError(f"{stage} step {step}: two different files named {e['path']!r}",
+                                            stats=stats)
+            merged[e["path"]] = {"path": e["path"], "size": int(e["size"]), "sha256": e["sha256"]}
+        files = [merged[k] for k in sorted(merged)]
+        if not files:
+            raise CheckpointUploadError(f"{stage} step {step}: nothing to commit", stats=stats)
+        bad = validate_manifest({"step": int(step), "stage": stage, "world_size": int(world_size), "time": "x",
+                                 "files": files})
+        if bad:
+            raise CheckpointUploadError(f"{stage} step {step}: bad file entries: {'; '.join(bad[:5])}", stats=stats)
+        if check_listing:
+            try:
+                listing = _retry(lambda: self._stage_index(stage).get(step, {}), f"list {self.uri}{prefix}",
+                                 self.retry, lambda: None)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointUploadError(f"listing {self.uri}{prefix} failed: {_short(e)}", stats=stats) from e
+            problems = [f"{f['path']} ({'missing' if f['path'] not in listing else 'size'})" for f in files
+                        if listing.get(f["path"]) != f["size"]]
+            if problems:
+                raise CheckpointUploadError(
+                    f"{stage} step {step}: not uploaded as listed: {', '.join(problems[:5])}", stats=stats)
         manifest = {
             "format": MANIFEST_FORMAT,
             "stage": stage,
@@ -507,20 +573,59 @@ class CheckpointStore:
             "world_size": int(world_size),
             "time": _now_iso(),
             "final": bool(final),
-            "total_bytes": stats.bytes,
-            "files": entries,
+            "total_bytes": sum(f["size"] for f in files),
+            "files": files,
             "extra": dict(extra or {}),
             "id": uuid.uuid4().hex,  # tells our own commit from someone else's
         }
+        if not stats.bytes:
+            stats.files, stats.bytes = len(files), manifest["total_bytes"]
         tc = time.perf_counter()
         self._commit(prefix, manifest, stats)
         stats.commit_seconds = time.perf_counter() - tc
-        stats.total_seconds = time.perf_counter() - t0
-        stats.sdk_retries = self._sdk_retry_count() - sdk0
+        stats.total_seconds += time.perf_counter() - t0
+        stats.sdk_retries += self._sdk_retry_count() - sdk0
         self.last_stats = stats
         log.info("checkpoint %s step %d committed to %s: %d files, %d bytes, upload %.2fs, commit %.3fs",
-                 stage, step, self.uri, stats.files, stats.bytes, stats.upload_seconds, stats.commit_seconds)
+                 stage, step, self.uri, len(files), manifest["total_bytes"], stats.upload_seconds,
+                 stats.commit_seconds)
         return UploadResult(ref=self._ref(stage, step, manifest), stats=stats)
+
+    def mark_final(self, ref: CheckpointRef) -> CheckpointRef:
+        """Turn a committed checkpoint into a stage-final one (the state at the stage's last
+        step was already committed by an interval save): the manifest is replaced in one
+        write by the same manifest with ``final: true``. It stays valid at every moment."""
+        m, problems = self._read_manifest(ref.stage, ref.step)
+        if problems:
+            raise CheckpointUploadError(f"{ref.uri}: cannot mark final: {'; '.join(problems)}")
+        if m.get("final"):
+            return self._ref(ref.stage, ref.step, m)
+        m = dict(m, final=True, finalized_time=_now_iso())
+        data = json.dumps(m, indent=1, sort_keys=True).encode()
+        key = self.step_key(ref.stage, ref.step) + MANIFEST_NAME
+        try:
+            _retry(lambda: self._put_overwrite(key, data), f"mark final {self.uri}{key}", self.retry, lambda: None)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointUploadError(f"marking {ref.uri} final failed: {_short(e)}") from e
+        return self._ref(ref.stage, ref.step, m)
+
+    def ref_from_uri(self, uri: str) -> Optional[CheckpointRef]:
+        """The checkpoint whose step directory is ``uri`` (``<store uri><stage>/step-<N>/``),
+        with its manifest (None when not committed). ValueError when ``uri`` is not a step
+        directory of this store."""
+        u = uri if uri.endswith("/") else uri + "/"
+        if isinstance(self, LocalCheckpointStore) and not u.startswith("file://"):
+            u = Path(u).absolute().as_uri() + "/"
+        if not u.startswith(self.uri):
+            raise ValueError(f"{uri!r} is not inside {self.uri!r}")
+        parts = u[len(self.uri):].strip("/").split("/")
+        if len(parts) != 2 or parse_step_dirname(parts[1]) is None:
+            raise ValueError(f"{uri!r} is not a <stage>/step-<N>/ directory of {self.uri!r}")
+        stage, step = _check_stage(parts[0]), parse_step_dirname(parts[1])
+        m, problems = self._read_manifest(stage, step)
+        if problems:
+            log.warning("checkpoint %s: %s", self.step_uri(stage, step), "; ".join(problems))
+        return self._ref(stage, step, m)
 
     def _commit(self, prefix: str, manifest: dict, stats: TransferStats) -> None:
         key = prefix + MANIFEST_NAME
@@ -882,6 +987,21 @@ class LocalCheckpointStore(CheckpointStore):
             except FileNotFoundError:
                 pass
 
+    def _put_overwrite(self, key: str, data: bytes) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
     def _get_bytes(self, key: str) -> Optional[bytes]:
         try:
             return self._p(key).read_bytes()
@@ -1054,6 +1174,9 @@ class S3CheckpointStore(CheckpointStore):
                 raise
             raise
 
+    def _put_overwrite(self, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ContentType="application/json")
+
     def _get_bytes(self, key: str) -> Optional[bytes]:
         from botocore.exceptions import ClientError
 
@@ -1117,7 +1240,18 @@ def open_store(uri: str, *, endpoint_url: Optional[str] = None, transfer: Transf
     return LocalCheckpointStore(uri, transfer=transfer, retry=retry)
 
 
+def open_step_uri(uri: str, **kwargs) -> tuple[CheckpointStore, CheckpointRef]:
+    """(store, ref) for the step directory ``uri`` = ``<root>/<stage>/step-<N>/`` (the form
+    of ``TrainerConfig.init_from``); the store is opened at ``<root>`` with ``kwargs``."""
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) != 3 or parse_step_dirname(parts[2]) is None:
+        raise ValueError(f"{uri!r} is not a <root>/<stage>/step-<N>/ checkpoint directory")
+    store = open_store(parts[0] + "/", **kwargs)
+    return store, store.ref_from_uri(uri)
+
+
 __all__ = [
+    "open_step_uri",
     "CheckpointStore", "S3CheckpointStore", "LocalCheckpointStore", "open_store",
     "CheckpointRef", "TransferStats", "UploadResult", "PruneResult",
     "TransferSettings", "RetrySettings",

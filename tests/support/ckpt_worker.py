@@ -1,0 +1,116 @@
+"""Worker process of the distributed checkpoint tests (one per rank; RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT in the environment). ``python ckpt_worker.py CONFIG.json``.
+
+Scenario ``roundtrip`` (2 ranks), results into ``<out>/result-<rank>.json`` and reference
+states into ``<out>/ref-*.pt`` (rank 0):
+
+1. 1 -> 2: the single-process checkpoint (stage ``single``, reference ``ref-single-3.pt``)
+   loads into DDP and into FSDP2, exactly.
+2. for ddp and fsdp: train 3 steps, async save at step 3 while training steps 4-5 go on,
+   commit; (fsdp: as two "nodes", VLM_NODE_ID per rank, each node uploading its files);
+   then restore into a fresh DDP and a fresh FSDP2 model: the state equals step 3's
+   exactly, and 2 more steps equal steps 4-5 of the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import ckpt_tiny as T  # noqa: E402
+from vlm_trainer.checkpoint import CheckpointManager, CheckpointSettings, TrainState  # noqa: E402
+from vlm_trainer.ckpt_store import RetrySettings  # noqa: E402
+
+
+def settings(cfg, local_suffix: str) -> CheckpointSettings:
+    return CheckpointSettings(uri=cfg["uri"], endpoint=cfg.get("endpoint", ""), interval=1000, keep=3,
+                              local_dir=os.path.join(cfg["local"], local_suffix),
+                              retry=RetrySettings(backoff_base=0.05))
+
+
+def manager(cfg, stage: str, suffix: str, node: str | None = None) -> CheckpointManager:
+    if node:
+        os.environ["VLM_NODE_ID"] = node
+    else:
+        os.environ.pop("VLM_NODE_ID", None)
+    from prometheus_client import CollectorRegistry
+
+    return CheckpointManager(settings(cfg, suffix), stage=stage, registry=CollectorRegistry())
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(cfg["out"])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    res: dict = {"rank": rank, "checks": {}, "blocking": {}}
+    checks = res["checks"]
+
+    # 1 -> 2
+    ref_single = torch.load(out / "ref-single-3.pt", weights_only=False) if rank == 0 else {}
+    for strat in ("ddp", "fsdp"):
+        module, opt = T.build(strat, seed=7)
+        box, get, load = T.extra_state_holder()
+        mgr = manager(cfg, "single", f"single-{strat}")
+        r = mgr.restore(TrainState(module, opt, extra_state=get, load_extra_state=load))
+        st = T.full_state(module, opt)
+        if rank == 0:
+            checks[f"single->{strat}"] = T.diff(ref_single, st) + ([] if r and r.step == 3 and box["step"] == 3
+                                                                    else [f"restored {r} {box}"])
+        mgr.close()
+
+    for strat in ("ddp", "fsdp"):
+        module, opt = T.build(strat)
+        box, get, load = T.extra_state_holder()
+        target = TrainState(module, opt, extra_state=get, load_extra_state=load)
+        for step in (1, 2, 3):
+            T.train_step(module, opt, step)
+            box["step"] = step
+            box["data"] = {"text": 10 * step, "captions": 3 * step}
+        ref3 = T.full_state(module, opt)
+        mgr = manager(cfg, strat, f"save-{strat}", node=f"n{rank}" if strat == "fsdp" else None)
+        t0 = time.perf_counter()
+        mgr.save(target, 3)
+        res["blocking"][strat] = time.perf_counter() - t0
+        for step in (4, 5):  # training goes on while the save is written and uploaded
+            T.train_step(module, opt, step)
+        outcome = mgr.wait()
+        ref5 = T.full_state(module, opt)
+        res[f"outcome-{strat}"] = {"ok": outcome.ok, "error": outcome.error, "uri": outcome.uri,
+                                   "nodes": mgr.num_nodes, "leader": mgr.is_node_leader}
+        mgr.close()
+        if rank == 0:
+            torch.save(ref3, out / f"ref-{strat}-3.pt")
+            torch.save(ref5, out / f"ref-{strat}-5.pt")
+        for load_strat in ("ddp", "fsdp"):
+            m2, o2 = T.build(load_strat, seed=123)  # different init: everything must come from the checkpoint
+            box2, get2, load2 = T.extra_state_holder()
+            mgr2 = manager(cfg, strat, f"load-{strat}-{load_strat}")
+            r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
+            st3 = T.full_state(m2, o2)
+            for step in (4, 5):
+                T.train_step(m2, o2, step)
+            st5 = T.full_state(m2, o2)
+            if rank == 0:
+                problems = T.diff(ref3, st3) + [f"after 2 steps: {d}" for d in T.diff(ref5, st5)]
+                if not (r and r.mode == "resume" and r.step == 3 and r.rng_restored and not r.world_size_changed):
+                    problems.append(f"restored: {r}")
+                if box2["data"] != {"text": 30, "captions": 9} or box2["loads"] != ["resume"]:
+                    problems.append(f"extra state: {box2}")
+                checks[f"{strat}->{load_strat}"] = problems
+            mgr2.close()
+    (out / f"result-{rank}.json").write_text(json.dumps(res, indent=1, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
