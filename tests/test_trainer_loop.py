@@ -129,3 +129,40 @@ def test_metrics_endpoint_and_progress_file(make_trainer, tmp_path, monkeypatch)
     assert [e["step"] for e in steps] == list(range(1, 7))
     assert steps[-1]["tokens"] == sum(e["text_tokens"] + e["image_tokens"] for e in steps)
     assert steps[0]["image_tokens"] == 0 and steps[-1]["image_tokens"] > 0  # images enter at step 3
+
+
+def test_projector_only_stage_with_text_steps(make_trainer):
+    """LLaVA-style alignment (only the projector trains) with a text phase: text-only steps
+    must still step cleanly (the vision path is kept in the graph at zero weight)."""
+    t = make_trainer(steps=4, visualIntroduceAt=0.5, mixture={"text": 0.5, "captions": 0.5},
+                     trainable={"visionEncoder": False, "projector": True, "llm": "none"})
+    proj = {n: p.detach().clone() for n, p in t.vlm.projector.named_parameters()}
+    llm = {n: p.detach().clone() for n, p in t.vlm.llm.named_parameters()}
+    assert t.train().exit_code == EXIT_OK
+    assert any(not torch.equal(proj[n], p) for n, p in t.vlm.projector.named_parameters())
+    assert all(torch.equal(llm[n], p) for n, p in t.vlm.llm.named_parameters())
+
+
+def test_next_stage_initialises_from_previous_state(make_trainer):
+    """mode="init": weights and data positions carry over; with continueSchedule the LR
+    starts at the previous stage's last LR without warmup and the global step goes on."""
+    first = make_trainer(steps=4, optimizer={"lr": 2e-3, "schedule": "constant", "warmupSteps": 2})
+    assert first.train().exit_code == EXIT_OK
+    saved = copy.deepcopy(first.state_dict())
+    nxt = make_trainer(steps=4, optimizer={"lr": 1e-3, "schedule": "cosine", "warmupSteps": 3, "continueSchedule": True},
+                       trainable={"visionEncoder": False, "projector": True, "llm": {"layers": [0, 2]}})
+    nxt.load_state_dict(saved, mode="init")
+    for (n, a), b in zip(first.vlm.named_parameters(), nxt.vlm.parameters()):
+        assert torch.equal(a, b), n
+    assert nxt.progress.step == 0 and nxt.progress.global_step == 4
+    assert nxt.schedule.warmup == 0 and nxt.schedule.lr(0) == pytest.approx(2e-3)
+    assert nxt.planner.counters == first.planner.counters and nxt.planner.step == 0
+    # the optimizer moments of parameters trained in both stages came along
+    layer0 = nxt.vlm.decoder_layers()[0].self_attn.q_proj.weight
+    assert nxt.optimizer.state[layer0]["exp_avg"].abs().sum() > 0
+    assert nxt.train().exit_code == EXIT_OK
+
+    fresh = make_trainer(steps=4, optimizer={"lr": 1e-3, "schedule": "cosine", "warmupSteps": 3})
+    fresh.load_state_dict(saved, mode="init")
+    assert fresh.schedule.warmup == 3 and fresh.progress.global_step == 0
+    assert all(float(s["exp_avg"].abs().sum()) == 0 for s in fresh.optimizer.state.values())

@@ -159,3 +159,16 @@ def test_counts_track_probabilities_tightly():
         taken.update(plan.counts)
         for s, q in probs.items():
             assert abs(taken[s] - q * 7 * (step + 1)) < 1.0 + 1e-9
+
+
+def test_epochs_to_steps_is_bounded_by_the_slowest_source():
+    stats = {"a": SourceStats(100.0, 0.0), "b": SourceStats(50.0, 0.5)}
+    p = MixturePlanner(stage="sft", mixture={"a": 0.5, "b": 0.5}, modality={"a": "text", "b": "image-text"},
+                       stats=stats, global_batch=10, total_steps=1, visual_introduce_at=0.0, seed=0)
+    # sample probabilities 1/3 (a) and 2/3 (b): a needs 2 x 300 / (10/3) = 180 steps, b 2 x 1000 / (20/3) = 300
+    from vlm_trainer.mixture import steps_for_epochs
+
+    assert steps_for_epochs(2, {"a": 300, "b": 1000}, p) == 300
+    assert steps_for_epochs(2, {"a": 3000, "b": 1000}, p) == 1800
+    p.visual_introduce_at = 0.5  # b only drawn in the second half: it needs twice the steps
+    assert steps_for_epochs(2, {"a": 300, "b": 1000}, p) == 600

@@ -94,6 +94,8 @@ class Checkpointer(Protocol):
     def close(self) -> None:
         """Release resources (also called after failures)."""
 
+    # optional: on_stop(trainer) -- called once when a signal stops the run at a step boundary
+
 
 class NullCheckpointer:
     """No checkpoints: nothing to restore, nothing to save, the end counts as committed."""
@@ -180,6 +182,7 @@ class Trainer:
         self.llm_params = count_params(vlm.llm)
         self.vision_params = count_params(vlm.vision)
         self.tokens_per_image = vlm.tokens_per_image
+        self._llm_trains = self.policy.llm != "none" or vlm.vision is None
         self.par: Parallel = parallelize(vlm, strategy=spec.parallelism.strategy, precision=spec.parallelism.precision,
                                          activation_checkpointing=spec.parallelism.activation_checkpointing, ctx=self.ctx)
         self.vlm = vlm
@@ -223,7 +226,11 @@ class Trainer:
         self._metrics_server = None
         if self.ctx.is_main and serve_metrics:
             port = int(os.environ.get("VLM_METRICS_PORT", spec.metrics.port))
-            self._metrics_server, self.metrics_port = serve(port, self.metrics.registry)
+            try:
+                self._metrics_server, self.metrics_port = serve(port, self.metrics.registry)
+            except OSError as exc:  # metrics must never stop training: take any free port
+                log.warning("metrics port %d unavailable (%s); serving on a free port instead", port, exc)
+                self._metrics_server, self.metrics_port = serve(0, self.metrics.registry)
         self.progress_file = ProgressFile.from_env(run=cfg.run.name, stage=self.stage.name, enabled=self.ctx.is_main)
         self.peak_flops = peak_flops(self._device_name(), self.par.compute_dtype is not None)
         self.log_every = max(1, int(os.environ.get("VLM_LOG_EVERY", "10")))
@@ -312,12 +319,14 @@ class Trainer:
     def load_state_dict(self, state: dict, *, mode: str = "resume") -> None:
         """Inverse of :meth:`state_dict`. ``init`` loads the model (and, with continueSchedule,
         the optimizer moments that exist for this stage's trainable parameters)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-        load_optim = "optim" in state and (mode == "resume" or self.stage.optimizer.continue_schedule)
-        set_state_dict(self.par.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"] if load_optim else {},
-                       options=StateDictOptions(strict=(mode == "resume")))
+        options = StateDictOptions(strict=(mode == "resume"))
+        if "optim" in state and (mode == "resume" or self.stage.optimizer.continue_schedule):
+            set_state_dict(self.par.module, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"], options=options)
+        else:
+            set_model_state_dict(self.par.module, state["model"], options=options)
         if "trainer" in state:
             self.load_extra_state(state["trainer"], mode=mode)
 
@@ -346,7 +355,9 @@ class Trainer:
         loss_acc = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for j, batch in enumerate(micro):
             batch = batch.to(ctx.device)
-            force = images_per_micro[j] > 0 and batch.n_images == 0
+            # a peer has images in this micro-step (or only the vision path trains): run the
+            # vision tower on a zero-weighted dummy so collectives and graphs match everywhere
+            force = (images_per_micro[j] > 0 or not self._llm_trains) and batch.n_images == 0
             with par.sync_context(j == len(micro) - 1):
                 with par.autocast():
                     logits = par.module(batch.input_ids, batch.attention_mask, batch.pixel_values,
@@ -431,6 +442,9 @@ class Trainer:
                 self.checkpointer.after_step(self, self.progress.step)
                 if out["stop"]:
                     stopped = True
+                    on_stop = getattr(self.checkpointer, "on_stop", None)
+                    if on_stop is not None:
+                        on_stop(self)  # optional: e.g. a last checkpoint before a graceful exit
                     break
             completed = self.progress.step >= self.stop_at
             committed = False
