@@ -4,22 +4,19 @@ local directory; S3 faults come from a small fault-injecting HTTP proxy in front
 from __future__ import annotations
 
 import dataclasses
-import http.client
-import http.server
 import logging
 import os
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
+from tests.support.s3 import FAKE_SECRET, FaultProxy  # noqa: E402
+from tests.support.s3 import new_bucket as _new_bucket  # noqa: E402
 from vlm_trainer.ckpt_store import (  # noqa: E402
     MANIFEST_NAME,
     CheckpointCommitConflict,
@@ -33,7 +30,6 @@ from vlm_trainer.ckpt_store import (  # noqa: E402
 )
 
 MiB = 1024 * 1024
-FAKE_SECRET = "fake-secret-" + uuid.uuid4().hex
 SMALL_TRANSFER = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
                                   max_concurrency=4, file_concurrency=3)
 FAST_RETRY = RetrySettings(mode="standard", max_attempts=5, file_attempts=3, backoff_base=0.05,
@@ -42,39 +38,7 @@ FAST_RETRY = RetrySettings(mode="standard", max_attempts=5, file_attempts=3, bac
 
 # --------------------------------------------------------------------------- fixtures
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def aws_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "fake-access-key")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-            mp.delenv(k, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        yield
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(aws_env):
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-def _new_bucket(endpoint: str) -> str:
-    name = "ckpt-" + uuid.uuid4().hex[:12]
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
-    return name
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -311,137 +275,6 @@ def test_prune_deletes_marker_first(store, tmp_path):
 
 
 # --------------------------------------------------------------------------- S3 faults
-
-
-_ERR_XML = {
-    500: ("InternalError", "We encountered an internal error. Please try again."),
-    503: ("SlowDown", "Please reduce your request rate."),
-}
-
-
-def s3_op(method: str, path: str, query: dict) -> str:
-    if method == "PUT" and "partNumber" in query:
-        return "UploadPart"
-    if method == "POST" and "uploads" in query:
-        return "CreateMultipartUpload"
-    if method == "POST" and "uploadId" in query:
-        return "CompleteMultipartUpload"
-    if method == "PUT" and path.endswith("/" + MANIFEST_NAME):
-        return "PutCommitted"
-    if method == "PUT" and path.count("/") >= 2:
-        return "PutObject"
-    return method
-
-
-class FaultProxy:
-    """HTTP proxy to moto answering 500 / 503 SlowDown / a dropped connection for the
-    first K requests of the chosen S3 operations."""
-
-    def __init__(self, upstream: str):
-        u = urlsplit(upstream)
-        self.up = (u.hostname, u.port)
-        self.rules: list[list] = []  # [op, action, remaining]
-        self.injected: list[tuple[str, str]] = []
-        self.seen: list[str] = []
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def finish(self):
-                try:
-                    super().finish()
-                except OSError:  # the socket was reset on purpose
-                    pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = b""
-                    while True:
-                        n = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if n == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return out
-                        out += self.rfile.read(n)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _handle(self):
-                u = urlsplit(self.path)
-                q = parse_qs(u.query, keep_blank_values=True)
-                op = s3_op(self.command, u.path, q)
-                action = None
-                with proxy.lock:
-                    proxy.seen.append(op)
-                    for rule in proxy.rules:
-                        if rule[0] == op and rule[2] != 0:
-                            rule[2] -= 1
-                            action = rule[1]
-                            proxy.injected.append((op, action))
-                            break
-                if action == "drop":  # read a little of the body, then reset the connection
-                    n = int(self.headers.get("Content-Length") or 0)
-                    self.rfile.read(min(n, 64 * 1024))
-                    self.close_connection = True
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    self.connection.close()
-                    return
-                body = self._body()
-                if action in (500, 503):
-                    code, msg = _ERR_XML[action]
-                    xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                           f"<Message>{msg}</Message><RequestId>fault</RequestId></Error>").encode()
-                    self.send_response(action)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(xml)))
-                    self.end_headers()
-                    self.wfile.write(xml)
-                    return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "expect",
-                                                "content-length")}
-                headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(*proxy.up, timeout=30)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length",
-                                         "server", "date"):
-                        self.send_header(k, v)
-                if self.command == "HEAD":
-                    self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
-                    self.end_headers()
-                else:
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def fail(self, op: str, action, times: int = 1):
-        """times=-1: forever."""
-        with self.lock:
-            self.rules.append([op, action, times])
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -849,8 +849,9 @@ class CheckpointManager:
 
     @staticmethod
     def _reset_unloaded_moments(target: TrainState, loaded: set[str]) -> list[str]:
-        """After a partial optimizer load: parameters without saved moments start fresh
-        (no state, as if never stepped), not with the zero-step state DCP initialised."""
+        """After a partial optimizer load: parameters without saved moments start fresh:
+        zero moments and step 0, exactly a new AdamW's state before its first step (the
+        state stays complete, so later checkpoints of this stage load strictly)."""
         from torch.distributed.checkpoint.state_dict import _get_fqns
 
         fresh = []
@@ -861,7 +862,12 @@ class CheckpointManager:
                 continue
             fqns = _get_fqns(target.module, name)
             if not any(k.startswith(f"state.{f}.") for f in fqns for k in loaded):
-                opt.state.pop(p, None)
+                state = opt.state.get(p)
+                for key, value in list((state or {}).items()):
+                    if torch.is_tensor(value):
+                        value.zero_()
+                    elif isinstance(value, (int, float)):
+                        state[key] = type(value)(0)
                 fresh.extend(sorted(fqns))
         return fresh
 
