@@ -82,6 +82,21 @@ def _lazy(target: str):
     return run
 
 
+def _checkpoint_model_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of the commands that load a trained model from a checkpoint (analyze-layers, prune)."""
+    p.add_argument("--checkpoint", required=True, metavar="URI",
+                   help="committed checkpoint <root>/<stage>/step-N/, or <root>/<stage>/ for its newest (path, file:// or s3://)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TrainerConfig YAML or VLMPretrainRun manifest (default: the config stored with the checkpoint)")
+    p.add_argument("--stage", help="recipe stage whose settings apply (default: the checkpoint's)")
+    p.add_argument("--endpoint", default=None, metavar="URL", help="S3 endpoint (default: the config's checkpoint.endpoint)")
+    p.add_argument("--visual-fraction", type=float, default=None, metavar="F",
+                   help="visual region = round(F x depth) layers spread uniformly (default: the stage's trainable.llm, else 0.25)")
+    p.add_argument("--visual-layers", default=None, metavar="I,J,..", help="visual region as explicit layer indices")
+    p.add_argument("--micro-batch-size", type=int, default=8, metavar="B", help="sequences per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmpretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     _operator_arguments(p)
     p.set_defaults(func=_lazy("vlm_operator.main:run"))
+
+    # ---- visual-region tools (vlm_trainer.layer_influence, vlm_trainer.prune): need the trainer extra
+    p = sub.add_parser("analyze-layers", help="block influence of every LLM layer on image vs text positions of a checkpoint")
+    _checkpoint_model_args(p)
+    p.add_argument("--data", action="append", required=True, metavar="SHARDS",
+                   help="calibration shards, [NAME=][MODALITY:]URI with {a..b} ranges (repeatable; modality detected when omitted)")
+    p.add_argument("--samples", type=int, default=64, metavar="N", help="calibration samples per --data (default 64)")
+    p.add_argument("--out", default="layer-influence", metavar="DIR", help="writes DIR/influence.json and DIR/influence.png")
+    p.set_defaults(func=_lazy("vlm_trainer.layer_influence:main"))
+
+    p = sub.add_parser("prune", help="remove the least influential LLM layers outside the visual region of a checkpoint")
+    _checkpoint_model_args(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=int, metavar="K", help="layers to remove")
+    how.add_argument("--keep-fraction", type=float, metavar="F", help="keep round(F x depth) layers")
+    p.add_argument("--out", metavar="URI",
+                   help="checkpoint root to write <stage>-pruned/step-N/ under (default: the source checkpoint's root)")
+    p.add_argument("--data", action="append", metavar="SHARDS",
+                   help="calibration shards as for analyze-layers (default: the stage's prune.calibration source, "
+                        "else its first image source)")
+    p.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="calibration samples per source (default: the stage's prune.calibration.samples, else 64)")
+    p.add_argument("--influence", metavar="JSON", help="use an influence.json from analyze-layers instead of measuring")
+    p.add_argument("--criterion", choices=["image", "text", "all"], default="image",
+                   help="rank layers outside the visual region by their influence on these positions (default image)")
+    p.add_argument("--eval-samples", type=int, default=None, metavar="N",
+                   help="validation samples per source for the before/after loss (default: the stage's evalBatches x "
+                        "microBatchSize; 0 skips)")
+    p.set_defaults(func=_lazy("vlm_trainer.prune:main"))
     return parser
 
 

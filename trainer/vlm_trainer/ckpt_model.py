@@ -1,0 +1,416 @@
+"""A trained VLM from a committed checkpoint, outside the training loop (analysis, pruning).
+
+Checkpoint URIs (local path, ``file://`` or ``s3://``), in the store layout of
+`vlm_trainer.ckpt_store`:
+
+* ``<root>/<stage>/step-000000120/``: that checkpoint (it must be committed);
+* ``<root>/<stage>/``: the newest committed checkpoint of the stage.
+
+A local checkpoint is read in place (after a shallow check against its manifest); an S3
+one is downloaded and verified (sha256) into a temporary directory first.
+
+The trainer config (model, tokenizer, data, stages) comes from ``--config`` (a
+TrainerConfig YAML or a VLMPretrainRun manifest), else from a config file stored in the
+checkpoint directory (:data:`CONFIG_FILES`), else from the manifest's ``extra.config``.
+
+Architecture after pruning. A stage that declares ``prune`` leaves a committed pruned
+checkpoint under ``<root>/<stage>-pruned/``; its manifest's ``extra`` holds the pruned
+LLM's transformers config (``llm_config``) and the lineage (``pruned``: kept layers as
+indices of the original model, ...). Every later stage is built with that LLM config
+(:func:`effective_model_spec`); the spec in the recipe keeps the original model.
+
+The model weights are read from the DCP files (``.metadata`` + ``*.distcp``) of the
+checkpoint: the tensors under the top-level key ``model`` (what
+``torch.distributed.checkpoint.state_dict.get_model_state_dict`` produces for the VLM:
+``llm.model.layers.3.mlp.up_proj.weight``, ``vision...``, ``projector...``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vlm_api.schema import API_VERSION, KIND, ModelSpec, TrainerConfig
+
+from .ckpt_store import CheckpointRef, CheckpointStore, MANIFEST_NAME, open_store, parse_step_dirname
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILES = ("trainer_config.yaml", "trainer-config.yaml", "config.yaml", "trainer_config.json", "config.json")
+PRUNED_SUFFIX = "-pruned"
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str, int | None]:
+    """``<root>/<stage>/step-N/`` -> (root, stage, N); ``<root>/<stage>/`` -> (root, stage, None)."""
+    u = uri.rstrip("/")
+    head, _, last = u.rpartition("/")
+    step = parse_step_dirname(last)
+    if step is not None:
+        root, _, stage = head.rpartition("/")
+        return root + "/", stage, step
+    root, _, stage = u.rpartition("/")
+    if not stage or not root:
+        raise ValueError(f"{uri!r}: expected <root>/<stage>/step-N/ or <root>/<stage>/")
+    return root + "/", stage, None
+
+
+def resolve_checkpoint(uri: str, *, endpoint_url: str | None = None) -> tuple[CheckpointStore, CheckpointRef]:
+    """The store and the committed checkpoint a URI names (see module doc)."""
+    root, stage, step = split_checkpoint_uri(uri)
+    store = open_store(root, endpoint_url=endpoint_url)
+    committed = store.committed(stage)
+    if step is None:
+        if not committed:
+            raise FileNotFoundError(f"{uri}: no committed checkpoint in stage {stage!r}")
+        return store, committed[0]
+    for ref in committed:
+        if ref.step == step:
+            return store, ref
+    raise FileNotFoundError(f"{uri}: not a committed checkpoint (no valid {MANIFEST_NAME} manifest)")
+
+
+def local_path_of(store: CheckpointStore, ref: CheckpointRef) -> Path | None:
+    """The directory of a checkpoint of a local store (None for S3)."""
+    if ref.uri.startswith("s3://"):
+        return None
+    p = ref.uri[len("file://"):] if ref.uri.startswith("file://") else ref.uri
+    return Path(p)
+
+
+def fetch(store: CheckpointStore, ref: CheckpointRef, workdir: str | os.PathLike) -> Path:
+    """A local directory with the checkpoint's files: in place for a local store (shallow
+    verification), else downloaded and sha256-verified under ``workdir``."""
+    local = local_path_of(store, ref)
+    if local is not None:
+        problems = store.verify(ref, deep=False)
+        if problems:
+            raise FileNotFoundError(f"{ref.uri}: {'; '.join(problems)}")
+        return local
+    dest = Path(workdir) / ref.stage / f"step-{ref.step}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    store.download(ref, dest)
+    return dest
+
+
+def dcp_dirs(root: Path) -> list[Path]:
+    """Directories under ``root`` (itself included) holding a DCP ``.metadata`` file."""
+    return sorted(p.parent for p in root.rglob(".metadata"))
+
+
+# --------------------------------------------------------------------------- config
+
+
+def read_config_file(path: str | os.PathLike, *, stage: str | None = None) -> TrainerConfig:
+    """A TrainerConfig YAML/JSON, or a VLMPretrainRun manifest (the first stage, or ``stage``)."""
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    return config_from_doc(doc, stage=stage, where=str(path))
+
+
+def config_from_doc(doc: Any, *, stage: str | None = None, where: str = "config") -> TrainerConfig:
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: not a mapping")
+    if doc.get("kind") == KIND:
+        spec = doc.get("spec") or {}
+        name = (doc.get("metadata") or {}).get("name", "run")
+        stages = [s.get("name") for s in spec.get("stages", [])]
+        return TrainerConfig.model_validate({"apiVersion": API_VERSION, "kind": "TrainerConfig",
+                                             "run": {"name": name}, "stage": stage or stages[0], "spec": spec})
+    cfg = TrainerConfig.model_validate(doc)
+    if stage and stage != cfg.stage and stage in [s.name for s in cfg.spec.stages]:
+        cfg = cfg.model_copy(update={"stage": stage})
+    return cfg
+
+
+def stored_config(local_dir: Path, manifest: dict | None) -> TrainerConfig | None:
+    """The TrainerConfig saved with a checkpoint, if any."""
+    for name in CONFIG_FILES:
+        for p in (local_dir / name, *local_dir.glob(f"*/{name}")):
+            if p.is_file():
+                try:
+                    return read_config_file(p)
+                except Exception as exc:  # noqa: BLE001 - another file may be the config
+                    log.debug("%s is not a trainer config: %s", p, exc)
+    extra = (manifest or {}).get("extra") or {}
+    for key in ("config", "trainer_config"):
+        if isinstance(extra.get(key), dict):
+            return config_from_doc(extra[key], where=f"manifest extra.{key}")
+    return None
+
+
+# --------------------------------------------------------------------------- architecture lineage
+
+
+def pruned_stage_name(stage: str) -> str:
+    return f"{stage}{PRUNED_SUFFIX}"
+
+
+def pruned_lineage(store: CheckpointStore, spec, stage_index: int) -> dict | None:
+    """The manifest ``extra`` of the pruned checkpoint that defines the architecture of
+    stage ``stage_index``: that of the latest earlier stage declaring ``prune`` (None when
+    no earlier stage prunes). Raises FileNotFoundError when that stage's pruned checkpoint
+    does not exist (yet)."""
+    for j in range(stage_index - 1, -1, -1):
+        if spec.stages[j].prune is not None:
+            name = pruned_stage_name(spec.stages[j].name)
+            ref = store.latest_committed(name)
+            if ref is None:
+                raise FileNotFoundError(f"stage {spec.stages[j].name!r} declares prune but {store.uri}{name}/ "
+                                        "holds no committed pruned checkpoint")
+            return ref.extra
+    return None
+
+
+def effective_model_spec(model: ModelSpec, llm_config: dict | None) -> ModelSpec:
+    """``model`` with the LLM built from ``llm_config`` (a pruned architecture), the
+    tokenizer unchanged (an implicit ``tokenizer.path = llm.path`` is made explicit)."""
+    if not llm_config:
+        return model
+    tok = model.tokenizer
+    if tok.builtin is None and tok.path is None:
+        tok = tok.model_copy(update={"path": model.llm.path})
+    llm = type(model.llm).model_validate({"config": dict(llm_config)})
+    return model.model_copy(update={"llm": llm, "tokenizer": tok})
+
+
+def llm_config_dict(llm) -> dict:
+    """A transformers config as a dict AutoConfig.for_model accepts (model_type included)."""
+    d = llm.config.to_dict()
+    for k in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype"):
+        d.pop(k, None)
+    return d
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def read_dcp_model(vlm, dcp_dir: str | os.PathLike, *, key: str = "model") -> None:
+    """Load the ``model`` tensors of a DCP checkpoint into ``vlm`` (single process, in place).
+
+    Every parameter/buffer of ``vlm.state_dict()`` must be in the checkpoint, except the
+    second name of a tied weight (loaded through the first)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(dcp_dir)).read_metadata()
+    have = {k[len(key) + 1:] for k in meta.state_dict_metadata if k.startswith(key + ".")}
+    target = vlm.state_dict()
+    seen: dict[int, str] = {}
+    wanted, missing = {}, []
+    for name, t in target.items():
+        if name in have:
+            wanted[name] = t
+            seen.setdefault(id(t.untyped_storage()) if t.numel() else id(t), name)
+        else:
+            missing.append(name)
+    loaded_storages = {id(t.untyped_storage()) for t in wanted.values() if t.numel()}
+    truly_missing = [n for n in missing if not (target[n].numel() and id(target[n].untyped_storage()) in loaded_storages)]
+    if truly_missing:
+        raise KeyError(f"{dcp_dir}: checkpoint lacks {len(truly_missing)} model tensors, e.g. {truly_missing[:3]} "
+                       f"(the checkpoint has {len(have)}; architecture mismatch?)")
+    extra = sorted(have - set(target))
+    if extra:
+        raise KeyError(f"{dcp_dir}: checkpoint has tensors this model lacks, e.g. {extra[:3]} (architecture mismatch?)")
+    dcp.load({key: wanted}, checkpoint_id=str(dcp_dir), no_dist=True)
+
+
+def read_dcp_tree(dcp_dir: str | os.PathLike) -> dict:
+    """Everything in a DCP checkpoint as a nested dict (model, optimizer, trainer state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    tree: dict = {}
+    _load_state_dict(tree, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return tree
+
+
+def write_dcp_tree(tree: dict, dcp_dir: str | os.PathLike) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tree, checkpoint_id=str(dcp_dir), no_dist=True)
+
+
+def dcp_layer_depth(dcp_dir: str | os.PathLike, layers_prefix: str, *, key: str = "model") -> int | None:
+    """Number of decoder layers the DCP checkpoint holds under ``<key>.<layers_prefix>.N.``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(dcp_dir)).read_metadata()
+    rx = re.compile(rf"^{re.escape(key)}\.{re.escape(layers_prefix)}\.(\d+)\.")
+    idx = {int(m.group(1)) for k in meta.state_dict_metadata if (m := rx.match(k))}
+    return max(idx) + 1 if idx else None
+
+
+def layers_prefix_of(vlm) -> str:
+    """The FQN of the LLM's decoder-layer ModuleList inside the VLM, e.g. ``llm.model.layers``."""
+    layers = vlm.decoder_layers()
+    for name, mod in vlm.named_modules():
+        if mod is layers:
+            return name
+    raise ValueError("decoder layers not found in the VLM")
+
+
+# --------------------------------------------------------------------------- the loaded model
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    vlm: Any
+    tok: Any
+    builder: Any
+    cfg: TrainerConfig  # the config as stored (original architecture in spec.model)
+    model_spec: ModelSpec  # what was built (the pruned LLM config after a pruning stage)
+    store: CheckpointStore
+    ref: CheckpointRef
+    local_dir: Path
+    dcp_dir: Path
+    endpoint_url: str | None
+    lineage: dict | None  # manifest extra of the pruned checkpoint this architecture comes from
+    tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.ref.uri
+
+    @property
+    def stage_name(self) -> str:
+        """The recipe stage this checkpoint belongs to (``x`` for ``x-pruned``)."""
+        st = self.ref.stage
+        if st.endswith(PRUNED_SUFFIX) and st not in [s.name for s in self.cfg.spec.stages]:
+            return st[: -len(PRUNED_SUFFIX)]
+        return st
+
+    @property
+    def stage_spec(self):
+        names = [s.name for s in self.cfg.spec.stages]
+        return self.cfg.spec.stages[names.index(self.stage_name)] if self.stage_name in names else None
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None, stage: str | None = None,
+                          endpoint_url: str | None = None, device: str = "cpu", seed: int | None = None) -> LoadedModel:
+    """Build the VLM of a committed checkpoint and load its weights (see module doc)."""
+    from .model import build_vlm
+    from .sequences import SequenceBuilder
+    from .tokenizer import load_tokenizer
+
+    cfg = config if isinstance(config, TrainerConfig) else None
+    endpoint = endpoint_url or (cfg.spec.checkpoint.endpoint if cfg else None) or os.environ.get("AWS_ENDPOINT_URL") or None
+    store, ref = resolve_checkpoint(uri, endpoint_url=endpoint)
+    tmp = None if local_path_of(store, ref) is not None else tempfile.TemporaryDirectory(prefix="vlm-ckpt-")
+    local = fetch(store, ref, tmp.name if tmp else ".")
+    if cfg is None and isinstance(config, (str, os.PathLike)):
+        cfg = read_config_file(config, stage=stage)
+    if cfg is None:
+        cfg = stored_config(local, ref.manifest)
+        if cfg is None:
+            raise ValueError(f"{ref.uri}: no trainer config stored with the checkpoint: pass --config FILE")
+    stage_name = stage or ref.stage
+    if stage_name.endswith(PRUNED_SUFFIX) and stage_name not in [s.name for s in cfg.spec.stages]:
+        stage_name = stage_name[: -len(PRUNED_SUFFIX)]
+    if stage_name in [s.name for s in cfg.spec.stages] and stage_name != cfg.stage:
+        cfg = cfg.model_copy(update={"stage": stage_name})
+    # The architecture: a pruned checkpoint says it; else the latest earlier pruning stage's.
+    lineage = ref.extra if ref.extra.get("llm_config") else None
+    if lineage is None and ref.stage in [s.name for s in cfg.spec.stages]:
+        lineage = pruned_lineage(store, cfg.spec, cfg.spec.stage_index(ref.stage))
+    model_spec = effective_model_spec(cfg.spec.model, (lineage or {}).get("llm_config"))
+    dirs = dcp_dirs(local)
+    if not dirs:
+        raise FileNotFoundError(f"{ref.uri}: no DCP checkpoint (.metadata) in it")
+    if len(dirs) > 1:
+        log.warning("%s: several DCP directories %s; using %s", ref.uri, dirs, dirs[0])
+    tok = load_tokenizer(model_spec)
+    vlm = build_vlm(model_spec, tok, seed=cfg.spec.seed if seed is None else seed)
+    read_dcp_model(vlm, dirs[0])
+    vlm.to(device)
+    vlm.eval()
+    builder = SequenceBuilder(tok, tokens_per_image=vlm.tokens_per_image, seq_length=cfg.spec.data.seq_length)
+    log.info("loaded %s (%s, %d LLM layers)", ref.uri, cfg.stage, len(vlm.decoder_layers()))
+    return LoadedModel(vlm, tok, builder, cfg, model_spec, store, ref, local, dirs[0], endpoint, lineage, tmp)
+
+
+# --------------------------------------------------------------------------- visual region
+
+
+def region_on_original(selection_fraction: float | None, layers: list[int] | None, *, original_depth: int,
+                       kept_original: list[int] | None) -> list[int]:
+    """The visual region in the CURRENT model's indices.
+
+    The region is defined on the original (unpruned) depth: explicit ``layers`` or
+    ``visual_region_layers(fraction, original_depth)``. After pruning, original layer ``o``
+    is at index ``kept_original.index(o)``; layers that were removed are dropped (pruning
+    never removes the region it was given, so the same fraction maps 1:1)."""
+    from vlm_api.validate import visual_region_layers
+
+    if layers is not None:
+        chosen = sorted(set(layers))
+    else:
+        chosen = visual_region_layers(0.25 if selection_fraction is None else selection_fraction, original_depth)
+    if kept_original is None:
+        return chosen
+    pos = {o: i for i, o in enumerate(kept_original)}
+    return [pos[o] for o in chosen if o in pos]
+
+
+def region_for(loaded: LoadedModel, *, fraction: float | None = None, layers: list[int] | None = None) -> list[int]:
+    """The visual region of a loaded model, in its current layer indices.
+
+    Explicit ``layers`` are current indices (used as given). Otherwise the fraction
+    (argument, else the stage's ``trainable.llm.visualRegion.fraction``, else 0.25) or the
+    stage's explicit ``trainable.llm.layers`` is applied to the ORIGINAL depth and mapped
+    through the pruning lineage (:func:`region_on_original`)."""
+    from .layer_influence import resolve_visual_region
+
+    depth = len(loaded.vlm.decoder_layers())
+    if layers is not None:
+        return resolve_visual_region(depth, layers=layers)
+    lin = (loaded.lineage or {}).get("pruned") or {}
+    original_depth = int(lin.get("original_depth", depth))
+    kept = lin.get("kept_original")
+    stage_layers = None
+    if fraction is None:
+        fraction, stage_layers = stage_region_selection(loaded.stage_spec)
+    return region_on_original(fraction, stage_layers, original_depth=original_depth, kept_original=kept)
+
+
+def stage_region_selection(stage) -> tuple[float | None, list[int] | None]:
+    """(fraction, explicit layers) of a stage's ``trainable.llm`` when it is a layer
+    selection; (None, None) for all/none (the default fraction 0.25 then applies)."""
+    llm = getattr(getattr(stage, "trainable", None), "llm", None)
+    if llm is None or isinstance(llm, str):
+        return None, None
+    if llm.visual_region is not None:
+        return float(llm.visual_region.fraction), None
+    return None, list(llm.layers)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+__all__ = [
+    "LoadedModel", "load_checkpoint_model", "resolve_checkpoint", "split_checkpoint_uri", "fetch", "read_dcp_model",
+    "read_dcp_tree", "write_dcp_tree", "effective_model_spec", "pruned_lineage", "pruned_stage_name", "region_for",
+    "region_on_original", "stage_region_selection", "read_config_file", "stored_config", "llm_config_dict",
+    "layers_prefix_of",
+]
