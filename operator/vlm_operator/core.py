@@ -24,9 +24,9 @@ from pydantic import ValidationError
 
 from vlm_api import render, schema as s
 
-from . import day2, pipeline, scrape
+from . import config, day2, pipeline, scrape
 from . import status as st
-from .config import CONFIG, Config
+from .config import Config
 
 
 @dataclasses.dataclass
@@ -40,6 +40,7 @@ class Observed:
     check_drift: bool = False  # compare live objects with the spec (day-2 changes)
     sample: scrape.Sample | None = None
     scrape_error: str | None = None
+    failed_seen: datetime.datetime | None = None  # when this process first saw the current job Failed
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def _cond(status: dict, ctype: str) -> dict:
 
 
 def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime, cfg: Config | None = None) -> Decision:
-    cfg = cfg or CONFIG
+    cfg = cfg or config.CONFIG
     meta = run.get("metadata") or {}
     gen = meta.get("generation") if isinstance(meta.get("generation"), int) else None
     ns = meta.get("namespace") or "default"
@@ -232,17 +233,20 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     if js.state == "Failed":
         if attempt < spec.max_retries:
             degraded = _cond(old, "Degraded")
-            failed_at = st.parse_time(js.since)
+            # Backoff counts from the failure as precisely as known: when this process saw it,
+            # else the job's condition time, else our own Degraded condition (after a restart).
+            failed_at = obs.failed_seen or st.parse_time(js.since)
             if failed_at is None and degraded.get("reason") == "JobFailed" and job in str(degraded.get("message")):
                 failed_at = st.parse_time(degraded.get("lastTransitionTime"))
-            failed_at = failed_at or now
+            failed_at = min(failed_at or now, now)
             delay = pipeline.retry_delay(attempt, cfg.retry_backoff, cfg.retry_backoff_max)
             remaining = delay - (now - failed_at).total_seconds()
             if remaining > 0:
+                retry_at = st.fmt_time(failed_at + datetime.timedelta(seconds=delay))
                 if not (degraded.get("reason") == "JobFailed" and job in str(degraded.get("message"))):
                     events.append(("Warning", "JobFailed", f"{job} failed ({js.reason or 'Failed'}: {js.message}); "
-                                   f"retry {attempt + 1} of {spec.max_retries} in {remaining:.0f}s"))
-                return finish(st.backoff(js, job=job, attempt=attempt, max_retries=spec.max_retries, delay=remaining),
+                                   f"retry {attempt + 1} of {spec.max_retries} at {retry_at}"))
+                return finish(st.backoff(js, job=job, attempt=attempt, max_retries=spec.max_retries, at=retry_at),
                               wait=remaining, wait_reason=f"retry backoff after {job} failed")
             nxt_attempt = attempt + 1
             nxt_job = render.job_name(name, stage.name, nxt_attempt)

@@ -32,14 +32,19 @@ import random
 import socket
 import time
 import uuid
+import warnings
 from typing import Any
 
 from . import metrics
 
 log = logging.getLogger(__name__)
 
+# kubernetes-client 36 + urllib3 1.26 (torchx pins it): harmless, once per error response.
+warnings.filterwarnings("ignore", message=r"HTTPResponse\.getheaders\(\) is deprecated", category=DeprecationWarning)
+
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 COMPONENT = "vlm-pretrain-operator"
+USER_AGENT = f"{COMPONENT}/0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +185,7 @@ class Client:
         configuration.connection_pool_maxsize = max(threads, getattr(configuration, "connection_pool_maxsize", 1) or 1)
         self.host = configuration.host
         self._api = kubernetes.client.ApiClient(configuration)
+        self._api.user_agent = USER_AGENT
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube-api")
         self._retries = retries
         self._base_delay = base_delay

@@ -33,6 +33,7 @@ import kopf
 from vlm_api import render, schema as s
 
 from . import config, core, kube, metrics
+from . import status as st
 from .registry import REGISTRY, Key, RunState
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
             view = _with_status(run, before)
             obs, problems = await _observe(client, view, state, problems, job, drift)
             now = datetime.datetime.now(datetime.timezone.utc)
+            if obs.job is not None and st.job_state(obs.job).state == "Failed":
+                obs.failed_seen = state.failed_seen.setdefault(obs.job["metadata"]["name"], now)
             decision = core.decide(view, problems, obs, now)
 
             for obj in decision.create:

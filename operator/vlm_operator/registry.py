@@ -52,6 +52,7 @@ class RunState:
     last_scrape: float = 0.0
     last_resync: float = dataclasses.field(default_factory=time.monotonic)
     validated: tuple[str, list[str]] | None = None  # (spec digest, problems)
+    failed_seen: dict[str, Any] = dataclasses.field(default_factory=dict)  # job name -> when first seen Failed
 
     @property
     def key(self) -> Key:

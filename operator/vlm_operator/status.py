@@ -152,12 +152,12 @@ def for_job(js: JobState, *, suspend: bool, stage: str, attempt: int, job: str, 
     return View("Pending", Cond("False", "JobPending", f"waiting for pods: {where}"), Cond("True", "JobCreated", f"{where}{suffix}"))
 
 
-def backoff(js: JobState, *, job: str, attempt: int, max_retries: int, delay: float) -> View:
+def backoff(js: JobState, *, job: str, attempt: int, max_retries: int, at: str) -> View:
     msg = f"job {job} failed ({js.reason or 'Failed'}: {js.message or 'no message'})"
     return View(
         "Pending",
         Cond("False", "JobFailed", msg),
-        Cond("True", "RetryBackoff", f"retry {attempt + 1} of {max_retries} in {delay:.0f}s, resuming from the last committed checkpoint"),
+        Cond("True", "RetryBackoff", f"retry {attempt + 1} of {max_retries} at {at}, resuming from the last committed checkpoint"),
         Cond("True", "JobFailed", msg),
     )
 
