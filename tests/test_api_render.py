@@ -173,3 +173,30 @@ def test_appdef_is_shared_by_both_runners():
     job = render.build_pytorchjob({"name": "x", "uid": "u"}, spec, "pretrain")
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert container["args"] == role.args
+
+
+def test_external_rendezvous_store_objects():
+    obj = _load("run.yaml")
+    obj["spec"]["elastic"] = {"externalStore": True, "lastCallTimeout": 5}
+    spec = schema.parse_spec(obj["spec"])
+    objs = render.build_children({"name": "llama", "namespace": "ns", "uid": "u"}, spec, "sft", attempt=1)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
+    deploy, svc, job = objs[1], objs[2], objs[3]
+    for o in (deploy, svc):
+        assert core_errors(o) == []
+    assert crd_errors(job) == []
+    # The Service selects exactly the store's pods, and the job's agents meet there without hosting.
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert deploy["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
+    ep = job["spec"]["elasticPolicy"]
+    assert (ep["rdzvHost"], ep["rdzvPort"]) == (svc["metadata"]["name"], svc["spec"]["ports"][0]["port"])
+    assert {"key": "is_host", "value": "false"} in ep["rdzvConf"]
+    assert {"key": "last_call_timeout", "value": "5"} in ep["rdzvConf"]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["vlmpretrain", "rendezvous-store"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["securityContext"]["runAsNonRoot"] and "limits" in container["resources"]
+    assert deploy["spec"]["strategy"]["type"] == "Recreate" and deploy["spec"]["replicas"] == 1
+    # A retry attempt keeps the stage's store: agents of the new job join the same rendezvous address.
+    assert svc["metadata"]["name"] == render.store_name("llama", "sft")

@@ -116,15 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="stage to render (default: the first)")
     p.set_defaults(func=_cmd_render)
 
-    p = sub.add_parser("demo", help="generate demo data and run examples/demo.yaml locally")
+    p = sub.add_parser("demo", help="generate demo data, run examples/demo.yaml locally, prove the image is used")
     p.add_argument("--file", default="examples/demo.yaml", help="recipe to run (default: examples/demo.yaml)")
-    p.set_defaults(func=_lazy("vlm_api.demo:main"))
+    p.add_argument("--nproc", type=int, help="worker processes (default: the recipe's, 1 on CPU)")
+    p.add_argument("--run-dir", help="configs, progress, logs, summary (default: runs/<name>)")
+    p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
+    p.add_argument("--skip-grounding", action="store_true", help="train only; skip the true-vs-mismatched image test")
+    p.set_defaults(func=_lazy("vlm_trainer.demo:main"))
+
+    p = sub.add_parser("local", help="run a recipe's stages on this machine (torchx local scheduler, torchrun)")
+    p.add_argument("file", metavar="FILE", help="VLMPretrainRun manifest, e.g. examples/demo.yaml")
+    p.add_argument("--nproc", type=int, help="worker processes per node (default: 1 on CPU, gpusPerNode with GPUs)")
+    p.add_argument("--nnodes", metavar="MIN:MAX", help="torchrun agents on localhost, an elastic range (default: the recipe's)")
+    p.add_argument("--checkpoint-dir", help="use this directory instead of spec.checkpoint.uri")
+    p.add_argument("--max-steps", type=int, help="stop every stage after this many steps (resumable later)")
+    p.add_argument("--metrics-port", type=int, help="rank 0's Prometheus port (default: spec.metrics.port, else a free one)")
+    p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
+    p.add_argument("--run-dir", help="configs, progress files, logs, summary (default: runs/<name>)")
+    p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
+    p.set_defaults(func=_lazy("vlm_trainer.local:main"))
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf; same as `kopf run -m vlm_operator.handlers`)")
     from vlm_operator.main import add_arguments as _operator_arguments  # argparse only: no kopf import
 
     _operator_arguments(p)
     p.set_defaults(func=_lazy("vlm_operator.main:run"))
+
+    p = sub.add_parser("rendezvous-store", help="serve a c10d rendezvous store outside the workers (one per stage)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--port", type=int, default=29400, help="store port (0: any free port; default 29400)")
+    p.add_argument("--health-port", type=int, default=8081, help="/healthz and /readyz port (default 8081)")
+    p.set_defaults(func=_lazy("vlm_trainer.rdzv_store:main"))
 
     # ---- visual-region tools (vlm_trainer.layer_influence, vlm_trainer.prune): need the trainer extra
     p = sub.add_parser("analyze-layers", help="block influence of every LLM layer on image vs text positions of a checkpoint")

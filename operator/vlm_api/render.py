@@ -252,6 +252,75 @@ def build_podmonitor(run: dict, spec: s.VLMPretrainRunSpec, extra_labels: dict[s
     }
 
 
+STORE_COMPONENT = {"app.kubernetes.io/component": "rendezvous-store"}
+STORE_HEALTH_PORT = 8081
+
+
+def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str) -> dict:
+    """The stage's c10d rendezvous store (`vlmpretrain rendezvous-store`), outside the workers."""
+    name = store_name(run["name"], stage)
+    selector = {LABEL_RUN: run["name"], LABEL_STAGE: stage, **STORE_COMPONENT}
+    probe = lambda path, period: {  # noqa: E731 - two probes differ only in path and period
+        "httpGet": {"path": path, "port": "health"},
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+    }
+    container = {
+        "name": "store",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["vlmpretrain", "rendezvous-store"],
+        "args": ["--port", str(launch.DEFAULT_RDZV_PORT), "--health-port", str(STORE_HEALTH_PORT)],
+        "ports": [
+            {"name": "c10d", "containerPort": launch.DEFAULT_RDZV_PORT, "protocol": "TCP"},
+            {"name": "health", "containerPort": STORE_HEALTH_PORT, "protocol": "TCP"},
+        ],
+        "readinessProbe": probe("/readyz", 2),
+        "livenessProbe": {**probe("/healthz", 10), "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**_meta(name, run, stage), "labels": {**labels(run, stage), **STORE_COMPONENT}},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # never two stores for one rendezvous
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": {**labels(run, stage), **STORE_COMPONENT}},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+
+
+def build_store_service(run: dict, spec: s.VLMPretrainRunSpec, stage: str) -> dict:
+    """The stable address `elasticPolicy.rdzvHost` points at."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {**_meta(store_name(run["name"], stage), run, stage), "labels": {**labels(run, stage), **STORE_COMPONENT}},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_RUN: run["name"], LABEL_STAGE: stage, **STORE_COMPONENT},
+            "ports": [{"name": "c10d", "port": launch.DEFAULT_RDZV_PORT, "targetPort": "c10d", "protocol": "TCP"}],
+        },
+    }
+
+
 def build_children(
     run: dict,
     spec: s.VLMPretrainRunSpec,
@@ -262,8 +331,12 @@ def build_children(
     podmonitor: bool | None = None,
     podmonitor_labels: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Everything the operator creates for one stage, in creation order."""
-    objs = [build_configmap(run, spec, stage, init_from), build_pytorchjob(run, spec, stage, attempt)]
+    """Everything the operator creates for one stage, in creation order (the store before the job
+    whose agents connect to it)."""
+    objs = [build_configmap(run, spec, stage, init_from)]
+    if spec.elastic.external_store:
+        objs += [build_store_deployment(run, spec, stage), build_store_service(run, spec, stage)]
+    objs.append(build_pytorchjob(run, spec, stage, attempt))
     if spec.metrics.pod_monitor if podmonitor is None else podmonitor:
         objs.append(build_podmonitor(run, spec, podmonitor_labels))
     return objs
