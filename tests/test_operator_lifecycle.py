@@ -19,6 +19,10 @@ from tests.support.schemas import core_errors
 from vlm_operator import kube as operator_kube
 
 
+# kubernetes-client 36 on urllib3 1.26 (pinned by torchx), on every error response: harmless.
+pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
+
+
 @pytest.fixture
 def cluster(tmp_path, request):
     with KubeServer() as server:

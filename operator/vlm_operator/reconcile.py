@@ -130,7 +130,9 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
             run.setdefault("kind", "VLMPretrainRun")
             before = state.current_status
             gen = (run.get("metadata") or {}).get("generation")
-            drift = check_drift or gen != before.get("observedGeneration")
+            # Compare live objects with the spec when it changed (or was refused: an Invalid
+            # verdict about immutable fields must be re-derived, not forgotten).
+            drift = check_drift or gen != before.get("observedGeneration") or before.get("phase") == "Invalid"
             problems = _problems(state, run.get("spec"))
             view = _with_status(run, before)
             obs, problems = await _observe(client, view, state, problems, job, drift)
