@@ -390,7 +390,17 @@ def region_for(loaded: LoadedModel, *, fraction: float | None = None, layers: li
     stage_layers = None
     if fraction is None:
         fraction, stage_layers = stage_region_selection(loaded.stage_spec)
+        if stage_layers is not None and _prepared(loaded):
+            # a config from prune.prepare_stage_config: its layers are already current indices
+            return resolve_visual_region(depth, layers=stage_layers)
     return region_on_original(fraction, stage_layers, original_depth=original_depth, kept_original=kept)
+
+
+def _prepared(loaded: LoadedModel) -> bool:
+    """True when the config's LLM already is the pruned architecture (a prepared config)."""
+    want = (loaded.lineage or {}).get("llm_config")
+    have = loaded.cfg.spec.model.llm.config
+    return bool(want) and have is not None and dict(have) == dict(want)
 
 
 def stage_region_selection(stage) -> tuple[float | None, list[int] | None]:

@@ -420,7 +420,8 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
             log.warning("tokenizer not exported: %s", exc)
         (out / "prune.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
         influence.save(out, removed=removed, title=f"Block influence of {loaded.ref.stage} step {loaded.ref.step}")
-        extra = {"pruned": _clean({k_: v for k_, v in report.items() if k_ not in ("val_loss_before", "val_loss_after")}),
+        extra = {**{k_: v for k_, v in loaded.ref.extra.items() if k_ not in ("pruned", "llm_config", "val_loss")},
+                 "pruned": _clean({k_: v for k_, v in report.items() if k_ not in ("val_loss_before", "val_loss_after")}),
                  "llm_config": llm_config_dict(vlm.llm),
                  "val_loss": _clean({"before": before and before["by_modality"], "after": after and after["by_modality"]})}
         try:
@@ -519,7 +520,24 @@ def run_prune_stage_step(config: TrainerConfig, final_ckpt_ref: CheckpointRef | 
                                out_root=config.spec.checkpoint.uri, log_fn=log.info)
     finally:
         loaded.close()
+    _progress_event(config, outcome)
     return outcome.ref
+
+
+def _progress_event(config: TrainerConfig, outcome: PruneOutcome) -> None:
+    """A ``prune`` event in ``$VLM_PROGRESS_FILE`` (the local runner's view), when set."""
+    from .progress import ProgressFile
+
+    r = outcome.report
+    pf = ProgressFile.from_env(run=config.run.name, stage=config.stage, enabled=True)
+    try:
+        pf.write("prune", uri=outcome.ref.uri, step=r["source_step"], removed=r["removed"], kept=r["kept"],
+                 depth_before=r["depth_before"], depth_after=r["depth_after"], visual_region=r["visual_region"],
+                 params_before=r["params_before"], params_after=r["params_after"],
+                 val_loss_before=(r["val_loss_before"] or {}).get("by_modality"),
+                 val_loss_after=(r["val_loss_after"] or {}).get("by_modality"))
+    finally:
+        pf.close()
 
 
 def prepare_stage_config(cfg: TrainerConfig, *, rank: int = 0, wait_seconds: float | None = None) -> TrainerConfig:
@@ -549,7 +567,7 @@ def prepare_stage_config(cfg: TrainerConfig, *, rank: int = 0, wait_seconds: flo
             prev_cfg = cfg.model_copy(update={"stage": prev.name, "init_from": None, "max_steps": None})
             if rank == 0:
                 log.info("stage %s prunes but has no pruned checkpoint yet: pruning now", prev.name)
-                pruned_ref = run_prune_stage_step(prepare_stage_config(prev_cfg), None)
+                pruned_ref = run_prune_stage_step(prev_cfg, None)
             else:
                 pruned_ref = _wait_for(store, pruned_stage_name(prev.name), wait_seconds)
     lineage = pruned_lineage(store, spec, i)
@@ -623,3 +641,22 @@ def main(args: argparse.Namespace) -> int:
         loaded.close()
     print(outcome.ref.uri)
     return 0
+
+
+def _module_main(argv: list[str] | None = None) -> int:
+    """``python -m vlm_trainer.prune --config FILE [--checkpoint URI]``: the pruning step of
+    the stage in a TrainerConfig (what a separate job would run)."""
+    from .train import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.prune", description=_module_main.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TrainerConfig YAML of the pruning stage")
+    parser.add_argument("--checkpoint", default=None, help="source checkpoint (default: the stage's newest final one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ref = run_prune_stage_step(load_config(args.config), args.checkpoint)
+    print(ref.uri)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_module_main())
