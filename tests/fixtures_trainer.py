@@ -113,3 +113,18 @@ def tiny_bundle(image_size: int = 32):
     })
     tok = load_tokenizer(spec)
     return tok, build_vlm(spec, tok, seed=0)
+
+
+class one_thread:
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.saved)

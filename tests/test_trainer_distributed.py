@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.fixtures_trainer import PYTHON, REPO, shared_data, spec_dict, stage, torchrun_env, trainer_config, write_config
+from tests.fixtures_trainer import PYTHON, REPO, one_thread, shared_data, spec_dict, stage, torchrun_env, trainer_config, write_config
 from vlm_trainer.metrics import reset_registry
 from vlm_trainer.train import EXIT_OK, Trainer
 
@@ -35,11 +35,12 @@ def reference(tmp_path_factory):
     os.environ.update(env)
     try:
         reset_registry()
-        t = Trainer(trainer_config(spec_dict(data, stages=[stage(**STAGE)])), serve_metrics=False)
-        try:
-            assert t.train().exit_code == EXIT_OK
-        finally:
-            t.close()
+        with one_thread():
+            t = Trainer(trainer_config(spec_dict(data, stages=[stage(**STAGE)])), serve_metrics=False)
+            try:
+                assert t.train().exit_code == EXIT_OK
+            finally:
+                t.close()
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -69,3 +70,15 @@ def test_torchrun_two_processes_train_like_one(strategy, reference, tmp_path):
     assert losses == pytest.approx([e["loss"] for e in ref], rel=2e-3)
     # and it learns: the synthetic grammar is learnable in a few steps
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
+
+
+def test_entry_point_exits_non_zero_when_the_stage_cannot_complete(reference, tmp_path):
+    data, _ = reference
+    broken = {name: {**d, "uri": str(tmp_path / "missing-{0..1}.tar")} for name, d in data.items()}
+    config = write_config(trainer_config(spec_dict(broken, stages=[stage(steps=2)])), tmp_path / "config.yaml")
+    progress = tmp_path / "progress.jsonl"
+    proc = subprocess.run([PYTHON, "-m", "vlm_trainer", "--config", str(config)], cwd=REPO,
+                          env=torchrun_env(VLM_PROGRESS_FILE=progress, VLM_METRICS_PORT=0),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "training failed" in proc.stdout + proc.stderr

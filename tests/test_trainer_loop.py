@@ -11,7 +11,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures_trainer import shared_data, spec_dict, stage, trainer_config
+from tests.fixtures_trainer import one_thread, shared_data, spec_dict, stage, trainer_config
 from vlm_trainer.metrics import reset_registry
 from vlm_trainer.train import EXIT_OK, Trainer
 
@@ -31,7 +31,8 @@ def make_trainer(tmp_path_factory, monkeypatch):
         built.append(t)
         return t
 
-    yield make
+    with one_thread():
+        yield make
     for t in built:
         t.close()
 
