@@ -38,6 +38,7 @@ def test_rescale_patches_the_live_job_in_place(cluster):
         job = wait(lambda: cluster.job("llama-pretrain")["spec"]["elasticPolicy"]["maxReplicas"] == 4
                    and cluster.job("llama-pretrain"), what="rescaled job")
         status = wait(lambda: cluster.status("llama").get("observedGeneration") == 2 and cluster.status("llama"))
+        cluster.wait_events("llama", "Rescaled")
     assert job["spec"]["elasticPolicy"]["minReplicas"] == 2
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 4
     assert job["metadata"]["uid"] == before["metadata"]["uid"]  # the same job: no restart from scratch
@@ -67,6 +68,7 @@ def test_suspend_and_resume(cluster):
         assert cluster.condition("llama", "Ready")["reason"] == "Resuming"
         cluster.set_job("llama-pretrain", "Running", "PyTorchJobResumed")
         cluster.wait_phase("llama", "Running")
+        cluster.wait_events("llama", "Suspended", "Resumed")
     assert cluster.job("llama-pretrain")["metadata"]["uid"] == before["metadata"]["uid"]
     assert cluster.names(JOBS) == ["llama-pretrain"]
     assert [e["reason"] for e in cluster.events("llama") if e["reason"] in ("Suspended", "Resumed")] == ["Suspended", "Resumed"]

@@ -50,6 +50,7 @@ def test_create_makes_owned_children_that_pass_real_schemas(cluster):
     with cluster.operator():
         run = cluster.create_run("llama")
         wait(lambda: cluster.status("llama").get("jobName"), what="status")
+        cluster.wait_events("llama", "StageStarted")
         assert children(cluster) == {"configmaps": ["llama-pretrain-config"], "pytorchjobs": ["llama-pretrain"],
                                      "podmonitors": ["llama"]}
     uid = run["metadata"]["uid"]
@@ -119,6 +120,7 @@ def test_stage_pipeline_runs_to_success(cluster):
         cluster.wait_phase("llama", "Running")
         cluster.set_job("llama-sft", "Succeeded")
         done = cluster.wait_phase("llama", "Succeeded")
+        cluster.wait_events("llama", "RunSucceeded")
     assert done["completionTime"] and done["startTime"] <= done["completionTime"]
     assert set(done["finalCheckpoints"]) == {"pretrain", "sft"}
     ready = cluster.condition("llama", "Ready")
@@ -148,9 +150,9 @@ def test_failed_job_is_retried_from_the_last_checkpoint_then_the_run_fails(clust
             assert backoff["phase"] == "Pending" and cluster.condition("llama", "Degraded")["reason"] == "JobFailed"
             wait(lambda: cluster.job("llama-pretrain-r1"), what="retry 1")
             assert time.monotonic() - failed_at >= 0.3  # the backoff was honoured
-            status = cluster.status("llama")
-            assert status["attempt"] == 1 and status["jobName"] == "llama-pretrain-r1"
-            (retry,) = cluster.events("llama", "StageRetry")
+            status = wait(lambda: cluster.status("llama").get("attempt") == 1 and cluster.status("llama"), what="attempt 1")
+            assert status["jobName"] == "llama-pretrain-r1"
+            (retry,) = [e for e in cluster.wait_events("llama", "StageRetry") if e["reason"] == "StageRetry"]
             assert "s3://ckpt/runs/test/pretrain/step-00000050/" in retry["message"] and retry["type"] == "Warning"
             # A retry is the same stage config: the trainer resumes from its newest committed checkpoint.
             r1 = cluster.job("llama-pretrain-r1")
@@ -163,7 +165,8 @@ def test_failed_job_is_retried_from_the_last_checkpoint_then_the_run_fails(clust
             assert time.monotonic() - failed_at >= 0.6  # doubled
             cluster.set_job("llama-pretrain-r2", "Failed", "Error", "NCCL timeout again")
             failed = cluster.wait_phase("llama", "Failed")
-            time.sleep(0.3)  # a would-be third retry would have appeared by now (backoff max 5s is not reached: none is due)
+            cluster.wait_events("llama", "RunFailed")
+            time.sleep(0.3)  # a would-be third retry (backoff 1.2 s) is not due yet; nothing else may happen
     finally:
         metrics.close()
     assert failed["attempt"] == 2 and "completionTime" not in failed

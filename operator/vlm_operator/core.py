@@ -158,6 +158,15 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         new["conditions"] = view.conditions(old.get("conditions"), gen, now)
         return Decision(_normalize(new), events=events, **kw)
 
+    if old.get("phase") in st.TERMINAL:
+        # A finished run stays finished: later edits (even invalid ones) change nothing.
+        if old.get("conditions"):
+            return Decision(_normalize(new))
+        if old["phase"] == "Succeeded":
+            stages = run.get("spec", {}).get("stages") if isinstance(run.get("spec"), dict) else None
+            return finish(st.succeeded(len(stages) if isinstance(stages, list) else 0))
+        return finish(st.failed(st.JobState("Failed", "Unknown"), job=old.get("jobName", ""), retries=old.get("attempt", 0)))
+
     spec = None
     if not problems:
         try:
@@ -172,12 +181,6 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         return finish(st.invalid(msg), invalid=msg)
 
     nstages = len(spec.stages)
-    if old.get("phase") in st.TERMINAL:
-        if old.get("conditions"):
-            return Decision(_normalize(new))
-        if old["phase"] == "Succeeded":
-            return finish(st.succeeded(nstages))
-        return finish(st.failed(st.JobState("Failed", "Unknown"), job=old.get("jobName", ""), retries=old.get("attempt", 0)))
 
     idx = old.get("stageIndex")
     if not isinstance(idx, int) or not 0 <= idx < nstages:

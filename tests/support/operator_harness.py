@@ -242,6 +242,14 @@ class Cluster:
                 if (run is None or e.get("involvedObject", {}).get("name") == run)
                 and (reason is None or e.get("reason") == reason)]
 
+    def wait_events(self, run: str, *reasons: str, timeout: float = 10.0) -> list[dict]:
+        """The run's events once those reasons are all there (events follow the status write)."""
+        def ready():
+            evs = self.events(run)
+            have = [e["reason"] for e in evs]
+            return all(have.count(r) >= list(reasons).count(r) for r in set(reasons)) and evs
+        return wait(ready, timeout, what=f"events {reasons} of {run}")
+
     def wait_phase(self, name: str, phase: str, timeout: float = 10.0) -> dict:
         return wait(lambda: self.status(name).get("phase") == phase and self.status(name), timeout,
                     what=f"{name} phase {phase} (now {self.status(name).get('phase')})")

@@ -1,0 +1,385 @@
+"""The operator's pure core: property-based over generated specs and job histories, plus
+unit tests of the pure pieces (status mapping, pipeline rules, day-2 diffs, metric parsing).
+
+The property test plays a whole cluster in memory: generated specs (valid and not) go
+through `core.decide` the way every handler sends them, while a random history of
+Kubeflow job conditions, deletions, spec edits (suspend, rescale), clock jumps, scrapes
+and a CRD appearing or vanishing unfolds. Whatever happens: no exception escapes, every
+decision carries a phase and the three conditions, the status fits the CRD's status schema,
+no live child is created twice, retries stay within maxRetries and a finished run stays
+finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import functools
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as hs
+
+from tests.support.operator_harness import SPEC
+import vlm_api.validate  # noqa: F401  (cel-python raises the recursion limit on import: do it before hypothesis runs)
+from vlm_api import crd, render
+from vlm_operator import config, core, day2, pipeline, scrape
+from vlm_operator import status as st
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+CFG = config.Config(retry_backoff=30, retry_backoff_max=300, crd_retry=60)
+STATUS_SCHEMA = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+STATUS_VALIDATOR = jsonschema.Draft4Validator(STATUS_SCHEMA)
+JOB_STATES = ("Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+
+@functools.lru_cache(maxsize=512)
+def _check(digest: str, spec_json: str) -> tuple[str, ...]:
+    import json
+
+    return tuple(core.check_spec(json.loads(spec_json)))
+
+
+def check(spec) -> list[str]:
+    import json
+
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return list(_check(core.digest(spec), text))
+
+
+# ---------------------------------------------------------------------------- strategies
+
+stage_names = hs.sampled_from(["pretrain", "sft", "align", "Bad_Name", ""])
+
+
+@hs.composite
+def stage(draw):
+    out: dict = {"name": draw(stage_names)}
+    length = draw(hs.sampled_from(["steps", "tokens", "epochs", "none", "two"]))
+    if length in ("steps", "two"):
+        out["steps"] = draw(hs.integers(-1, 300))
+    if length in ("tokens", "two"):
+        out["tokens"] = draw(hs.sampled_from(["100B", "4M", 10_000, "x", 0]))
+    if length == "epochs":
+        out["epochs"] = draw(hs.floats(0, 3, allow_nan=False))
+    sources = draw(hs.lists(hs.sampled_from(["text", "caps", "nope"]), min_size=1, max_size=3, unique=True))
+    if draw(hs.booleans()):
+        out["mixture"] = {src: 1.0 / len(sources) for src in sources}
+    else:
+        out["mixture"] = {src: draw(hs.floats(-0.5, 1.5, allow_nan=False)) for src in sources}
+    out["globalBatchTokens"] = draw(hs.sampled_from([2048, "4M", 64, "1K"]))
+    return out
+
+
+@hs.composite
+def specs(draw):
+    """Mostly valid specs (the interesting paths need them), the rest broken in one or two ways."""
+    kind = draw(hs.sampled_from(["valid", "valid", "valid", "mutated", "mutated", "junk"]))
+    if kind == "junk":
+        return draw(hs.one_of(hs.none(), hs.just([]), hs.just("spec"), hs.just({}), hs.dictionaries(hs.text(max_size=5), hs.integers(), max_size=3)))
+    out = copy.deepcopy(SPEC)
+    out["maxRetries"] = draw(hs.integers(0, 3))
+    out["suspend"] = draw(hs.booleans()) and draw(hs.booleans())
+    out["stages"] = out["stages"][: draw(hs.integers(1, 2))]
+    out["metrics"] = {"port": draw(hs.integers(1024, 65535)), "podMonitor": draw(hs.booleans())}
+    if kind == "valid":
+        return out
+    for mutation in draw(hs.lists(hs.sampled_from(["stages", "nodes", "retries", "port", "drop", "checkpoint"]),
+                                  min_size=1, max_size=2, unique=True)):
+        if mutation == "stages":
+            out["stages"] = draw(hs.lists(stage(), min_size=0, max_size=3))
+        elif mutation == "nodes":
+            out["resources"] = {"nodes": {"min": draw(hs.integers(0, 5)), "max": draw(hs.integers(0, 5))},
+                                "gpusPerNode": draw(hs.integers(-1, 9))}
+        elif mutation == "retries":
+            out["maxRetries"] = draw(hs.integers(-1, 3))
+        elif mutation == "port":
+            out["metrics"]["port"] = draw(hs.integers(0, 70_000))
+        elif mutation == "drop":
+            out.pop(draw(hs.sampled_from(["model", "data", "checkpoint", "image", "stages"])), None)
+        elif mutation == "checkpoint":
+            out["checkpoint"] = {"uri": draw(hs.sampled_from(["s3://ckpt/x/", "s3://UPPER/x", "", "/local/ckpt"])),
+                                 "keep": draw(hs.integers(0, 5))}
+    return out
+
+
+actions = hs.one_of(
+    hs.tuples(hs.just("job"), hs.sampled_from(JOB_STATES)),
+    hs.tuples(hs.just("job"), hs.sampled_from(["Succeeded", "Failed"])),  # weight the transitions that advance
+    hs.tuples(hs.just("delete"), hs.none()),
+    hs.tuples(hs.just("time"), hs.sampled_from([1, 29, 31, 120, 1000])),
+    hs.tuples(hs.just("suspend"), hs.booleans()),
+    hs.tuples(hs.just("rescale"), hs.tuples(hs.integers(1, 4), hs.integers(1, 6))),
+    hs.tuples(hs.just("crd"), hs.booleans()),
+    hs.tuples(hs.just("scrape"), hs.integers(0, 500)),
+    hs.tuples(hs.just("scrape_error"), hs.none()),
+)
+
+
+# ---------------------------------------------------------------------------- the simulated cluster
+
+
+class World:
+    def __init__(self, spec) -> None:
+        self.run = {"apiVersion": "pretrain.vlm.dev/v1alpha1", "kind": "VLMPretrainRun",
+                    "metadata": {"name": "prop", "namespace": "ns", "uid": "u-1", "generation": 1},
+                    "spec": copy.deepcopy(spec), "status": {}}
+        self.jobs: dict[str, dict] = {}
+        self.ever: set[str] = set()
+        self.now = T0
+        self.crd = True
+        self.sample: scrape.Sample | None = None
+        self.scrape_error: str | None = None
+        self.terminal: str | None = None
+        self.decisions = 0
+        self.invalid_from_start = False
+
+    @property
+    def status(self) -> dict:
+        return self.run["status"]
+
+    def edit(self, key: str, value) -> None:
+        if isinstance(self.run["spec"], dict):
+            self.run["spec"][key] = value
+            self.run["metadata"]["generation"] += 1
+
+    def act(self, action) -> None:
+        kind, arg = action
+        job = self.jobs.get(self.status.get("jobName", ""))
+        if kind == "job" and job is not None:
+            conds = [c for c in job.setdefault("status", {}).get("conditions", []) if c["type"] != arg]
+            conds.append({"type": arg, "status": "True", "reason": f"PyTorchJob{arg}", "message": "m",
+                          "lastTransitionTime": st.fmt_time(self.now)})
+            job["status"]["conditions"] = conds
+        elif kind == "delete" and job is not None:
+            del self.jobs[job["metadata"]["name"]]
+        elif kind == "time":
+            self.now += datetime.timedelta(seconds=arg)
+        elif kind == "suspend":
+            self.edit("suspend", arg)
+        elif kind == "rescale":
+            lo, hi = arg
+            res = copy.deepcopy((self.run["spec"] or {}).get("resources") or {}) if isinstance(self.run["spec"], dict) else {}
+            res["nodes"] = {"min": lo, "max": hi}
+            self.edit("resources", res)
+        elif kind == "crd":
+            self.crd = arg
+        elif kind == "scrape":
+            self.sample = scrape.Sample(job=self.status.get("jobName", ""), step=arg, tokens=arg * 100, loss=2.0,
+                                        image_token_fraction=0.1, world_size=8, restarts=0, checkpoint_step=arg,
+                                        checkpoint_time=1.7e9, checkpoint_uri=f"s3://ckpt/x/step-{arg}/")
+            self.scrape_error = None
+        elif kind == "scrape_error":
+            self.scrape_error = "connection refused"
+
+    def reconcile(self) -> core.Decision:
+        obs = core.Observed(pytorchjob_crd=self.crd, podmonitor_crd=True, check_drift=True,
+                            job=copy.deepcopy(self.jobs.get(self.status.get("jobName", ""))),
+                            sample=self.sample, scrape_error=self.scrape_error)
+        spec = self.run["spec"]
+        problems = check(spec)
+        decision = core.decide(copy.deepcopy(self.run), problems, obs, self.now, CFG)
+        self.decisions += 1
+        self.verify(decision, problems)
+        for obj in decision.create:
+            name = obj["metadata"]["name"]
+            if obj["kind"] == "PyTorchJob":
+                assert name not in self.jobs, f"second generation of live job {name}"
+                self.jobs[name] = copy.deepcopy(obj)
+                self.ever.add(name)
+        for kind, _, name, patch in decision.patch:
+            if kind == "PyTorchJob":
+                assert name in self.jobs
+                _merge(self.jobs[name], patch)
+        self.run["status"] = decision.status
+        return decision
+
+    def verify(self, d: core.Decision, problems: list[str]) -> None:
+        s = d.status
+        assert s["phase"] in st.PHASES
+        assert [c["type"] for c in s["conditions"]] == ["Ready", "Progressing", "Degraded"]
+        assert all(c["status"] in ("True", "False", "Unknown") and c["reason"] for c in s["conditions"])
+        errors = [e.message for e in STATUS_VALIDATOR.iter_errors(s)]
+        assert not errors, errors
+        if self.terminal:
+            assert s["phase"] == self.terminal, "a finished run must stay finished"
+            assert not d.create and not d.patch
+        elif d.invalid:
+            assert s["phase"] == "Invalid"
+            assert not d.create and not d.patch
+            if self.decisions == 1:
+                self.invalid_from_start = True
+        else:
+            spec = self.run["spec"]
+            assert isinstance(spec, dict)
+            assert 0 <= s["attempt"] <= max(0, spec.get("maxRetries", 3))
+            assert s["jobName"] == render.job_name("prop", s["stage"], s["attempt"])
+            for obj in d.create:
+                assert obj["metadata"]["namespace"] == "ns"
+                assert obj["metadata"]["labels"][render.LABEL_RUN] == "prop"
+        if s["phase"] in st.TERMINAL:
+            self.terminal = s["phase"]
+
+
+def _merge(target: dict, patch: dict) -> None:
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _merge(target[k], v)
+        else:
+            target[k] = v
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=specs(), history=hs.lists(actions, max_size=25))
+def test_any_spec_and_history_ends_with_a_phase_and_conditions(spec, history):
+    world = World(spec)
+    world.reconcile()
+    for action in history:
+        world.act(action)
+        world.reconcile()
+    final = world.reconcile()  # settle
+    assert final.status["phase"] and final.status["conditions"]
+    event(f"final phase {final.status['phase']}")
+    event(f"jobs created: {min(len(world.ever), 3)}{'+' if len(world.ever) > 3 else ''}")
+    if world.invalid_from_start and all(kind not in ("suspend", "rescale") for kind, _ in history):
+        assert not world.ever, "an invalid run never gets a child"
+
+
+@settings(max_examples=40, deadline=None)
+@given(retries=hs.integers(0, 3), failures=hs.lists(hs.integers(0, 4), min_size=2, max_size=2),
+       stages=hs.integers(1, 2))
+def test_valid_runs_finish_with_the_right_outcome(retries, failures, stages):
+    """Every job fails `failures[i]` times before it succeeds: the run succeeds with
+    exactly one job per stage attempt, or fails after maxRetries retries of one stage."""
+    spec = copy.deepcopy(SPEC)
+    spec["maxRetries"] = retries
+    spec["stages"] = spec["stages"][:stages]
+    world = World(spec)
+    world.reconcile()
+    expected_fail = any(f > retries for f in failures[:stages])
+    for i in range(stages):
+        for _ in range(min(failures[i], retries + 1)):
+            world.act(("job", "Failed"))
+            world.reconcile()  # backoff
+            world.act(("time", 10_000))
+            world.reconcile()
+        if world.status["phase"] == "Failed":
+            break
+        world.act(("job", "Succeeded"))
+        world.reconcile()
+    final = world.reconcile()
+    assert final.status["phase"] == ("Failed" if expected_fail else "Succeeded")
+    if not expected_fail:
+        assert len(world.ever) == sum(failures[i] + 1 for i in range(stages))
+        assert final.status["completionTime"]
+        assert set(final.status["finalCheckpoints"]) == {s["name"] for s in spec["stages"]}
+
+
+# ---------------------------------------------------------------------------- unit tests of the pure pieces
+
+
+def job(*conds: tuple[str, str]) -> dict:
+    return {"status": {"conditions": [{"type": t, "status": s, "reason": f"R{t}", "message": t,
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"} for t, s in conds]}}
+
+
+@pytest.mark.parametrize("conds, state", [
+    ((), "Pending"),
+    ((("Created", "True"),), "Created"),
+    ((("Created", "True"), ("Running", "True")), "Running"),
+    ((("Created", "True"), ("Running", "False"), ("Restarting", "True")), "Restarting"),
+    ((("Created", "True"), ("Running", "True"), ("Suspended", "True")), "Suspended"),
+    ((("Created", "True"), ("Running", "False"), ("Succeeded", "True")), "Succeeded"),
+    ((("Created", "True"), ("Running", "True"), ("Failed", "True")), "Failed"),
+])
+def test_job_state_precedence(conds, state):
+    assert st.job_state(job(*conds)).state == state
+    assert st.job_state(None).state == "Absent"
+
+
+def test_conditions_keep_their_transition_time_while_unchanged():
+    view = st.for_job(st.JobState("Running"), suspend=False, stage="s", attempt=0, job="j")
+    first = view.conditions(None, 3, T0)
+    later = view.conditions(first, 4, T0 + datetime.timedelta(hours=1))
+    assert [c["lastTransitionTime"] for c in later] == [c["lastTransitionTime"] for c in first]
+    assert {c["observedGeneration"] for c in later} == {4}
+    flipped = st.for_job(st.JobState("Running"), suspend=True, stage="s", attempt=0, job="j").conditions(later, 4, T0 + datetime.timedelta(hours=2))
+    assert flipped[0]["lastTransitionTime"] != later[0]["lastTransitionTime"]
+
+
+def test_retry_delay_doubles_and_caps():
+    assert [pipeline.retry_delay(a, 30, 300) for a in range(6)] == [30, 60, 120, 240, 300, 300]
+
+
+def test_final_checkpoint_and_init_from():
+    from vlm_api import schema
+
+    spec = schema.parse_spec(SPEC)
+    stage = spec.stages[0]  # steps: 100
+    exact = {"uri": "s3://ckpt/runs/test/pretrain/step-100/", "step": 100, "stage": "pretrain", "time": "t"}
+    assert pipeline.final_checkpoint(spec, stage, exact, "now")["uri"] == exact["uri"]
+    early = dict(exact, step=50, uri="s3://ckpt/runs/test/pretrain/step-50/")
+    assert pipeline.final_checkpoint(spec, stage, early, "now")["uri"] == "s3://ckpt/runs/test/pretrain/"
+    assert pipeline.final_checkpoint(spec, stage, None, "now")["uri"] == "s3://ckpt/runs/test/pretrain/"
+    assert pipeline.init_from(spec, 0, {}) is None
+    assert pipeline.init_from(spec, 1, {}) == "s3://ckpt/runs/test/pretrain/"
+    assert pipeline.init_from(spec, 1, {"pretrain": exact}) == exact["uri"]
+
+
+def test_day2_job_patch():
+    from vlm_api import schema
+
+    spec = schema.parse_spec(SPEC)
+    run = {"name": "r", "namespace": "ns", "uid": "u"}
+    live = render.build_pytorchjob(run, spec, "pretrain")
+    assert day2.job_patch(live, live) is None
+    bigger = render.build_pytorchjob(run, spec.model_copy(update={"resources": spec.resources.model_copy(
+        update={"nodes": spec.resources.nodes.model_copy(update={"min": 2, "max": 6})})}), "pretrain")
+    assert day2.job_patch(live, bigger) == {"spec": {"elasticPolicy": {"minReplicas": 2, "maxReplicas": 6},
+                                                     "pytorchReplicaSpecs": {"Worker": {"replicas": 6}}}}
+    paused = render.build_pytorchjob(run, spec.model_copy(update={"suspend": True}), "pretrain")
+    patch = day2.job_patch(live, paused)
+    assert patch == {"spec": {"runPolicy": {"suspend": True}}}
+    assert day2.describe(patch, paused) == [("Suspended", "job suspended")]
+
+
+def test_status_patch_sets_and_removes():
+    assert core.status_patch({"a": 1, "b": 2}, {"a": 1, "c": 3}) == {"c": 3, "b": None}
+    assert core.status_patch({"a": 1}, {"a": 1}) == {}
+
+
+def test_clean_status_drops_garbage_keeps_the_rest():
+    assert core.clean_status({"phase": "Running", "step": "many", "bogus": 1, "attempt": 2}) == {"phase": "Running", "attempt": 2}
+    assert core.clean_status(["not", "a", "dict"]) == {}
+
+
+def test_parse_trainer_metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+    reg = CollectorRegistry()
+    Counter("vlmtrain_steps", "", registry=reg).inc(12)
+    tokens = Counter("vlmtrain_tokens", "", ["modality"], registry=reg)
+    tokens.labels(modality="text").inc(900)
+    tokens.labels(modality="image").inc(100)
+    Gauge("vlmtrain_loss", "", registry=reg).set(float("nan"))
+    Gauge("vlmtrain_image_token_ratio", "", registry=reg).set(0.1)
+    Gauge("vlmtrain_checkpoint_last_step", "", registry=reg).set(10)
+    Gauge("vlmtrain_checkpoint_last_success_timestamp_seconds", "", registry=reg).set(0)
+    sample = scrape.parse(generate_latest(reg).decode(), "job")
+    assert (sample.step, sample.tokens, sample.loss, sample.image_token_fraction) == (12, 1000, None, 0.1)
+    status: dict = {}
+    scrape.apply(status, sample, "pretrain", "s3://x/pretrain/")
+    assert "lastCheckpoint" not in status and "loss" not in status  # nothing committed yet; NaN is not a loss
+    with pytest.raises(scrape.ScrapeError):
+        scrape.parse("# just a comment\nother_metric 1\n")
+    with pytest.raises(scrape.ScrapeError):
+        scrape.parse("vlmtrain_steps_total{ 12\n")
+
+
+def test_config_from_env(monkeypatch):
+    monkeypatch.setenv("VLM_PODMONITOR_LABELS", "release=prom, team = vision ,bad")
+    monkeypatch.setenv("VLM_OPERATOR_SCRAPE_INTERVAL", "not-a-number")
+    cfg = config.Config.from_env()
+    assert cfg.podmonitor_labels == {"release": "prom", "team": "vision"}
+    assert cfg.scrape_interval == config.Config().scrape_interval
