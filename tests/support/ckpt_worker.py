@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace as dataclasses_replace
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,24 @@ def manager(cfg, stage: str, suffix: str, node: str | None = None) -> Checkpoint
     return CheckpointManager(settings(cfg, suffix), stage=stage, registry=CollectorRegistry())
 
 
+def save_once(cfg) -> None:
+    """Scenario ``save``: one process, no process group: train ``step`` steps and save them
+    synchronously (the test kills this process in the middle of the upload)."""
+    module, opt = T.build("single", seed=3)
+    box, get, load = T.extra_state_holder()
+    for step in range(1, cfg["step"] + 1):
+        T.train_step(module, opt, step)
+        box["step"] = step
+    mgr = manager(cfg, cfg.get("stage", "pretrain"), "save")
+    print("saving", flush=True)
+    mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), cfg["step"], blocking=True)
+    print("saved", flush=True)
+
+
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
+    if cfg.get("scenario") == "save":
+        return save_once(cfg)
     out = Path(cfg["out"])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -107,6 +124,15 @@ def main() -> None:
                     problems.append(f"extra state: {box2}")
                 checks[f"{strat}->{load_strat}"] = problems
             mgr2.close()
+    # a duration interval is decided collectively: only rank 0's clock has passed it
+    cfg_time = dict(cfg)
+    mgr = CheckpointManager(dataclasses_replace(settings(cfg_time, "time"), interval="1h"), stage="time")
+    if rank == 0:
+        mgr._last_save_clock -= 7200
+    res["due_after_interval"] = mgr.due(1)
+    mgr._last_save_clock = time.monotonic()
+    res["due_before_interval"] = mgr.due(2)
+    mgr.close()
     (out / f"result-{rank}.json").write_text(json.dumps(res, indent=1, default=str))
     dist.barrier()
     dist.destroy_process_group()
