@@ -84,11 +84,12 @@ def run_area_inprocess(name: str, quick: bool) -> dict:
     return record
 
 
-def run_area_subprocess(name: str, quick: bool, limit: float) -> dict:
+def run_area_subprocess(name: str, quick: bool, limit: float, wait_idle: float = 0.0) -> dict:
     """Run one area in a fresh interpreter with a time limit."""
     if not module_exists(name):
         return {"area": name, "quick": quick, "status": "missing", "figures": [], "duration_s": 0.0,
                 "error": f"benchmarks/{name}.py does not exist yet"}
+    idle = harness.wait_idle(wait_idle, log=lambda m: print(m, end=" ", flush=True)) if wait_idle else None
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         out = Path(tmp) / "area.json"
         cmd = [sys.executable, "-m", "benchmarks", "area", name, "--json", str(out)] + (["--quick"] if quick else [])
@@ -97,11 +98,13 @@ def run_area_subprocess(name: str, quick: bool, limit: float) -> dict:
         with open(log, "wb") as logf:
             proc = subprocess.Popen(cmd, cwd=harness.REPO, stdout=logf, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONPATH": _pythonpath()}, start_new_session=True)
+            monitor = harness.CpuMonitor(proc.pid).start()
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 rc = None
+            contention = monitor.stop()
         duration = round(time.perf_counter() - t0, 2)
         tail = log.read_text(errors="replace")[-4000:]
         if out.exists():
@@ -118,6 +121,10 @@ def run_area_subprocess(name: str, quick: bool, limit: float) -> dict:
             record["status"] = "timeout"
         record["duration_s"] = duration
         record["quick"] = quick
+        record["contention"] = {**contention, **({"wait_idle": idle} if idle else {}),
+                                "loadavg_after": list(os.getloadavg())}
+        share = contention.get("foreign_cpu_share")
+        record["contended"] = bool(share is not None and share > harness.CONTENDED)
         return record
 
 
@@ -218,10 +225,12 @@ def cmd_all(args) -> int:
     areas = {}
     for name in names:
         print(f"[{name}] ...", end=" ", flush=True)
-        rec = run_area_subprocess(name, args.quick, limit) if not args.in_process else run_area_inprocess(name, args.quick)
+        rec = run_area_subprocess(name, args.quick, limit, args.wait_idle) if not args.in_process else run_area_inprocess(name, args.quick)
         areas[name] = rec
         summary = ", ".join(f"{f['name']}={harness.fmt(f.get('value'), f.get('unit', ''))}" for f in rec.get("figures", [])[:6])
+        busy = (rec.get("contention") or {}).get("foreign_cpu_share")
         print(f"{rec['status']} in {rec.get('duration_s', 0):.1f}s" + (f": {summary}" if summary else "")
+              + (f" [contended: other processes used {100 * busy:.0f}% of the CPU]" if rec.get("contended") else "")
               + (f" ({rec.get('error')})" if rec.get("status") not in ("ok",) and rec.get("error") else ""), flush=True)
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = combine(areas, quick=args.quick, command=command, started=started, run_id=run_id, machine=machine)
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="AREA", help="run only these areas")
     p.add_argument("--out", help="results directory (default benchmarks/results)")
     p.add_argument("--limit", type=float, help="seconds per area before it is stopped")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each area wait up to SECONDS for other processes to use < 20%% of the CPU")
     p.add_argument("--no-readme", action="store_true", help="do not regenerate the README section")
     p.add_argument("--in-process", action="store_true", help="run areas in this process (debugging)")
     p.add_argument("--strict", action="store_true", help="exit 1 when an area did not finish ok")

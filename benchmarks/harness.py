@@ -148,6 +148,101 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# --------------------------------------------------------------------------- contention
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()[1:]
+    except OSError:
+        return None
+    vals = [int(x) for x in parts[:8]]
+    idle = vals[3] + vals[4]  # idle + iowait
+    total = sum(vals)
+    return total - idle, total
+
+
+def _group_jiffies(pgid: int) -> int:
+    """CPU jiffies (user + system, plus reaped children) of every process in a process group."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:  # fields[0] is state; pgrp is the 5th field of stat
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total
+
+
+class CpuMonitor:
+    """Measures how much CPU *other* processes used while an area ran: machine busy time
+    minus the area's process group, as a share of all cores. Benchmarks on a shared
+    machine are only as good as this number is small."""
+
+    def __init__(self, pgid: int | None = None, interval: float = 1.0):
+        import threading
+
+        self.pgid = pgid
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ncpu = os.cpu_count() or 1
+
+    def start(self) -> "CpuMonitor":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        prev = _cpu_jiffies()
+        prev_group = _group_jiffies(self.pgid) if self.pgid else 0
+        while not self._stop.wait(self.interval):
+            cur = _cpu_jiffies()
+            group = _group_jiffies(self.pgid) if self.pgid else 0
+            if prev and cur and cur[1] > prev[1]:
+                busy = cur[0] - prev[0]
+                mine = max(0, group - prev_group)  # both files count in USER_HZ ticks
+                self.samples.append(max(0.0, min(1.0, (busy - mine) / (cur[1] - prev[1]))))
+            prev, prev_group = cur, group
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if not self.samples:
+            return {"foreign_cpu_share": None}
+        return {"foreign_cpu_share": round(sum(self.samples) / len(self.samples), 3),
+                "foreign_cpu_share_max": round(max(self.samples), 3)}
+
+
+def foreign_busy(seconds: float = 2.0) -> float | None:
+    """Share of the machine's CPU used (by anyone but this idle harness) over ``seconds``."""
+    a = _cpu_jiffies()
+    time.sleep(seconds)
+    b = _cpu_jiffies()
+    if not a or not b or b[1] <= a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_idle(max_wait: float, threshold: float = 0.2, log: Callable[[str], None] = print) -> dict:
+    """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the CPU."""
+    t0 = time.monotonic()
+    busy = foreign_busy()
+    while busy is not None and busy >= threshold and time.monotonic() - t0 < max_wait:
+        log(f"machine busy ({100 * busy:.0f}% CPU used by other processes); waiting")
+        busy = foreign_busy(5.0)
+    return {"waited_s": round(time.monotonic() - t0, 1), "busy_at_start": busy}
+
+
+CONTENDED = 0.15  # foreign CPU share above which an area's figures are flagged
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -338,6 +433,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:  # torch is optional for the harness itself (the operator image has none)
         import torch
@@ -451,6 +547,8 @@ def targets_table(latest: dict) -> list[str]:
         tgt = f"{r['op']} {fmt(r['target'], unit)}{unit_s}"
         val = fmt(r.get("value"), unit) + (unit_s if r.get("value") is not None else "")
         quick = " (quick)" if rec and rec.get("quick") and r.get("value") is not None else ""
+        if rec and rec.get("contended") and r.get("value") is not None:
+            quick += " (contended)"
         lines.append(f"| #{r['issue']} | {r['what']} | {tgt} | {val}{quick} | {fmt_spread(r)} | {status_word(r)} | "
                      f"`{_area_command(r['area'], rec)}` |")
     return lines
@@ -468,15 +566,18 @@ def figures_table(latest: dict) -> list[str]:
 
 
 def areas_table(latest: dict) -> list[str]:
-    lines = ["| area | status | time | run (id, commit) | note |", "|---|---|---|---|---|"]
+    lines = ["| area | status | time | CPU used by other processes | run (id, commit) | note |",
+             "|---|---|---|---|---|---|"]
     for name, rec in latest.get("areas", {}).items():
         note = rec.get("error") or rec.get("message") or ""
         note = note.splitlines()[0][:160] if note else ""
         if rec.get("last_attempt"):
             note = f"latest attempt {rec['last_attempt'].get('status')}: {rec['last_attempt'].get('error') or ''}"[:160]
         dur = rec.get("duration_s")
+        other = (rec.get("contention") or {}).get("foreign_cpu_share")
+        other_s = "" if other is None else f"{100 * other:.0f}%" + (" (contended)" if rec.get("contended") else "")
         lines.append(f"| {name} | {rec.get('status')}{' (quick)' if rec.get('quick') else ''} | "
-                     f"{'' if dur is None else f'{dur:.0f} s'} | {_run_label(rec)} | {note} |")
+                     f"{'' if dur is None else f'{dur:.0f} s'} | {other_s} | {_run_label(rec)} | {note} |")
     return lines
 
 
@@ -514,7 +615,8 @@ def markdown(latest: dict, *, heading: str = "##") -> str:
            f"{h}# Targets", "", *targets_table(latest), "",
            "Each ratio pairs the measured thing with its baseline in the same process, alternating A B A B after "
            "warm-up; the value is the median ratio over the pairs, min – max is the spread over the pairs "
-           "(method: `benchmarks/README.md`).", "",
+           "(method: `benchmarks/README.md`). \"contended\" marks an area during which other processes used "
+           f"more than {100 * CONTENDED:.0f}% of the machine's CPU (see Areas): its figures are not trustworthy.", "",
            f"{h}# GPU (issue 8)", "", *gpu_table(latest), "",
            f"Command: `{GPU_COMMAND}` (or `{GPU_TORCHRUN}`) on a CUDA machine; no network needed. "
            "Then `python -m benchmarks merge <file>` folds its JSON in here. MPT-1B reports ~42% MFU text-only on H100; "

@@ -1,0 +1,325 @@
+"""Trainer overhead: the real training loop against a bare fwd/bwd/AdamW loop (issue 4).
+
+Setup (the demo, as ``vlmpretrain demo`` runs it): ``examples/demo.yaml``'s model, data
+sources, mixture, batch (16 sequences x 96 tokens in 2 micro-batches of 8) and optimizer,
+on the demo's synthetic shards (``vlm_trainer.synthdata``, generated into a temp dir); a
+gloo process group of world size 1 as ``torchrun --nproc-per-node 1`` gives it, so the
+trainer wraps the model in DDP exactly as the demo does. Two changes, both so that every
+measured step is the same kind of work: ``visualIntroduceAt: 0`` (the demo's multimodal
+mixture from step 0) and no periodic evaluation. No checkpointer (that cost is the
+checkpoint area's); metrics registry and the progress file are live, as in the demo.
+
+A = the trainer: ``Trainer.train()`` itself (data thread, per-step seed, count all-reduce,
+micro-steps under ``no_sync``, clipping, schedule, AdamW, metrics, progress line, logs).
+B = the bare loop: a second copy of the same model with the same weights (plain module, no
+DDP), the same AdamW groups, stepping over the *same micro-batches the trainer just
+trained on*, already in memory: forward, summed token loss / label tokens, backward,
+``optimizer.step()``, ``zero_grad``. Nothing else.
+
+The trainer drives: after warm-up, every ``chunk`` trainer steps the checkpoint seam
+(``after_step``) runs ``chunk`` bare steps over the batches of those trainer steps, so the
+schedule is A B A B ... in one process. A's sample is the mean wall time between
+consecutive ``after_step`` calls (the whole loop iteration) over the chunk, leaving out the
+first ``prefetch`` (2) steps after a B chunk (the data thread had the B chunk to fill its
+queue); B's sample is the mean bare step time over the same batches. The figure is the
+median over chunks of A/B with min-max.
+
+Also measured in the same run: data wait / step time (the trainer's own ``data_wait``
+accounting over the A steps) and RSS growth between the end of warm-up and 500 trainer
+steps later (``/proc/self/statm``; the bare model and its optimizer exist before the first
+RSS sample, so its growth is the loop's, conservatively including the bare loop's).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from . import harness
+
+PREFETCH_SKIP = 2
+
+
+# --------------------------------------------------------------------------- the demo setup (shared with data_loader)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_spec(data_dir: Path, *, steps: int) -> dict:
+    """examples/demo.yaml's spec with the data in ``data_dir`` and the benchmark changes."""
+    import yaml
+
+    from vlm_trainer import synthdata
+
+    doc = yaml.safe_load((harness.REPO / "examples" / "demo.yaml").read_text())
+    spec = copy.deepcopy(doc["spec"])
+    wanted = {s["name"] for s in spec["data"]["sources"]}
+    layout = synthdata.generate(data_dir, shards={k: v for k, v in synthdata.DEFAULT_SHARDS.items() if k in wanted})
+    for src in spec["data"]["sources"]:
+        gen = layout[src["name"]]
+        src["uri"] = gen["uri"]
+        if "validationUri" in src:
+            src["validationUri"] = gen["validationUri"]
+    stage = spec["stages"][0]
+    stage.update(steps=steps, visualIntroduceAt=0.0, evalInterval=0)
+    spec["stages"] = [stage]
+    spec["checkpoint"]["uri"] = f"file://{data_dir / 'checkpoints'}"
+    return spec
+
+
+def trainer_config(spec: dict):
+    from vlm_api.schema import TrainerConfig
+
+    return TrainerConfig.model_validate({"run": {"name": "bench", "namespace": "default", "uid": "bench"},
+                                         "stage": spec["stages"][0]["name"], "spec": spec})
+
+
+def init_world_of_one():
+    """A gloo group of one process, as ``torchrun --nproc-per-node 1`` sets it up."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", VLM_FORCE_CPU=os.environ.get("VLM_FORCE_CPU", "1"))
+    from vlm_trainer.distributed import init_distributed
+
+    return init_distributed(60)
+
+
+def bare_copy(trainer):
+    """The same model (same weights, same trainable parameters) as a plain module, with
+    the trainer's AdamW groups."""
+    import torch
+
+    from vlm_trainer.model import build_vlm
+    from vlm_trainer.policy import apply_trainable, param_groups
+    from vlm_trainer.schedule import build_optimizer
+
+    model = build_vlm(trainer.spec.model, trainer.tok, seed=trainer.seed)
+    apply_trainable(model, trainer.stage.trainable)
+    model.load_state_dict(trainer.vlm.state_dict())
+    model.train()
+    opt_spec = trainer.stage.optimizer
+    optimizer = build_optimizer(param_groups(model, opt_spec.weight_decay), opt_spec, fused=False)
+    for group in optimizer.param_groups:
+        group["lr"] = opt_spec.lr * 0.1
+    return model, optimizer, torch
+
+
+def bare_step(model, optimizer, micro) -> None:
+    from vlm_trainer.model import loss_sum
+
+    label_tokens = max(1, sum(b.n_label_tokens for b in micro))
+    for b in micro:
+        logits = model(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens)
+        (loss_sum(logits, b.labels) / label_tokens).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def quiet_logging(log_file: Path) -> None:
+    """The trainer logs at INFO as in a real run, into a file instead of the terminal."""
+    logging.basicConfig(level=logging.INFO, filename=str(log_file), force=True,
+                        format="%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------- the measurement
+
+
+class _Interleaver:
+    """The checkpoint seam of the trainer, used as the A/B scheduler."""
+
+    def __init__(self, trainer, model, optimizer, *, warmup: int, chunk: int, rounds: int, rss_steps: int,
+                 budget_s: float):
+        self.deadline = time.monotonic() + budget_s
+        self.out_of_time = False
+        self.trainer, self.model, self.optimizer = trainer, model, optimizer
+        self.warmup, self.chunk, self.rounds, self.rss_steps = warmup, chunk, rounds, rss_steps
+        self.batches: list = []  # micro-batches of the current A chunk
+        self.intervals: list[float] = []  # current A chunk
+        self.a: list[float] = []
+        self.b: list[float] = []
+        self.order: list[tuple[str, int]] = []
+        self.waits: list[tuple[float, float]] = []  # (wait, interval) of measured A steps
+        self.a_steps = 0
+        self.skip = 0
+        self.rss: list[tuple[int, int]] = []  # (trainer step, bytes)
+        self.rss_start_step: int | None = None
+        self.t_last = None
+        self._wait = 0.0
+        self.train_step_s: list[float] = []
+
+    # wrappers installed on the trainer instance
+    def wrap(self) -> None:
+        tr = self.trainer
+        inner_step, inner_observe = tr.train_step, tr._observe
+
+        def train_step(rank_step):
+            t0 = time.perf_counter()
+            out = inner_step(rank_step)
+            if self.trainer.progress.step >= self.warmup:
+                self.train_step_s.append(time.perf_counter() - t0)
+            self.batches.append(rank_step.micro)
+            return out
+
+        def observe(rank_step, out, dt, wait, window):
+            self._wait = wait
+            return inner_observe(rank_step, out, dt, wait, window)
+
+        tr.train_step = train_step
+        tr._observe = observe
+
+    # Checkpointer protocol
+    def restore(self, trainer) -> None:
+        pass
+
+    def finalize(self, trainer) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def after_step(self, trainer, step: int) -> None:
+        now = time.perf_counter()
+        interval = None if self.t_last is None else now - self.t_last
+        if step <= self.warmup:
+            self.batches.clear()
+            if step == self.warmup:
+                self._sample_rss(step)
+                self.rss_start_step = step
+            self.t_last = time.perf_counter()
+            return
+        if self.skip > 0:
+            self.skip -= 1
+        elif interval is not None:
+            self.intervals.append(interval)
+            self.waits.append((self._wait, interval))
+        if step % self.chunk == self.warmup % self.chunk and step > self.warmup:
+            self._sample_rss(step)
+            rnd = len(self.a)
+            self.a.append(sum(self.intervals) / max(1, len(self.intervals)))
+            self.order.append(("A", rnd))
+            self.intervals = []
+            batches, self.batches = self.batches, []
+            t0 = time.perf_counter()
+            for micro in batches:
+                bare_step(self.model, self.optimizer, micro)
+            self.b.append((time.perf_counter() - t0) / max(1, len(batches)))
+            self.order.append(("B", rnd))
+            self.skip = PREFETCH_SKIP
+            done = len(self.a) >= self.rounds and step - self.warmup >= self.rss_steps
+            if not done and len(self.a) >= 2 and time.monotonic() > self.deadline:
+                done = self.out_of_time = True  # a contended machine: report what was measured
+            if done:
+                trainer.stop_at = step  # the loop ends here; the stage's schedule is unchanged
+        self.t_last = time.perf_counter()
+
+    def _sample_rss(self, step: int) -> None:
+        import gc
+
+        gc.collect()
+        self.rss.append((step, harness.rss_bytes()))
+
+
+def run(quick: bool) -> dict:
+    import torch
+
+    from vlm_trainer import metrics as vmetrics
+    from vlm_trainer.train import Trainer
+
+    warmup, chunk = (10, 10) if quick else (30, 25)
+    rounds = 4 if quick else 20
+    rss_steps = 40 if quick else 500
+    budget_s = 60 if quick else 300
+    steps_needed = warmup + max(rounds * chunk, rss_steps) + chunk + 5
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
+        tmp = Path(tmp)
+        os.environ.setdefault("VLM_METRICS_PORT", "0")
+        os.environ["VLM_PROGRESS_FILE"] = str(tmp / "progress.jsonl")
+        quiet_logging(tmp / "trainer.log")
+        t_setup = time.perf_counter()
+        spec = demo_spec(tmp / "data", steps=steps_needed)
+        cfg = trainer_config(spec)
+        ctx = init_world_of_one()
+        vmetrics.reset_registry()
+        inter = _Interleaver(None, None, None, warmup=warmup, chunk=chunk, rounds=rounds, rss_steps=rss_steps,
+                             budget_s=budget_s)
+        trainer = Trainer(cfg, ctx=ctx, checkpointer=inter)
+        model, optimizer, _ = bare_copy(trainer)
+        inter.trainer, inter.model, inter.optimizer = trainer, model, optimizer
+        inter.wrap()
+        setup_s = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
+            from vlm_trainer.distributed import shutdown
+
+            shutdown(ctx)
+        train_s = time.perf_counter() - t0
+
+    r = harness.ratios(inter.a, inter.b)
+    ratio = harness.Summary.of(r)
+    shares = []
+    chunk_waits = [inter.waits[i:i + chunk - PREFETCH_SKIP] for i in range(0, len(inter.waits), chunk - PREFETCH_SKIP)]
+    for cw in chunk_waits:
+        if cw:
+            shares.append(sum(w for w, _ in cw) / sum(t for _, t in cw))
+    total_wait = sum(w for w, _ in inter.waits)
+    total_time = sum(t for _, t in inter.waits)
+    rss0_step, rss0 = inter.rss[0]
+    end_step = rss0_step + rss_steps
+    rss_end = next(((s, b) for s, b in inter.rss if s >= end_step), inter.rss[-1])
+    growth = (rss_end[1] - rss0) / rss0
+    rss_span = rss_end[0] - rss0_step
+    # the target is over 500 steps: a shorter span (quick mode, or out of time) is named for what it is
+    rss_name = "rss_growth_500_steps" if rss_span >= 500 else f"rss_growth_{rss_span}_steps"
+    seqs = trainer.global_batch
+    seq_len = trainer.spec.data.seq_length
+    tokens_per_step = seqs * seq_len
+    a_med, b_med = harness.median(inter.a), harness.median(inter.b)
+    ts_med = harness.median(inter.train_step_s) if inter.train_step_s else math.nan
+    figures = [
+        harness.Figure("step_time_ratio", ratio.median, "ratio", ratio.min, ratio.max, ratio.n,
+                       baseline="bare fwd/bwd/AdamW loop, same model copy and batches, same process, A B A B",
+                       description="trainer step time / bare loop step time", target_id="trainer.step_overhead",
+                       extra={"chunk_steps": chunk, "warmup_steps": warmup}),
+        harness.Figure("data_wait_share", total_wait / total_time if total_time else math.nan, "share",
+                       min(shares) if shares else None, max(shares) if shares else None, len(inter.waits),
+                       baseline="trainer's own data-wait accounting over the measured steps",
+                       description="data wait / step time (min-max over chunks)", target_id="trainer.data_wait_share"),
+        harness.Figure(rss_name, growth, "share", n=rss_span,
+                       baseline=f"RSS at step {rss0_step} (after warm-up) vs. step {rss_end[0]}",
+                       description=f"RSS growth over {rss_end[0] - rss0_step} trainer steps",
+                       target_id="trainer.rss_growth" if rss_span >= 500 else None,
+                       extra={"rss_start_mib": rss0 / 2**20, "rss_end_mib": rss_end[1] / 2**20,
+                              "steps": rss_end[0] - rss0_step}),
+        harness.Figure("trainer_step_ms", 1000 * a_med, "ms", 1000 * min(inter.a), 1000 * max(inter.a), len(inter.a),
+                       description="trainer loop iteration (median of chunk means)"),
+        harness.Figure("bare_step_ms", 1000 * b_med, "ms", 1000 * min(inter.b), 1000 * max(inter.b), len(inter.b),
+                       description="bare fwd/bwd/AdamW step (median of chunk means)"),
+        harness.Figure("train_step_call_ms", 1000 * ts_med, "ms", n=len(inter.train_step_s),
+                       description="Trainer.train_step alone (no data, no metrics): the compute part of A"),
+        harness.Figure("trainer_tokens_per_s", tokens_per_step / a_med, "tokens/s",
+                       description=f"sequence capacity {seqs} x {seq_len} per step / trainer step time"),
+    ]
+    return {
+        "status": "ok",
+        "figures": [f.as_dict() for f in figures],
+        "params": {"config": "examples/demo.yaml (visualIntroduceAt 0, no eval)", "world_size": 1,
+                   "strategy": trainer.par.strategy, "global_batch_sequences": seqs, "seq_length": seq_len,
+                   "micro_batch_size": trainer.stage.micro_batch_size, "llm_params": trainer.llm_params,
+                   "vision_params": trainer.vision_params, "torch_threads": torch.get_num_threads(),
+                   "warmup_steps": warmup, "chunk_steps": chunk, "rounds": len(inter.a),
+                   "trainer_steps": result.step, "out_of_time": inter.out_of_time, "setup_s": round(setup_s, 2), "train_s": round(train_s, 2)},
+        "samples": {"a_step_s": inter.a, "b_step_s": inter.b, "ratios": r, "order": inter.order,
+                    "rss": [{"step": s, "mib": round(b / 2**20, 2)} for s, b in inter.rss]},
+    }
