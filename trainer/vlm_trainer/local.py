@@ -1,0 +1,687 @@
+"""`vlmpretrain local FILE`: run a VLMPretrainRun's stages on this machine.
+
+The same path a cluster takes, minus Kubernetes: the manifest is validated, each stage's
+`TrainerConfig` is rendered by `vlm_api.render.build_trainer_config` (what the operator
+puts in the stage's ConfigMap), and the stage's launch description is the torchx AppDef of
+`vlm_api.launch.build_appdef` (what the PyTorchJob renderer turns into a container):
+``torchrun -m vlm_trainer --config FILE`` with the rendezvous in ``PET_*`` variables. Only
+what is local changes: the rendezvous endpoint (``localhost:<free port>``), the config
+path, the node range (``--nnodes``), processes per node (``--nproc``) and a few
+environment variables (progress file, metrics port, per-rank log tee, thread count). The
+AppDef runs on torchx's ``local_cwd`` scheduler: one torchrun agent per replica, each in
+its own session, all logs under ``<run-dir>/logs/``.
+
+Stages run in order; stage k > 0 is initialised from stage k-1's final committed
+checkpoint (``init_from``). Re-running the same command resumes: a stage whose final
+checkpoint is committed is skipped, and a stage with committed checkpoints of its own
+resumes from the newest (the trainer's checkpointer decides that; the runner only passes
+``init_from``). ``--max-steps N`` caps the stage at step N (an absolute step of the stage,
+a resumable prefix: the LR schedule is the whole stage's). A stage that the cap cuts short
+has no final checkpoint, so later stages do not start (they would train on a prefix of
+their initialisation): the run stops there, and the same command without ``--max-steps``
+continues the stage from step N.
+
+Ctrl-C: the first SIGINT (or SIGTERM) sends SIGTERM to the torchrun agents, which pass it
+to their workers; the trainer stops at the next step boundary. After a grace period, or
+at a second Ctrl-C, everything left is SIGKILLed. torchrun's workers run in their own
+sessions, so the runner records every descendant's pid (and start time) while it runs and
+kills the ones still alive by pid at the end; it also makes itself a child subreaper, so
+workers orphaned by a dead agent are still its descendants. A checkpoint counts only with
+its ``COMMITTED`` manifest, which the store writes last; after an interrupt the runner
+deletes the stage's uncommitted step directories (once no trainer process is alive), so
+nothing half-written is left that looks like a checkpoint.
+
+This module does not import torch: the runner starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Callable
+from urllib.parse import urlparse
+
+import yaml
+
+from vlm_api import launch, render, schema
+from vlm_api.quantities import expand_braces
+from vlm_api.validate import load_documents, validate_text
+
+from .localview import StageState, StageView, ProgressTail, state_from_file, summary_dict, summary_table
+
+SESSION = "vlmpretrain"
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+STOP_GRACE_S = float(os.environ.get("VLM_LOCAL_STOP_GRACE_S", "60"))
+
+
+class LocalRunError(RuntimeError):
+    """A problem the user can fix (bad file, missing data, missing checkpoint)."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclasses.dataclass
+class LocalOptions:
+    file: str
+    nproc: int | None = None
+    nnodes: tuple[int, int] | None = None
+    checkpoint_dir: str | None = None
+    max_steps: int | None = None
+    metrics_port: int | None = None
+    stage: str | None = None
+    run_dir: str | None = None
+    progress: str = "auto"  # auto | bar | plain
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # extra worker env (tests, tuning)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LocalOptions":
+        return cls(file=args.file, nproc=args.nproc, nnodes=parse_nnodes(args.nnodes) if args.nnodes else None,
+                   checkpoint_dir=args.checkpoint_dir, max_steps=args.max_steps, metrics_port=args.metrics_port,
+                   stage=args.stage, run_dir=args.run_dir, progress=getattr(args, "progress", "auto") or "auto")
+
+
+def parse_nnodes(value: str) -> tuple[int, int]:
+    """'2' -> (2, 2); '1:2' -> (1, 2)."""
+    try:
+        lo, _, hi = value.partition(":")
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise LocalRunError(f"--nnodes {value!r}: expected N or MIN:MAX") from None
+    if not 1 <= lo_i <= hi_i:
+        raise LocalRunError(f"--nnodes {value!r}: need 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `local` options (argparse only; cli.py keeps its own copy of this block)."""
+    p.add_argument("file", metavar="FILE", help="VLMPretrainRun manifest (e.g. examples/demo.yaml)")
+    p.add_argument("--nproc", type=int, help="worker processes per node (default: 1 on CPU, gpusPerNode with GPUs)")
+    p.add_argument("--nnodes", metavar="MIN:MAX", help="torchrun agents on localhost, as an elastic range (default: 1)")
+    p.add_argument("--checkpoint-dir", help="use this directory instead of spec.checkpoint.uri")
+    p.add_argument("--max-steps", type=int, help="stop every stage after this many steps (a resumable prefix)")
+    p.add_argument("--metrics-port", type=int, help="rank 0's Prometheus port (default: spec.metrics.port, else a free one)")
+    p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
+    p.add_argument("--run-dir", help="configs, progress files, logs and summary (default: runs/<name>)")
+    p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto",
+                   help="progress bar (terminal) or plain log lines (default: auto)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def local_checkpoint_uri(uri: str, base: Path) -> str:
+    """A checkpoint URI the trainer can use from any working directory.
+
+    ``s3://...`` is returned as given. Local ones (``file:///abs``, ``file://./rel``,
+    ``./rel``, ``/abs``) become ``file:///absolute/path`` resolved against ``base``:
+    ``file://./x`` would otherwise parse as host ``.`` and path ``/x``.
+    """
+    if uri.startswith("s3://"):
+        return uri
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        path = (parsed.netloc + parsed.path) if parsed.netloc not in ("", "localhost") else parsed.path
+    else:
+        path = uri
+    p = Path(path)
+    if not p.is_absolute():
+        p = base / p
+    return p.resolve().as_uri()
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_count() -> int:
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.strip().startswith("GPU"))
+
+
+def missing_shards(spec: schema.VLMPretrainRunSpec, stage: schema.Stage, base: Path) -> list[str]:
+    """Local shard files the stage reads that do not exist (s3:// is not checked)."""
+    names = {n for n, f in stage.mixture.items() if f > 0}
+    missing = []
+    for src in spec.data.sources:
+        uris = ([src.uri] if src.name in names else []) + ([src.validation_uri] if src.validation_uri else [])
+        for uri in uris:
+            if uri.startswith("s3://"):
+                continue
+            for path in expand_braces(uri):
+                p = Path(urlparse(path).path if path.startswith("file://") else path)
+                if not p.is_absolute():
+                    p = base / p
+                if not p.exists():
+                    missing.append(str(p))
+    return missing
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _read_stat(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, start time in clock ticks, state) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()
+    try:
+        return int(fields[1]), int(fields[19]), fields[0]
+    except (IndexError, ValueError):
+        return None
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _read_stat(int(name))
+            if st is not None:
+                table[int(name)] = st
+    return table
+
+
+def _set_child_subreaper() -> bool:
+    """Orphaned descendants (workers of a killed agent) re-parent to this process (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+class ProcessTracker:
+    """Remembers every process below the given roots (the torchrun agents) by pid + start time.
+
+    torchrun's workers live in their own sessions: a process-group kill of an agent does not
+    reach them, and a SIGKILLed agent leaves them running. What was seen here can be killed
+    by pid later, and the start time guards against a recycled pid.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}  # pid -> start time
+        self.roots: set[int] = set()
+        self.me = os.getpid()
+
+    def set_roots(self, pids) -> None:
+        self.roots = set(pids)
+
+    def poll(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        # Descendants of the agents, plus orphans re-parented to us (subreaper) that are not agents.
+        stack = list(self.roots) + [p for p in children.get(self.me, []) if p in self.seen or p in self.roots]
+        while stack:
+            pid = stack.pop()
+            if pid not in table:
+                continue
+            if pid not in self.seen:
+                self.seen[pid] = table[pid][1]
+            stack.extend(children.get(pid, []))
+        self._reap_orphans(table)
+
+    def _reap_orphans(self, table) -> None:
+        for pid, (ppid, _, state) in table.items():
+            if ppid == self.me and pid in self.seen and pid not in self.roots and state == "Z":
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+
+    def alive(self) -> list[int]:
+        out = []
+        for pid, start in self.seen.items():
+            st = _read_stat(pid)
+            if st is not None and st[1] == start and st[2] != "Z":
+                out.append(pid)
+        return out
+
+    def signal_all(self, sig: int, *, exclude_roots: bool = False) -> list[int]:
+        hit = []
+        for pid in self.alive():
+            if exclude_roots and pid in self.roots:
+                continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                hit.append(pid)
+        return hit
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+@dataclasses.dataclass
+class LocalResult:
+    exit_code: int
+    run_dir: Path
+    checkpoint_uri: str
+    stages: list[StageState]
+    interrupted: bool = False
+    final_checkpoints: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class LocalRunner:
+    def __init__(self, opts: LocalOptions, out: IO[str] | None = None, *, base: Path | None = None):
+        self.opts = opts
+        self.out = out or sys.stdout
+        self.base = (base or Path.cwd()).resolve()
+        self.interrupts = 0
+        self._interrupt_time = 0.0
+        self.tracker = ProcessTracker()
+
+    # ---- output
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # ---- loading
+    def load(self) -> tuple[dict, schema.VLMPretrainRunSpec]:
+        path = Path(self.opts.file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise LocalRunError(f"{path}: {exc.strerror or exc}") from None
+        problems = validate_text(text)
+        if problems:
+            raise LocalRunError("\n".join(f"{path}: {p}" for p in problems))
+        docs = load_documents(text)
+        runs = [d for d in docs if isinstance(d, dict) and d.get("kind") == schema.KIND]
+        if len(runs) != 1:
+            raise LocalRunError(f"{path}: expected exactly one {schema.KIND}, found {len(runs)}")
+        doc = runs[0]
+        meta = doc.get("metadata") or {}
+        run = {"name": meta.get("name") or path.stem, "namespace": meta.get("namespace", "default"),
+               "uid": meta.get("uid", "")}
+        return run, schema.parse_spec(doc["spec"])
+
+    def localize(self, spec: schema.VLMPretrainRunSpec) -> schema.VLMPretrainRunSpec:
+        """The spec with what is local changed: checkpoint location, node range, no external store."""
+        spec = spec.model_copy(deep=True)
+        uri = self.opts.checkpoint_dir or spec.checkpoint.uri
+        spec.checkpoint.uri = local_checkpoint_uri(uri, self.base)
+        if self.opts.nnodes:
+            spec.resources.nodes = schema.NodeRange(min=self.opts.nnodes[0], max=self.opts.nnodes[1])
+        # No Deployment runs the store here: the agent bound to the endpoint hosts it.
+        spec.elastic.external_store = False
+        return spec
+
+    def nproc(self, spec: schema.VLMPretrainRunSpec) -> int:
+        if self.opts.nproc:
+            if self.opts.nproc < 1:
+                raise LocalRunError("--nproc must be >= 1")
+            return self.opts.nproc
+        want = spec.resources.gpus_per_node
+        if want <= 0:
+            return 1
+        gpus = _gpu_count()
+        if gpus == 0:
+            self.say(f"note: the recipe asks for {want} GPUs per node and this machine has none: "
+                     "running 1 CPU process per node (use --nproc to change)")
+            return 1
+        return min(want, gpus)
+
+    # ---- checkpoints
+    def store(self, spec: schema.VLMPretrainRunSpec):
+        from .ckpt_store import open_store
+
+        return open_store(spec.checkpoint.uri, endpoint_url=spec.checkpoint.endpoint or None)
+
+    @staticmethod
+    def final_checkpoint(store, stage: schema.Stage):
+        """The stage's committed final checkpoint (the stage is complete), or None."""
+        for ref in store.committed(stage.name):
+            if ref.final or (stage.steps is not None and ref.step >= stage.steps):
+                return ref
+        return None
+
+    def capped(self, store, stage: schema.Stage):
+        """The newest committed checkpoint at or past --max-steps (this invocation's work is done)."""
+        if not self.opts.max_steps:
+            return None
+        newest = store.latest_committed(stage.name)
+        return newest if newest is not None and newest.step >= self.opts.max_steps else None
+
+    def init_source(self, store, prev: schema.Stage | None) -> str | None:
+        if prev is None:
+            return None
+        ref = self.final_checkpoint(store, prev)
+        if ref is not None:
+            return ref.uri
+        raise LocalRunError(
+            f"stage {prev.name!r} has no committed final checkpoint in {store.uri}: "
+            f"run it first (vlmpretrain local {self.opts.file} --stage {prev.name})")
+
+    def _say_capped(self, stage: schema.Stage) -> None:
+        later = [s.name for s in self._spec.stages[self._spec.stage_index(stage.name) + 1:]]
+        if later and not self.opts.stage:
+            self.say(f"[{stage.name}] stopped at --max-steps {self.opts.max_steps}: stage(s) {later} start from "
+                     f"this stage's final checkpoint; run again without --max-steps to continue")
+
+    def cleanup_uncommitted(self, store, stage: str) -> list[int]:
+        """Delete step directories without a valid COMMITTED manifest (nothing is writing now)."""
+        removed = []
+        for ref in store.checkpoints(stage):
+            if not ref.committed:
+                with contextlib.suppress(Exception):
+                    store.delete(ref)
+                    removed.append(ref.step)
+        return removed
+
+    # ---- signals
+    def _on_signal(self, signum, _frame) -> None:
+        self.interrupts += 1
+        self._interrupt_time = time.monotonic()
+
+    @contextlib.contextmanager
+    def signals(self):
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, self._on_signal)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ---- one stage
+    def appdef(self, run: dict, spec: schema.VLMPretrainRunSpec, stage: str, *, config_path: Path,
+               progress_path: Path, nproc: int, metrics_port: int):
+        cluster = render.rendezvous(run, spec, stage)  # the operator's; only the endpoint is local
+        rdzv = launch.Rendezvous(run_id=cluster.run_id, endpoint=f"localhost:{free_port()}", conf=cluster.conf)
+        replicas = spec.resources.nodes.max
+        threads = max(1, (os.cpu_count() or 1) // max(1, nproc * replicas))
+        env = {
+            "PET_NPROC_PER_NODE": str(nproc),
+            "PET_TEE": "3",  # every rank's stdout+stderr in the agent's log (prefixed) and per-rank files
+            "VLM_PROGRESS_FILE": str(progress_path),
+            "VLM_METRICS_PORT": str(metrics_port),
+            "VLM_CKPT_LOCAL_DIR": str(progress_path.parent.parent / "staging"),  # DCP staging, per node
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+            # the venv's torchrun, also when the venv is not activated
+            "PATH": os.path.dirname(sys.executable),
+        }
+        env.update(self.opts.env)
+        app = launch.build_appdef(spec, name=render.job_name(run["name"], stage), rdzv=rdzv,
+                                  config_path=str(config_path), env=env)
+        from torchx import specs
+
+        if _gpu_count() == 0:  # CPU workers: no GPU request (torchx would warn about CUDA_VISIBLE_DEVICES)
+            for role in app.roles:
+                role.resource = specs.Resource(cpu=nproc, gpu=0, memMB=role.resource.memMB)
+        return app
+
+    def run_stage(self, runner, run: dict, spec: schema.VLMPretrainRunSpec, stage: schema.Stage, *,
+                  init_from: str | None, run_dir: Path, nproc: int, metrics_port: int) -> StageState:
+        stage_dir = run_dir / stage.name
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        config = render.build_trainer_config(run, spec, stage.name, init_from)
+        if self.opts.max_steps:
+            config["maxSteps"] = self.opts.max_steps
+        schema.TrainerConfig.model_validate(config)  # what the trainer will load
+        config_path = stage_dir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        progress_path = stage_dir / "progress.jsonl"
+        app = self.appdef(run, spec, stage.name, config_path=config_path, progress_path=progress_path,
+                          nproc=nproc, metrics_port=metrics_port)
+        state = StageState(stage.name, init_from=init_from)
+        view = StageView(state, self.out, mode=self.opts.progress)
+        tail = ProgressTail(progress_path)
+        log_root = run_dir / "logs"
+        t0 = time.monotonic()
+        handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_root)})
+        app_id = handle.rsplit("/", 1)[-1]
+        app_log_dir = log_root / SESSION / app_id
+        view.message(f"torchrun x{spec.resources.nodes.max} agent(s) x {nproc} process(es); logs: "
+                     f"{_rel(app_log_dir, self.base)}")
+        self.tracker.set_roots(self._agent_pids(runner, app_id))
+        sent_term = killed = False
+        app_state = None
+        from torchx.specs import is_terminal
+
+        while True:
+            self.tracker.poll()
+            view.feed(tail.read())
+            if self.interrupts and not sent_term:
+                sent_term = True
+                view.message("interrupted: stopping the trainer at the next step boundary "
+                             "(Ctrl-C again to kill now)")
+                self.tracker.signal_all(signal.SIGTERM)  # agents pass it on; workers stop at a step boundary
+            if sent_term and not killed and (self.interrupts >= 2 or time.monotonic() - self._interrupt_time > STOP_GRACE_S):
+                killed = True
+                view.message("killing the trainer processes")
+                self.tracker.signal_all(signal.SIGKILL)
+            status = runner.status(handle)
+            app_state = status.state if status is not None else None
+            if app_state is None or is_terminal(app_state):
+                break
+            time.sleep(0.2)
+        self.tracker.poll()
+        view.feed(tail.read())
+        lingering = self.tracker.signal_all(signal.SIGKILL, exclude_roots=False)
+        if lingering:
+            view.message(f"killed lingering trainer process(es) {sorted(lingering)}")
+            _wait_gone(self.tracker, 10)
+        view.close()
+        state.wall_s = time.monotonic() - t0
+        if self.interrupts:
+            state.status = "stopped"
+        elif state.status not in ("completed", "failed", "stopped"):
+            state.status = "completed" if app_state is not None and app_state.name == "SUCCEEDED" else "failed"
+        if app_state is not None and app_state.name != "SUCCEEDED" and state.status == "completed":
+            state.status = "failed"
+            state.error = state.error or f"torchx reports the app {app_state.name}"
+        if state.status == "failed":
+            self._show_failure(app_log_dir)
+        state.note = _rel(app_log_dir, self.base)
+        return state
+
+    def _agent_pids(self, runner, app_id: str) -> list[int]:
+        try:  # torchx 0.7's local scheduler keeps the Popen objects of the replicas here
+            app = runner._scheduler("local_cwd")._apps[app_id]
+            return [r.proc.pid for reps in app.role_replicas.values() for r in reps]
+        except (AttributeError, KeyError):
+            return [pid for pid, (ppid, _, _) in _proc_table().items() if ppid == os.getpid()]
+
+    def _show_failure(self, app_log_dir: Path, lines: int = 25) -> None:
+        logs = sorted(app_log_dir.glob("*/*/combined.log")) or sorted(app_log_dir.glob("*/*/stderr.log"))
+        for path in logs[:2]:
+            try:
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            self.say(f"---- last {len(tail)} lines of {_rel(path, self.base)}")
+            for line in tail:
+                self.say("  " + line)
+
+    # ---- the whole run
+    def run(self) -> LocalResult:
+        run, user_spec = self.load()
+        spec = self._spec = self.localize(user_spec)
+        names = [s.name for s in spec.stages]
+        if self.opts.stage and self.opts.stage not in names:
+            raise LocalRunError(f"--stage {self.opts.stage!r}: the recipe's stages are {names}")
+        run_dir = Path(self.opts.run_dir or self.base / "runs" / run["name"]).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        nproc = self.nproc(spec)
+        metrics_port = self.opts.metrics_port or (spec.metrics.port if port_free(spec.metrics.port) else free_port())
+        store = self.store(spec)
+        self.say(f"run {run['name']}: {len(names)} stage(s) {names}; checkpoints in {spec.checkpoint.uri}; "
+                 f"run directory {_rel(run_dir, self.base)}")
+        _set_child_subreaper()
+        from torchx.runner import get_runner
+
+        states: list[StageState] = []
+        finals: dict[str, str] = {}
+        exit_code = EXIT_OK
+        runner = get_runner(name=SESSION)
+        try:
+            runner._scheduler("local_cwd")  # created now: it installs signal handlers we replace below
+        except Exception:  # noqa: BLE001 - a newer torchx: the handlers are replaced after run() anyway
+            pass
+        try:
+            with self.signals():
+                for i, stage in enumerate(spec.stages):
+                    if self.opts.stage and stage.name != self.opts.stage:
+                        continue
+                    if self.interrupts:
+                        break
+                    progress_path = run_dir / stage.name / "progress.jsonl"
+                    done = self.final_checkpoint(store, stage)
+                    if done is not None:
+                        st = state_from_file(stage.name, progress_path)
+                        st.status, st.final_checkpoint = "skipped", done.uri
+                        st.step = max(st.step, done.step)
+                        st.note = f"complete: final checkpoint step {done.step} is committed"
+                        self.say(f"[{stage.name}] already complete (final checkpoint step {done.step}): skipped")
+                        states.append(st)
+                        finals[stage.name] = done.uri
+                        continue
+                    capped = self.capped(store, stage)
+                    if capped is not None:
+                        st = state_from_file(stage.name, progress_path)
+                        st.status = "capped"
+                        st.step = max(st.step, capped.step)
+                        st.note = f"--max-steps {self.opts.max_steps}: committed checkpoint step {capped.step}"
+                        self.say(f"[{stage.name}] already at --max-steps {self.opts.max_steps} "
+                                 f"(committed checkpoint step {capped.step})")
+                        states.append(st)
+                        self._say_capped(stage)
+                        break
+                    missing = missing_shards(spec, stage, self.base)
+                    if missing:
+                        raise LocalRunError(f"stage {stage.name!r}: {len(missing)} shard file(s) missing, e.g. "
+                                            f"{missing[0]} (the demo data comes from `vlmpretrain demo`)")
+                    init_from = self.init_source(store, spec.stages[i - 1] if i else None)
+                    own = store.latest_committed(stage.name)
+                    if own is not None:
+                        self.say(f"[{stage.name}] resuming from committed checkpoint step {own.step}")
+                    elif init_from:
+                        self.say(f"[{stage.name}] initialised from {init_from}")
+                    st = self.run_stage(runner, run, spec, stage, init_from=init_from, run_dir=run_dir,
+                                        nproc=nproc, metrics_port=metrics_port)
+                    states.append(st)
+                    if st.status == "stopped" or self.interrupts:
+                        removed = self.cleanup_uncommitted(store, stage.name)
+                        if removed:
+                            self.say(f"[{stage.name}] removed uncommitted checkpoint director(ies) at step(s) {removed}")
+                        exit_code = EXIT_INTERRUPTED
+                        break
+                    if st.status != "completed":
+                        exit_code = EXIT_FAILED
+                        break
+                    done = self.final_checkpoint(store, stage)
+                    if done is not None:
+                        st.final_checkpoint = done.uri
+                        finals[stage.name] = done.uri
+                        continue
+                    if self.capped(store, stage) is not None:
+                        st.status = "capped"
+                        self._say_capped(stage)
+                        break
+                    st.status = "failed"
+                    st.error = f"the trainer exited 0 but no committed checkpoint ends the stage in {store.uri}"
+                    self.say(f"[{stage.name}] {st.error}")
+                    exit_code = EXIT_FAILED
+                    break
+        finally:
+            self.tracker.poll()
+            left = self.tracker.signal_all(signal.SIGKILL)
+            if left:
+                _wait_gone(self.tracker, 10)
+            with contextlib.suppress(Exception):
+                runner.close()
+        result = LocalResult(exit_code, run_dir, spec.checkpoint.uri, states, bool(self.interrupts), finals)
+        self.report(result, run, metrics_port)
+        return result
+
+    def report(self, result: LocalResult, run: dict, metrics_port: int) -> None:
+        (result.run_dir / "summary.json").write_text(json.dumps(
+            {"run": run["name"], "exit_code": result.exit_code, "interrupted": result.interrupted,
+             "checkpoint_uri": result.checkpoint_uri, "stages": summary_dict(result.stages)}, indent=2) + "\n")
+        if not result.stages:
+            return
+        self.say("")
+        self.say(summary_table(result.stages))
+        self.say("")
+        rd = _rel(result.run_dir, self.base)
+        self.say(f"checkpoints: {result.checkpoint_uri}  (<stage>/step-<N>/, valid once COMMITTED is present)")
+        self.say(f"run directory: {rd}/  (<stage>/config.yaml = rendered TrainerConfig, "
+                 f"<stage>/progress.jsonl = trainer progress, logs/ = every rank's output, summary.json)")
+        self.say(f"metrics: rank 0 serves Prometheus text on http://localhost:{metrics_port}/metrics while a stage trains")
+        if result.interrupted:
+            self.say("stopped: run the same command again to resume from the newest committed checkpoint")
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _wait_gone(tracker: ProcessTracker, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while tracker.alive() and time.monotonic() < end:
+        tracker.poll()
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_local(opts: LocalOptions, out: IO[str] | None = None, *, base: Path | None = None) -> LocalResult:
+    return LocalRunner(opts, out, base=base).run()
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = run_local(LocalOptions.from_args(args))
+    except LocalRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return result.exit_code
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.local", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
