@@ -11,7 +11,7 @@ Three ways to use it:
   `tests/.artifacts/operator-calls-<name>.json`; `recorded()` is the union of those files;
 - `exercise(workdir)`: runs one representative scenario (every code path that talks to the
   API: children with a PodMonitor, scrape, rescale, suspend, config update, next stage,
-  retry, invalid spec, events) against a fresh emulator and returns its calls. An RBAC
+  retry, invalid spec, Events) against a fresh emulator and returns its calls. An RBAC
   test can call it directly, independent of which other tests ran.
 
 `missing(calls, clusterrole)` lists the calls a ClusterRole (a dict, e.g. loaded from
@@ -102,6 +102,6 @@ def exercise(workdir: Path) -> set[Call]:
             wait(lambda: cluster.get(JOBS, "rbac-sft"), what="next stage")
             cluster.create_run("rbac-bad", spec(stages=[]))
             cluster.wait_phase("rbac-bad", "Invalid")
-            wait(lambda: any(e.get("source", {}).get("component") != "vlm-pretrain-operator"
-                             for e in cluster.events("rbac-bad")), what="kopf's own event")
+            cluster.wait_events("rbac-bad", "InvalidSpec")
+            cluster.wait_events("rbac", "StageRetry", "StageStarted", "StageStarted")
         return calls(kube)
