@@ -1,5 +1,6 @@
-"""Real torchrun runs (2 processes, gloo): DDP and FSDP2 train the same model to the same
-losses as one process, with the same tokens per optimizer step (global-batch invariance)."""
+"""Real torchrun runs (2 processes, gloo): DDP (fp32) and FSDP2 (bf16 mixed precision,
+activation checkpointing) train the same model to the same losses as one process, with the
+same tokens per optimizer step (global-batch invariance)."""
 
 from __future__ import annotations
 
@@ -51,12 +52,15 @@ def reference(tmp_path_factory):
 def test_torchrun_two_processes_train_like_one(strategy, reference, tmp_path):
     data, ref = reference
     spec = spec_dict(data, stages=[stage(**STAGE)], strategy=strategy)
-    spec["parallelism"]["activationCheckpointing"] = strategy == "fsdp"  # covered on the FSDP2 path
+    extra = {}
+    if strategy == "fsdp":  # the FSDP2 run also covers activation checkpointing and bf16 mixed precision
+        spec["parallelism"].update(activationCheckpointing=True, precision="bf16")
+        extra["VLM_CPU_BF16"] = 1
     config = write_config(trainer_config(spec), tmp_path / "config.yaml")
     progress = tmp_path / "progress.jsonl"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", "localhost:0", "-m", "vlm_trainer", "--config", str(config)]
-    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(VLM_PROGRESS_FILE=progress, VLM_METRICS_PORT=0),
+    proc = subprocess.run(cmd, cwd=REPO, env=torchrun_env(VLM_PROGRESS_FILE=progress, VLM_METRICS_PORT=0, **extra),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"world 2, {strategy}" in proc.stdout
@@ -66,8 +70,9 @@ def test_torchrun_two_processes_train_like_one(strategy, reference, tmp_path):
     assert [(e["text_tokens"], e["image_tokens"]) for e in steps] == [(e["text_tokens"], e["image_tokens"]) for e in ref]
     assert steps[0]["image_tokens"] == 0 and steps[-1]["image_tokens"] > 0
     losses = [e["loss"] for e in steps]
-    # the loss is the global per-token mean: equal to the one-process run up to float reassociation
-    assert losses == pytest.approx([e["loss"] for e in ref], rel=2e-3)
+    # the loss is the global per-token mean: equal to the one-process fp32 run up to float
+    # reassociation (DDP, fp32) or bf16 compute (FSDP2)
+    assert losses == pytest.approx([e["loss"] for e in ref], rel=1e-4 if strategy == "ddp" else 5e-3)
     # and it learns: the synthetic grammar is learnable in a few steps
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
 

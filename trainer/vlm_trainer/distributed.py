@@ -20,8 +20,8 @@
     transformers gradient checkpointing of the LLM and the vision tower (non-reentrant),
     applied before sharding.
 * Gradient accumulation: see `vlm_trainer.mixture` (rank slices and micro-batches): every
-  rank runs the same number of micro-steps; gradients are synchronised on the last one
-  only (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync``).
+  rank runs the same number of micro-steps. DDP all-reduces on the last one only
+  (``no_sync`` before); FSDP2 reduce-scatters every micro-step (sharded gradients).
 """
 
 from __future__ import annotations
@@ -122,11 +122,13 @@ class Parallel:
         return contextlib.nullcontext()
 
     def sync_context(self, sync: bool):
-        """Gradient synchronisation only on the last micro-step of an optimizer step."""
+        """DDP: gradient all-reduce only on the last micro-step of an optimizer step (no_sync).
+        FSDP2: reduce-scatter on every micro-step (the default), so gradients stay sharded
+        between micro-steps; skipping it would keep unsharded gradients of the whole model
+        (DDP's memory) and trips an FSDP2 bug with mixed precision when a module (the vision
+        tower on a text-only step) did not run."""
         if self.strategy == "ddp" and not sync:
             return self.module.no_sync()
-        if self.strategy == "fsdp" and hasattr(self.module, "set_requires_gradient_sync"):
-            self.module.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
 
