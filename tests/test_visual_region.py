@@ -12,7 +12,6 @@ import math
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,13 @@ import torch
 from torch import nn
 
 from tests.fixtures_trainer import PYTHON, REPO, TINY_LLM, make_data, spec_dict, stage, trainer_config, write_config
+
+try:
+    import matplotlib  # noqa: F401 - the PNG chart needs it
+
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
 
 DEPTH = 8
 LLM8 = {**TINY_LLM, "num_hidden_layers": DEPTH}
@@ -178,6 +184,9 @@ def test_report_json_table_and_chart(tmp_path):
     assert math.isnan(back.layers[0].image) and back.layers[2].text == pytest.approx(0.1)
     table = rep.table(removed=[2])
     assert "REMOVED" in table.splitlines()[3] and "visual" in table.splitlines()[2]
+    if not HAVE_MATPLOTLIB:
+        assert "png" not in paths  # the chart is skipped with a warning, the rest still written
+        pytest.skip("matplotlib is not installed: no chart")
     png = Path(paths["png"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
 
@@ -329,7 +338,7 @@ def test_analyze_layers_cli(trained, data, tmp_path, capsys):
     assert doc["depth"] == DEPTH and doc["visual_region"] == [2, 6]
     assert doc["sources"] == {"data0": "image-text", "data1": "text"} and doc["image_positions"] > 0
     assert all(0.0 <= r["text"] <= 2.0 and r["visual_region"] == (r["layer"] in (2, 6)) for r in doc["layers"])
-    assert (out / "influence.png").stat().st_size > 1000
+    assert (out / "influence.png").stat().st_size > 1000 or not HAVE_MATPLOTLIB
     assert "BI image" in p.stdout and sum(line.endswith("visual") for line in p.stdout.splitlines()) == 2
 
 
@@ -380,7 +389,7 @@ def test_prune_cli_writes_a_loadable_pruned_checkpoint(trained, tmp_path, capsys
     assert "trainer" in tree
 
     # and the pruned checkpoint loads as a VLM of the pruned depth (architecture from the manifest)
-    back = load_checkpoint_model(pref.uri, config=str(config))
+    back = load_checkpoint_model(pref.uri)  # no --config: the pruned checkpoint carries it
     try:
         assert len(back.vlm.decoder_layers()) == DEPTH - 2
         assert torch.equal(back.vlm.llm.model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight)

@@ -37,7 +37,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from vlm_api.schema import API_VERSION, KIND, ModelSpec, TrainerConfig
@@ -209,12 +208,10 @@ def read_dcp_model(vlm, dcp_dir: str | os.PathLike, *, key: str = "model") -> No
     meta = FileSystemReader(str(dcp_dir)).read_metadata()
     have = {k[len(key) + 1:] for k in meta.state_dict_metadata if k.startswith(key + ".")}
     target = vlm.state_dict()
-    seen: dict[int, str] = {}
     wanted, missing = {}, []
     for name, t in target.items():
         if name in have:
             wanted[name] = t
-            seen.setdefault(id(t.untyped_storage()) if t.numel() else id(t), name)
         else:
             missing.append(name)
     loaded_storages = {id(t.untyped_storage()) for t in wanted.values() if t.numel()}

@@ -377,22 +377,6 @@ def _parse_layers(value: str | None) -> list[int] | None:
     return [int(x) for x in value.replace(" ", "").split(",") if x]
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by analyze-layers and prune."""
-    p.add_argument("--checkpoint", required=True, metavar="URI",
-                   help="committed checkpoint: <uri>/<stage>/step-N/, or <uri>/<stage>/ for its newest (local path, file:// or s3://)")
-    p.add_argument("--config", metavar="FILE",
-                   help="TrainerConfig YAML or VLMPretrainRun manifest (default: the one stored with the checkpoint)")
-    p.add_argument("--stage", help="stage whose settings apply (default: the checkpoint's stage)")
-    p.add_argument("--endpoint", default=None, help="S3 endpoint URL (default: the config's checkpoint.endpoint or AWS_ENDPOINT_URL)")
-    p.add_argument("--visual-fraction", type=float, default=None,
-                   help="visual region = this fraction of the layers, spread uniformly (default: the stage's "
-                        "trainable.llm.visualRegion, else 0.25)")
-    p.add_argument("--visual-layers", default=None, help="visual region as explicit layer indices, e.g. 2,6,10")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
 def main(args: argparse.Namespace) -> int:
     """`vlmpretrain analyze-layers`."""
     from .ckpt_model import load_checkpoint_model, region_for
@@ -400,20 +384,17 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,
                                    device=args.device)
-    region = region_for(loaded, fraction=args.visual_fraction, layers=_parse_layers(args.visual_layers))
-    sources = open_calibration_sources(args.data, image_spec=loaded.vlm.image_spec, endpoint_url=loaded.endpoint_url)
-    report = analyze(loaded.vlm, loaded.builder, sources, samples=args.samples, visual_region=region,
-                     micro_batch_size=args.micro_batch_size, checkpoint=loaded.uri)
+    try:
+        region = region_for(loaded, fraction=args.visual_fraction, layers=_parse_layers(args.visual_layers))
+        sources = open_calibration_sources(args.data, image_spec=loaded.vlm.image_spec,
+                                           endpoint_url=loaded.endpoint_url)
+        report = analyze(loaded.vlm, loaded.builder, sources, samples=args.samples, visual_region=region,
+                         micro_batch_size=args.micro_batch_size, checkpoint=loaded.uri)
+    finally:
+        loaded.close()
     print(report.table())
     paths = report.save(args.out, title=f"Block influence: {loaded.uri}")
-    for kind, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
-
-def add_cli_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--data", action="append", required=True, metavar="SHARDS",
-                   help="calibration shards: [NAME=][MODALITY:]URI with {a..b} ranges (repeatable)")
-    p.add_argument("--samples", type=int, default=64, help="calibration samples per --data (default 64)")
-    p.add_argument("--out", default="layer-influence", help="output directory (default ./layer-influence)")

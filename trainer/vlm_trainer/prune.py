@@ -34,8 +34,9 @@ The pruned checkpoint (committed, ``final``) goes to ``<root>/<stage>-pruned/ste
 * ``llm/``: the pruned LLM as ``save_pretrained`` writes it (config + safetensors) plus
   the tokenizer: ``AutoModelForCausalLM.from_pretrained(".../llm")`` loads it;
 * ``prune.json`` (criterion, removed/kept layers, layer map, visual region before/after,
-  parameter counts, validation loss by modality before and after), ``influence.json`` and
-  ``influence.png``; every other file of the source checkpoint is copied as it is.
+  parameter counts, validation loss by modality before and after), ``influence.json``,
+  ``influence.png`` and ``trainer_config.yaml`` (the config the model was read with);
+  every other file of the source checkpoint is copied as it is.
 
 The manifest's ``extra`` carries ``llm_config`` (the pruned transformers config) and
 ``pruned`` (the lineage: original depth, kept layers as ORIGINAL indices, ...), which the
@@ -61,13 +62,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import yaml
 from torch import nn
 
 from vlm_api.schema import LayerSelection, TrainerConfig
 
 from .ckpt_model import (
     LoadedModel,
-    PRUNED_SUFFIX,
     effective_model_spec,
     llm_config_dict,
     layers_prefix_of,
@@ -402,6 +403,8 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
 
         dirs = find_dcp(loaded.local_dir)
         _copy_other_files(loaded.local_dir, out, dirs)
+        # the config travels with the pruned checkpoint: analyze-layers/prune need no --config for it
+        (out / "trainer_config.yaml").write_text(yaml.safe_dump(loaded.cfg.dump(), sort_keys=False))
         model_keys = set(_model_state_keys(vlm))
         for d in dirs:
             rel = d.relative_to(loaded.local_dir)
