@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for gpu-<timestamp>.json (default benchmarks/results)")
     p.add_argument("--only", nargs="+", choices=("vlm", "llm"), help="configurations to run")
     p.add_argument("--steps", type=int, help="measured steps per configuration")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU and step (default 8)")
+    p.add_argument("--image-fraction", type=float, default=0.15, help="share of VLM positions that are image tokens")
     p.set_defaults(fn=cmd_gpu)
     p = sub.add_parser("merge", help="fold area/run JSON files into latest.json and the README")
     p.add_argument("files", nargs="+")
