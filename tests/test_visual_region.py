@@ -466,3 +466,30 @@ def test_local_run_with_a_pruning_stage(tmp_path, data):
     assert any(e["event"] == "end" and e["status"] == "completed" for e in events)
     logs = "\n".join(f.read_text(errors="replace") for f in (tmp_path / "runs" / "logs").rglob("*") if f.is_file())
     assert f"init from {pruned.uri}" in logs
+
+
+def test_prune_and_analyze_an_s3_checkpoint(trained, moto_endpoint, tmp_path, capsys, data):
+    """The same commands on a checkpoint in S3 (moto over HTTP): downloaded, verified, pruned
+    back into the bucket; the pruned one is analysed without --config."""
+    import boto3
+
+    from vlm_trainer.ckpt_model import local_path_of
+    from vlm_trainer.ckpt_store import open_store
+
+    root, config, cfg, ref = trained
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="vr-ckpt")
+    s3 = open_store("s3://vr-ckpt/runs/r1/", endpoint_url=moto_endpoint)
+    src = local_path_of(open_store(f"{root}/ckpt"), ref)
+    s3.upload(src, "pretrain", ref.step, world_size=1, final=True, extra=ref.extra)
+    p = _cli(capsys, "prune", "--checkpoint", "s3://vr-ckpt/runs/r1/pretrain/", "--config", str(config),
+             "--endpoint", moto_endpoint, "--keep-fraction", "0.75", "--eval-samples", "0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    pref = s3.latest_committed("pretrain-pruned")
+    assert pref is not None and pref.extra["pruned"]["depth_after"] == 6 and not s3.verify(pref)
+    assert pref.uri in p.stdout and "validation loss: skipped" in p.stdout
+    out = tmp_path / "an"
+    p = _cli(capsys, "analyze-layers", "--checkpoint", pref.uri, "--endpoint", moto_endpoint,
+             "--data", data["captions"]["uri"], "--samples", "4", "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((out / "influence.json").read_text())
+    assert doc["depth"] == 6 and doc["visual_region"] == pref.extra["pruned"]["visual_region"]

@@ -388,6 +388,8 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
         "visual_region": new_region,
         "params_before": params_before,
         "params_after": params_after,
+        "val_sources": [src.name for src in val_sources],
+        "eval_samples_per_source": eval_samples if val_sources else 0,
         "val_loss_before": before,
         "val_loss_after": after,
     }
@@ -481,6 +483,8 @@ def _print_summary(r: dict, log_fn) -> None:
         for m in b["by_modality"]:
             x, y = b["by_modality"][m], a["by_modality"][m]
             log_fn(f"{m:<16} {x:9.4f} {y:9.4f} {y - x:+9.4f}")
+    elif r.get("eval_samples_per_source") == 0 and r.get("val_sources"):
+        log_fn("validation loss: skipped (0 evaluation samples)")
     else:
         log_fn("validation loss: no validation data (no source has validationUri)")
 
