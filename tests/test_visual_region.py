@@ -462,6 +462,10 @@ def test_local_run_with_a_pruning_stage(tmp_path, data):
     store = open_store(str(tmp_path / "ckpt"))
     pruned = store.latest_committed("pretrain-pruned")
     assert pruned is not None and pruned.extra["pruned"]["depth_after"] == DEPTH - 3
+    events = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "progress.jsonl").read_text().splitlines()]
+    prune = [e for e in events if e["event"] == "prune"]
+    assert prune and prune[-1]["uri"] == pruned.uri and prune[-1]["depth_after"] == DEPTH - 3
+    assert set(prune[-1]["val_loss_before"]) == set(prune[-1]["val_loss_after"]) == {"image-text", "interleaved", "text"}
     events = [json.loads(line) for line in (tmp_path / "runs" / "sft" / "progress.jsonl").read_text().splitlines()]
     assert any(e["event"] == "end" and e["status"] == "completed" for e in events)
     logs = "\n".join(f.read_text(errors="replace") for f in (tmp_path / "runs" / "logs").rglob("*") if f.is_file())
