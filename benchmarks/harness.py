@@ -296,11 +296,13 @@ class Target:
 
 # The targets the issues set (issue number, area module, how the figure is named).
 TARGETS: tuple[Target, ...] = (
-    Target("operator.reconcile_ratio", 3, "operator_reconcile",
-           ("reconcile_ratio", "reconcile_cost_ratio", "per_run_cost_ratio", "time_to_all_children_ratio"),
-           "<=", 2.0, "ratio", "operator reconcile of 200 runs vs. a no-op kopf handler"),
+    Target("operator.reconcile_time_ratio", 3, "operator_reconcile",
+           ("time_to_all_children_ratio", "reconcile_ratio", "reconcile_time_ratio"),
+           "<=", 2.0, "ratio", "operator: time to all children of 200 runs / no-op kopf handler"),
+    Target("operator.reconcile_cost_ratio", 3, "operator_reconcile", ("per_run_cost_ratio", "reconcile_cost_ratio"),
+           "<=", 2.0, "ratio", "operator: CPU cost per run / no-op kopf handler"),
     Target("operator.rss_1000_runs", 3, "operator_reconcile",
-           ("rss_1000_runs_mib", "rss_at_1000_runs_mib", "operator_rss_mib", "rss_mib"),
+           ("rss_1000_runs_mib", "rss_at_1000_runs_mib"),
            "<=", 200.0, "MiB", "operator RSS with 1000 runs"),
     Target("trainer.step_overhead", 4, "trainer_overhead", ("step_time_ratio",),
            "<=", 1.05, "ratio", "trainer step time / bare fwd-bwd-AdamW loop (demo config)"),

@@ -1,0 +1,240 @@
+"""The benchmark harness: its statistics, its records, and one smoke run of the CLI.
+
+No test here asserts a speed: the CI machine is shared and small. The smoke run checks
+that the harness runs the areas and writes valid, complete JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import harness
+from benchmarks import __main__ as cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_median_odd_even_and_empty():
+    assert harness.median([3, 1, 2]) == 2
+    assert harness.median([4, 1, 3, 2]) == 2.5
+    assert harness.median([7]) == 7
+    with pytest.raises(ValueError):
+        harness.median([])
+
+
+def test_min_max_and_summary():
+    assert harness.min_max([2.0, -1.0, 5.0]) == (-1.0, 5.0)
+    s = harness.Summary.of([1.0, 3.0, 2.0, 10.0])
+    assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 10.0, 4)
+    with pytest.raises(ValueError):
+        harness.min_max([])
+
+
+def test_ratios_are_per_pair():
+    assert harness.ratios([2, 6, 9], [1, 3, 3]) == [2.0, 2.0, 3.0]
+    assert harness.ratios([1], [0]) == [math.inf]
+    with pytest.raises(ValueError):
+        harness.ratios([1, 2], [1])
+
+
+def test_alternation_order_warmup_then_a_b_pairs():
+    assert harness.alternation_order(3, 2) == [
+        ("A", -2), ("B", -2), ("A", -1), ("B", -1), ("A", 0), ("B", 0), ("A", 1), ("B", 1), ("A", 2), ("B", 2)]
+    assert harness.alternation_order(1, 0) == [("A", 0), ("B", 0)]
+    with pytest.raises(ValueError):
+        harness.alternation_order(0)
+
+
+def test_paired_alternates_discards_warmup_and_reports_median_ratio():
+    calls = []
+    a_values = iter([100.0, 4.0, 6.0, 30.0])  # the first is warm-up
+    b_values = iter([1.0, 2.0, 2.0, 3.0])
+
+    def a():
+        calls.append("A")
+        return next(a_values)
+
+    def b():
+        calls.append("B")
+        return next(b_values)
+
+    p = harness.paired(a, b, repeats=3, warmup=1, collect=False)
+    assert calls == ["A", "B"] * 4
+    assert p.a == [4.0, 6.0, 30.0] and p.b == [2.0, 2.0, 3.0]
+    assert (p.ratio.median, p.ratio.min, p.ratio.max, p.ratio.n) == (3.0, 2.0, 10.0, 3)
+    assert p.order[0] == ("A", -1)
+
+
+def test_paired_times_callables_that_return_none():
+    ticks = iter(range(100))
+    p = harness.paired(lambda: None, lambda: None, repeats=2, warmup=0, clock=lambda: float(next(ticks)), collect=False)
+    assert p.a == [1.0, 1.0] and p.b == [1.0, 1.0]  # each call spans one clock tick
+    assert p.ratio.median == 1.0
+
+
+def test_met_and_evaluate_rows():
+    assert harness.met("<=", 1.0, 1.05) is True
+    assert harness.met(">=", 2.9, 3.0) is False
+    assert harness.met("<=", None, 1.0) is None
+    areas = {
+        "trainer_overhead": {"status": "ok", "figures": [
+            {"name": "step_time_ratio", "value": 1.2, "min": 1.1, "max": 1.3, "unit": "ratio"},
+            {"name": "data_wait_share", "value": 0.01, "unit": "share"},
+            {"name": "custom", "value": 5.0, "target": {"op": ">=", "value": 4, "issue": 99}}]},
+        "checkpoint": {"status": "error", "error": "boom", "figures": []},
+    }
+    rows = {r["target_id"]: r for r in harness.evaluate(areas)}
+    assert rows["trainer.step_overhead"]["met"] is False and rows["trainer.step_overhead"]["value"] == 1.2
+    assert rows["trainer.data_wait_share"]["met"] is True
+    assert rows["checkpoint.async_blocking"]["met"] is None and rows["checkpoint.async_blocking"]["status"] == "error"
+    assert rows["trainer_overhead.custom"]["met"] is True
+    assert {t.id for t in harness.TARGETS} <= set(rows)
+    assert "not met" in harness.status_word(rows["trainer.step_overhead"])
+    assert harness.status_word(rows["gpu.vlm_mfu"]).startswith("not measured yet")
+
+
+def test_normalize_area_accepts_flat_results():
+    out = harness.normalize_area({"a_ratio": 1.5, "b": {"value": 2, "unit": "s"}, "flag": True, "params": {"x": 1}})
+    names = {f["name"]: f for f in out["figures"]}
+    assert names["a_ratio"]["value"] == 1.5 and names["b"]["unit"] == "s"
+    assert out["flag"] is True and out["params"] == {"x": 1}
+    fig = harness.Figure("x", 1.0, "ratio", 0.5, 2.0, 3)
+    assert harness.normalize_area({"figures": [fig]})["figures"][0]["name"] == "x"
+    assert harness.normalize_area(None)["figures"] == []
+
+
+def test_merge_latest_keeps_other_areas_and_good_figures():
+    good = {"area": "checkpoint", "status": "ok", "figures": [{"name": "async_blocking_ratio", "value": 0.05}]}
+    previous = {"schema": harness.SCHEMA, "areas": {"checkpoint": good, "data_loader": {"status": "ok", "figures": []}}}
+    failed = {"area": "checkpoint", "status": "error", "error": "boom", "figures": []}
+    fresh = {"area": "trainer_overhead", "status": "ok", "figures": []}
+    merged = cli.merge_latest(previous, {"schema": harness.SCHEMA, "areas": {"checkpoint": failed, "trainer_overhead": fresh}})
+    assert set(merged["areas"]) == {"checkpoint", "data_loader", "trainer_overhead"}
+    assert merged["areas"]["checkpoint"]["figures"] == good["figures"]
+    assert merged["areas"]["checkpoint"]["last_attempt"]["status"] == "error"
+    assert list(merged["areas"])[0] == "trainer_overhead"  # harness order
+
+
+def test_update_readme_only_touches_the_marked_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n\n{harness.BEGIN}\nold\n{harness.END}\n\nafter\n")
+    latest = {"areas": {}, "machine": harness.machine_info()}
+    assert harness.update_readme(latest, readme)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n\n") and text.endswith("\n\nafter\n")
+    assert "\nold\n" not in text and "### Targets" in text and "not measured yet" in text
+    assert "python -m benchmarks gpu" in text
+    assert not harness.update_readme(latest, readme)  # idempotent
+
+
+def test_machine_info_fields():
+    info = harness.machine_info()
+    for key in ("cpu_count", "cpu_model", "torch", "python", "date", "git"):
+        assert key in info
+    assert "commit" in info["git"]
+
+
+def test_gpu_flops_accounting():
+    from benchmarks.gpu import step_flops
+
+    f = step_flops(n_llm=1_000_000, llm_layers=2, llm_hidden=8, seq=16, tokens=32)
+    assert f["llm_dense"] == 6 * 1_000_000 * 32
+    assert f["llm_attention"] == 12 * 2 * 8 * 16 * 32
+    assert f["total"] == f["llm_dense"] + f["llm_attention"]
+    causal = step_flops(n_llm=1_000_000, llm_layers=2, llm_hidden=8, seq=16, tokens=32, causal=True)
+    assert causal["llm_attention"] == f["llm_attention"] / 2
+    frozen = step_flops(n_llm=0, llm_layers=0, llm_hidden=0, seq=1, tokens=0, n_vision=10, vision_layers=1,
+                        vision_hidden=4, patches_per_image=9, images=2)
+    trained = step_flops(n_llm=0, llm_layers=0, llm_hidden=0, seq=1, tokens=0, n_vision=10, vision_layers=1,
+                         vision_hidden=4, patches_per_image=9, images=2, vision_trains=True)
+    assert frozen["vision_dense"] == 2 * 10 * 18 and trained["vision_dense"] == 3 * frozen["vision_dense"]
+
+
+def test_area_failure_is_recorded_not_raised(monkeypatch):
+    rec = cli.run_area_inprocess("no_such_area_module", quick=True)
+    assert rec["status"] == "missing" and rec["figures"] == []
+
+    def boom(name):
+        raise RuntimeError("exploded")
+
+    monkeypatch.setattr(cli, "module_exists", lambda name: True)
+    monkeypatch.setattr(cli.importlib, "import_module", boom)
+    rec = cli.run_area_inprocess("trainer_overhead", quick=True)
+    assert rec["status"] == "error" and "exploded" in rec["error"]
+
+
+# --------------------------------------------------------------------------- the CLI, end to end
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+@pytest.mark.timeout(600)
+def test_quick_run_writes_valid_results(tmp_path):
+    """`python -m benchmarks all --quick` over the trainer areas, the GPU section (skips
+    without CUDA) and an area that does not exist: valid JSON of the expected shape."""
+    readme_before = (REPO / "README.md").read_text()
+    areas = ["trainer_overhead", "data_loader", "gpu", "not_an_area"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "all", "--quick", "--out", str(tmp_path), "--only", *areas],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [p for p in tmp_path.glob("*-quick.json")]
+    assert len(runs) == 1
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert json.loads(runs[0].read_text())["run_id"] == latest["run_id"]
+    assert latest["schema"] == harness.SCHEMA and latest["quick"] is True
+    for key in ("cpu_count", "cpu_model", "torch", "git", "date"):
+        assert key in latest["machine"]
+    assert list(latest["areas"]) == ["trainer_overhead", "data_loader", "gpu", "not_an_area"]
+    for name in ("trainer_overhead", "data_loader"):
+        rec = latest["areas"][name]
+        assert rec["status"] == "ok", rec.get("error") or rec.get("log_tail")
+        assert rec["figures"] and all({"name", "value"} <= set(f) for f in rec["figures"])
+        assert "foreign_cpu_share" in rec["contention"]
+    names = {f["name"] for f in latest["areas"]["trainer_overhead"]["figures"]}
+    assert {"step_time_ratio", "data_wait_share", "trainer_step_ms", "bare_step_ms"} <= names
+    assert "loader_headroom" in {f["name"] for f in latest["areas"]["data_loader"]["figures"]}
+    gpu = latest["areas"]["gpu"]
+    assert gpu["status"] in ("skipped", "ok")
+    assert latest["areas"]["not_an_area"]["status"] == "missing"
+    ids = {r["target_id"] for r in latest["targets"]}
+    assert {t.id for t in harness.TARGETS} <= ids
+    by_id = {r["target_id"]: r for r in latest["targets"]}
+    assert isinstance(by_id["trainer.step_overhead"]["value"], float)
+    assert by_id["trainer.step_overhead"]["met"] in (True, False)
+    md = (tmp_path / "latest.md").read_text()
+    assert "### Targets" in md and "step_time_ratio" in md
+    assert (REPO / "README.md").read_text() == readme_before  # --out elsewhere never touches README
+
+
+@pytest.mark.timeout(300)
+def test_gpu_section_cpu_smoke(tmp_path):
+    """The GPU benchmark's code path (trainer VLM, FSDP2, bf16 policy, activation
+    checkpointing, MFU accounting) at toy size on CPU; on a CPU-only machine the real
+    command skips cleanly."""
+    skip = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--out", str(tmp_path / "real")], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert skip.returncode == 0, skip.stdout + skip.stderr
+    env = _env() | {"BENCH_GPU_TINY_CPU": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--quick", "--steps", "1", "--out", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("gpu-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "ok" and [c["name"] for c in rec["configs"]] == ["vlm", "llm"]
+    vlm = rec["configs"][0]
+    assert vlm["images_per_step"] >= 1 and 0 < vlm["mfu"] < 1 and vlm["tokens_per_s_per_gpu"] > 0
+    assert {"vlm_mfu", "llm_mfu", "vlm_vs_llm_tokens_per_s"} <= {f["name"] for f in rec["figures"]}
