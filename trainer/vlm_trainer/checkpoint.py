@@ -572,7 +572,13 @@ class CheckpointManager:
             result: dict[str, Any] = {}
             if self.rank == 0:
                 result = self._commit(p, gathered, save_s)
-            result = self._broadcast(result)
+            try:
+                result = self._broadcast(result)
+            except Exception as e:  # noqa: BLE001 - a peer died after the exchange
+                if not result:
+                    raise
+                # rank 0 knows what happened (e.g. committed) even if it cannot tell the others
+                log.warning("checkpoint %s step %d: outcome not broadcast: %s", p.stage, p.step, _short(e))
             out = SaveOutcome(stage=p.stage, step=p.step, ok=result["ok"], final=p.final, uri=result.get("uri", ""),
                               time=result.get("time", ""), phase=result.get("phase", ""),
                               error=result.get("error", ""), bytes=result.get("bytes", 0),

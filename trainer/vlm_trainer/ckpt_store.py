@@ -586,9 +586,8 @@ class CheckpointStore:
         stats.total_seconds += time.perf_counter() - t0
         stats.sdk_retries += self._sdk_retry_count() - sdk0
         self.last_stats = stats
-        log.info("checkpoint %s step %d committed to %s: %d files, %d bytes, upload %.2fs, commit %.3fs",
-                 stage, step, self.uri, len(files), manifest["total_bytes"], stats.upload_seconds,
-                 stats.commit_seconds)
+        log.info("checkpoint %s step %d committed to %s: %d files, %d bytes, commit %.3fs",
+                 stage, step, self.uri, len(files), manifest["total_bytes"], stats.commit_seconds)
         return UploadResult(ref=self._ref(stage, step, manifest), stats=stats)
 
     def mark_final(self, ref: CheckpointRef) -> CheckpointRef:

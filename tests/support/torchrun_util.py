@@ -1,0 +1,124 @@
+"""Helpers for tests and benchmarks that start real torchrun agents: process trees read
+from /proc (torchrun's workers run in their own session, so killing the launcher's process
+group does not stop them: everything is stopped explicitly, by pid), progress files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+PYTHON = sys.executable
+ELASTIC_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
+
+
+def children(pid: int) -> list[int]:
+    """All descendants of pid (depth first), from /proc/<pid>/task/*/children."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        for k in kids:
+            out.append(k)
+            out.extend(children(k))
+    return out
+
+
+def proc_env(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        if b"=" in item:
+            k, v = item.split(b"=", 1)
+            env[k.decode(errors="replace")] = v.decode(errors="replace")
+    return env
+
+
+def workers(agent_pid: int) -> dict[int, int]:
+    """{global rank: pid} of a torchrun agent's live worker processes."""
+    out = {}
+    for pid in children(agent_pid):
+        env = proc_env(pid)
+        if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
+            out[int(env["RANK"])] = pid
+    return out
+
+
+def kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL an agent and every process below it (collected before the agent dies)."""
+    pids = children(proc.pid)
+    kill([proc.pid])
+    kill(pids)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def read_progress(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            pass
+    return out
+
+
+def steps(path: Path) -> list[dict]:
+    return [e for e in read_progress(path) if e["event"] == "step"]
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str, procs=()) -> object:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"{what}: process {p.pid} exited with {p.returncode} first")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def torchrun(config: Path, *, nproc: int, nnodes: str = "1", endpoint: str = "localhost:0", rdzv_id: str = "test",
+             max_restarts: int = 3, rdzv_conf: Optional[str] = ELASTIC_CONF, env: dict, log: Path,
+             cwd: Path) -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc_per_node", str(nproc),
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
+           "--max-restarts", str(max_restarts), "--monitor-interval", "0.5"]
+    if rdzv_conf:
+        cmd += ["--rdzv-conf", rdzv_conf]
+    cmd += ["-m", "vlm_trainer", "--config", str(config)]
+    fh = open(log, "w")
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    finally:
+        fh.close()
