@@ -357,3 +357,56 @@ def test_persistent_failure_raises(proxy, moto_endpoint, tmp_path):
     with pytest.raises(CheckpointUploadError) as ei:
         missing.upload(src, "s", 1, world_size=1)
     assert ei.value.stats.file_retries == 0
+
+
+# --------------------------------------------------------------------------- multi-uploader commit, final, URIs
+
+
+def test_upload_files_by_several_uploaders_then_one_commit(store, tmp_path):
+    """Per-node uploads (each node its own files) and one commit over all of them."""
+    src = make_ckpt(tmp_path / "src", world_size=2)
+    node0 = tmp_path / "node0"
+    node1 = tmp_path / "node1"
+    node0.mkdir()
+    node1.mkdir()
+    for name in (".metadata", "__0_0.distcp"):
+        (node0 / name).write_bytes((src / name).read_bytes())
+    (node1 / "__1_0.distcp").write_bytes((src / "__1_0.distcp").read_bytes())
+    e0, s0 = store.upload_files(node0, "pretrain", 5)
+    assert store.committed("pretrain") == [] and s0.files == 2  # uploaded, not committed
+    with pytest.raises(CheckpointUploadError, match="not uploaded as listed"):
+        # node 1's file is not there yet: the listing check refuses to commit
+        store.commit("pretrain", 5, e0 + [{"path": "__1_0.distcp", "size": 1, "sha256": "0" * 64}], world_size=2)
+    e1, _ = store.upload_files(node1, "pretrain", 5)
+    with pytest.raises(CheckpointUploadError, match="two different files"):
+        store.commit("pretrain", 5, e0 + e1 + [dict(e1[0], sha256="1" * 64)], world_size=2)
+    with pytest.raises(CheckpointUploadError, match="files missing"):
+        store.upload_files(node1, "pretrain", 5, files=["nope"])
+    res = store.commit("pretrain", 5, e0 + e1 + e0[:1], world_size=2, extra={"nodes": 2})
+    assert res.ref.committed and res.ref.world_size == 2 and res.ref.extra == {"nodes": 2}
+    assert sorted(f["path"] for f in res.ref.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    got = store.resolve_resume("pretrain", local_dir=tmp_path / "dl")
+    assert got.step == 5 and (Path(got.local_dir) / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
+
+
+def test_mark_final_and_refs_from_uris(store, tmp_path):
+    from vlm_trainer.ckpt_store import open_step_uri
+
+    src = make_ckpt(tmp_path / "src", world_size=1)
+    ref = store.upload(src, "pretrain", 7, world_size=1).ref
+    assert not ref.final
+    final = store.mark_final(ref)
+    assert final.final and final.step == 7
+    again = store.latest_committed("pretrain")
+    assert again.final and again.manifest["id"] == ref.manifest["id"] and store.verify(again) == []
+    assert store.prune("pretrain", keep=1).kept == [7]
+    assert store.resolve_resume("sft", prev_stage="pretrain").step == 7  # usable to initialise the next stage
+    # a step directory URI (TrainerConfig.init_from) -> the checkpoint
+    uri = store.step_uri("pretrain", 7)
+    got = store.ref_from_uri(uri)
+    assert got.committed and got.final and got.step == 7 and got.stage == "pretrain"
+    assert store.ref_from_uri(store.step_uri("pretrain", 8)).committed is False
+    with pytest.raises(ValueError):
+        store.ref_from_uri(store.uri + "pretrain/")
+    other, got2 = open_step_uri(uri, **({"endpoint_url": store.endpoint_url} if store.uri.startswith("s3://") else {}))
+    assert other.uri == store.uri and got2.step == 7 and got2.final
