@@ -130,6 +130,29 @@ def quiet_logging(log_file: Path) -> None:
                         format="%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s")
 
 
+def metric_series(reg) -> dict:
+    """Series rank 0 exposes after a demo run (trainer families, plus the checkpoint
+    manager's when it can be registered): the per-run Prometheus cardinality."""
+    from prometheus_client import generate_latest
+
+    def count(text: str) -> tuple[int, int, int]:
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        families = sum(1 for line in text.splitlines() if line.startswith("# TYPE"))
+        return families, len(lines), sum(1 for line in lines if "_created" not in line.split("{")[0].split(" ")[0])
+
+    out = dict(zip(("trainer_families", "trainer_series", "trainer_series_without_created"),
+                   count(generate_latest(reg).decode())))
+    try:
+        from vlm_trainer.checkpoint import CheckpointMetrics
+
+        CheckpointMetrics(reg)
+        out.update(zip(("families", "series", "series_without_created"), count(generate_latest(reg).decode())))
+    except Exception as exc:  # the checkpoint module may be absent or refuse a second registration
+        out.update(families=out["trainer_families"], series=out["trainer_series"],
+                   series_without_created=out["trainer_series_without_created"], note=f"checkpoint metrics not counted: {exc}")
+    return out
+
+
 # --------------------------------------------------------------------------- the measurement
 
 
@@ -259,6 +282,7 @@ def run(quick: bool) -> dict:
         t0 = time.perf_counter()
         try:
             result = trainer.train()
+            series = metric_series(trainer.metrics.registry)
         finally:
             trainer.close()
             from vlm_trainer.distributed import shutdown
@@ -308,6 +332,9 @@ def run(quick: bool) -> dict:
                        description="bare fwd/bwd/AdamW step (median of chunk means)"),
         harness.Figure("train_step_call_ms", 1000 * ts_med, "ms", n=len(inter.train_step_s),
                        description="Trainer.train_step alone (no data, no metrics): the compute part of A"),
+        harness.Figure("prometheus_series_per_run", float(series["series"]), "series", baseline="rank-0 /metrics after the run",
+                       description=f"{series['families']} families; {series['series_without_created']} without `_created` "
+                                   f"(demo: 3 sources, 2 validation sources)", extra=series),
         harness.Figure("trainer_tokens_per_s", tokens_per_step / a_med, "tokens/s",
                        description=f"sequence capacity {seqs} x {seq_len} per step / trainer step time"),
     ]
