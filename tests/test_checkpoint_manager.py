@@ -419,3 +419,26 @@ def test_async_save_blocks_training_far_less_than_a_sync_save(s3, tmp_path, reco
           f"ratio {ratio:.3f}")
     assert ratio < 1.0
     mgr.close()
+
+
+def test_a_failing_state_capture_is_counted_and_the_next_save_works(tmp_path):
+    uri = str(tmp_path / "store")
+    mgr = manager(make_settings(uri, tmp_path, interval=1))
+    run = Run()
+    calls = {"n": 0}
+    get = run.target.extra_state
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("no room for the staging copy")
+        return get()
+
+    run.target.extra_state = flaky
+    run.train(1, mgr)
+    out = mgr.wait()
+    assert out is None or not out.ok  # the failed save never started a write
+    assert sample_failures(mgr, "save") == 1 and mgr.last_committed is None
+    run.train(1, mgr)
+    assert mgr.wait().ok and mgr.last_committed.step == 2
+    mgr.close()

@@ -29,10 +29,14 @@ and restored exactly at any world size.
 
 Saving (every rank; ``save``):
 
-1. wait for the previous save (at most one in flight), ``get_state_dict``;
-2. ``dcp.async_save`` on a DEDICATED gloo group (the training group's collectives would
-   interleave with the save's), staged into CPU memory (training may go on at once), each
-   rank writing into its node's local directory ``<local>/<node>/<stage>/step-<N>/``;
+1. wait for the previous save (at most one in flight), ``get_state_dict``, then copy the
+   tensors into CPU buffers kept across saves (pinned on CUDA; one plain copy is all the
+   training loop waits for: ~1% of a synchronous save in benchmarks/checkpoint.py);
+2. ``dcp.async_save`` of that copy on a DEDICATED gloo group (the training group's
+   collectives would interleave with the save's), each rank writing into its node's local
+   directory ``<local>/staging/<stage>/step-<N>/`` (``<local>`` = ``$VLM_CKPT_LOCAL_DIR`` or
+   ``<tmp>/vlm-ckpt/<run>``, then the node: ``$VLM_NODE_ID``, else ``node<GROUP_RANK>``
+   under torchrun, else the host name);
 3. a background thread per rank waits for the write, then every node's leader (its lowest
    rank) uploads its node's files with ``CheckpointStore.upload_files``; the ranks exchange
    the results (``all_gather_object`` on the save group); global rank 0 writes the
@@ -412,6 +416,14 @@ class CheckpointManager:
         dist.broadcast_object_list(box, src=0, group=group if group is not None else self._pg)
         return box[0]
 
+    def _all_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (main thread; the decision group)."""
+        if not self.distributed:
+            return ok
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._ctl)
+        return bool(t.item())
+
     def _barrier(self, group) -> None:
         if self.distributed:
             dist.barrier(group=group)
@@ -478,20 +490,31 @@ class CheckpointManager:
         p = _Pending(stage=self.stage, step=step, final=final, node_dir=node_dir, t_start=t0,
                      extra=self._manifest_extra(target))
         self.metrics.in_flight.set(1)
+        sd = None
         try:
             node_dir.mkdir(parents=True, exist_ok=True)
             sd = self._state_dict(target)
-            writer = FileSystemWriter(str(node_dir), single_file_per_rank=True, sync_files=False, overwrite=True)
-            if blocking:
-                dcp.save(sd, storage_writer=writer, process_group=self._pg, no_dist=not self.distributed)
-                p.t_written = time.perf_counter()
-            else:
-                staged = self._stage(sd)  # a private CPU copy: training may change the originals now
-                p.future = dcp.async_save(staged, storage_writer=writer, process_group=self._pg,
-                                          async_stager=_AlreadyStaged(), no_dist=not self.distributed)
+            if not blocking:
+                sd = self._stage(sd)  # a private CPU copy: training may change the originals now
         except Exception as e:  # noqa: BLE001 - counted; the exchange below keeps ranks in step
-            log.warning("checkpoint %s step %d: write failed: %s", self.stage, step, _short(e))
+            log.warning("checkpoint %s step %d: preparing the state failed: %s", self.stage, step, _short(e))
             p.error = e
+        # every rank starts DCP's collectives, or none does
+        if not self._all_ok(p.error is None) and p.error is None:
+            p.error = RuntimeError("another rank could not prepare its part of the checkpoint")
+        if p.error is None:
+            try:
+                writer = FileSystemWriter(str(node_dir), single_file_per_rank=True, sync_files=False, overwrite=True)
+                if blocking:
+                    dcp.save(sd, storage_writer=writer, process_group=self._pg, no_dist=not self.distributed)
+                    p.t_written = time.perf_counter()
+                else:
+                    p.future = dcp.async_save(sd, storage_writer=writer, process_group=self._pg,
+                                              async_stager=_AlreadyStaged(), no_dist=not self.distributed)
+            except Exception as e:  # noqa: BLE001
+                log.warning("checkpoint %s step %d: write failed: %s", self.stage, step, _short(e))
+                p.error = e
+        del sd
         if blocking or p.future is None:
             p.blocking = time.perf_counter() - t0  # the upload part is reported separately below
             out = self._complete(p)
