@@ -383,3 +383,12 @@ def test_config_from_env(monkeypatch):
     cfg = config.Config.from_env()
     assert cfg.podmonitor_labels == {"release": "prom", "team": "vision"}
     assert cfg.scrape_interval == config.Config().scrape_interval
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=specs())
+def test_operator_validation_agrees_with_the_three_layers(spec):
+    """The operator skips the CEL layer for specs the other layers accept (the pydantic
+    validators carry the same rules): same verdict as `vlmpretrain validate`, same lines
+    when invalid."""
+    assert core.check_spec(spec) == core.check_spec(spec, cel=True)

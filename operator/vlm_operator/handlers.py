@@ -33,25 +33,29 @@ def _timed(name: str):
     return metrics.HANDLER_DURATION.labels(handler=name).time()
 
 
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
-    global _loop_task, _loop_stop
-    cfg = config.load()
+def apply_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf settings of this operator (also used by the benchmark's no-op baseline)."""
     # kopf's own bookkeeping lives in annotations under our group; status stays ours and
     # schema-valid (the CRD's status schema has no room for kopf's progress records).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
     settings.persistence.finalizer = f"{PREFIX}/operator"  # declared, never added (nothing requires one)
-    # Events: our own (reconcile) plus kopf's warnings and errors, not one per handler success.
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = kube.COMPONENT
+    # Only our PyTorchJobs come down the job watch (server-side label selector).
+    settings.watching.label_selectors[JOB[0], JOB[2]] = render.LABEL_RUN
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.posting.reporting_component = kube.COMPONENT
-    # Only our PyTorchJobs come down the job watch (server-side label selector).
-    settings.watching.label_selectors[JOB[0], JOB[2]] = render.LABEL_RUN
     settings.queueing.error_delays = (1, 2, 5, 10, 30, 60)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    global _loop_task, _loop_stop
+    cfg = config.load()
+    apply_settings(settings)
     REGISTRY.reset()
     metrics.RUNS.source = REGISTRY.phases
     metrics.serve(cfg.metrics_port)

@@ -167,6 +167,10 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                 state.status = decision.status
             if decision.status.get("jobName") != before.get("jobName"):
                 state.sample, state.scrape_error = None, None
+            if obs.job is not None:
+                state.last_job = (obs.job["metadata"].get("name"), st.job_state(obs.job).state)
+            elif decision.create:
+                state.last_job = (decision.status.get("jobName"), "Absent")
             for type_, reason, message in decision.events:
                 await client.post_event(run, type_, reason, message)
                 (rlog.warning if type_ == "Warning" else rlog.info)("%s: %s", reason, message)
@@ -234,15 +238,18 @@ async def on_job_event(event_type: str | None, body: Any) -> None:
         return
     key = (meta.get("namespace") or "default", run_name)
     state = REGISTRY.runs.get(key)
+    seen = (meta.get("name"), st.job_state(job).state)
     if state is not None and state.body is not None:
         if state.current_status.get("jobName") not in (None, meta.get("name")):
             return  # an earlier attempt or stage: history, not news
         if not _owned_by(job, state.uid):
             return
+        if state.last_job == seen:
+            return  # e.g. replica counts moved, or our own create echoed back: the job's state did not change
     await poke(key, job=job, trigger="job")
 
 
 def _plain(body: Any) -> dict:
-    import copy
-
-    return copy.deepcopy(dict(body)) if body is not None else {}
+    """A plain dict of a kopf body. Shallow: kopf builds a fresh body per watch event and
+    nothing here mutates nested values (only top-level keys are ever set)."""
+    return dict(body) if body is not None else {}

@@ -13,7 +13,6 @@ reconcile). Per-run locks serialise every reconcile of a run, whatever triggered
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import logging
 import time
@@ -53,6 +52,7 @@ class RunState:
     last_resync: float = dataclasses.field(default_factory=time.monotonic)
     validated: tuple[str, list[str]] | None = None  # (spec digest, problems)
     failed_seen: dict[str, Any] = dataclasses.field(default_factory=dict)  # job name -> when first seen Failed
+    last_job: tuple[str | None, str] | None = None  # (job name, job state) the last reconcile acted on
 
     @property
     def key(self) -> Key:
@@ -79,6 +79,7 @@ class RunState:
 
     def reset(self, uid: str | None) -> None:
         self.uid, self.body, self.status, self.sample, self.validated = uid, None, None, None, None
+        self.last_job = None
         self.scrape_error = None
 
 
@@ -109,7 +110,7 @@ class Registry:
         if event_type == "DELETED":
             self.drop(key)
             return
-        self.get(*key).see(copy.deepcopy(body))
+        self.get(*key).see(dict(body))  # shallow: kopf makes a fresh body per event
 
     def observe_job(self, event_type: str | None, body: dict) -> None:
         meta = body.get("metadata") or {}
@@ -117,7 +118,7 @@ class Registry:
         if event_type == "DELETED":
             self.jobs.pop(key, None)
         elif _rv(body) >= _rv(self.jobs.get(key)):
-            self.jobs[key] = copy.deepcopy(body)
+            self.jobs[key] = dict(body)
 
     def drop(self, key: Key) -> None:
         state = self.runs.pop(key, None)
