@@ -256,6 +256,17 @@ def test_stage_init_loads_weights_and_only_shared_optimizer_moments(tmp_path):
     r = mgr.restore(Run(seed=2, frozen=("emb",), eager_state=True).target)
     assert r.mode == "resume" and r.ref.stage == "c" and r.step == 1
     mgr.close()
+    # init_from may also name the previous stage's prefix (what the operator renders when it
+    # has not seen the final checkpoint's URI): its newest FINAL checkpoint, as a URI or a path
+    for prefix in (store.uri + "a/", str(tmp_path / "store" / "a")):
+        mgr = manager(make_settings(uri, tmp_path / "d", interval=1), stage="d", init_from=prefix)
+        r = mgr.restore(Run(seed=3, frozen=("emb",), eager_state=True).target)
+        assert r.mode == "init" and r.ref.stage == "a" and r.step == 5 and r.ref.final
+        mgr.close()
+    mgr = manager(make_settings(uri, tmp_path / "e", interval=1), stage="e", init_from=store.uri + "c/")
+    with pytest.raises(CheckpointError, match="no valid final checkpoint of stage c"):
+        mgr.restore(Run(seed=3, frozen=("emb",), eager_state=True).target)
+    mgr.close()
 
 
 def test_resume_with_a_missing_parameter_fails_loudly(tmp_path):

@@ -87,6 +87,7 @@ from .ckpt_store import (
     TransferSettings,
     open_step_uri,
     open_store,
+    split_checkpoint_uri,
     step_dirname,
 )
 
@@ -808,10 +809,11 @@ class CheckpointManager:
 
     def _store_kwargs(self) -> dict:
         kw: dict[str, Any] = {"transfer": self.settings.transfer, "retry": self.settings.retry}
-        if self.settings.endpoint:
-            kw["endpoint_url"] = self.settings.endpoint
-        if self.settings.region:
-            kw["region"] = self.settings.region
+        if self.store.uri.startswith("s3://"):
+            if self.settings.endpoint:
+                kw["endpoint_url"] = self.settings.endpoint
+            if self.settings.region:
+                kw["region"] = self.settings.region
         return kw
 
     def _choose(self) -> dict:
@@ -820,16 +822,23 @@ class CheckpointManager:
         ref = self.store.resolve_resume(self.stage, local_dir=dl)
         source, mode = "store", "resume"
         if ref is None and self.init_from:
-            try:
-                store, r = self.store, self.store.ref_from_uri(self.init_from)
-            except ValueError:
-                store, r = open_step_uri(self.init_from, **self._store_kwargs())
-                source = "init_from"
-            if r is None or not r.committed:
-                raise CheckpointError(f"init_from {self.init_from} is not a committed checkpoint")
-            dest = dl / r.stage / step_dirname(r.step)
-            store.download(r, dest)
-            ref, mode = dataclasses.replace(r, local_dir=str(dest)), "init"
+            # a step directory (that checkpoint), or a stage prefix (its newest final one)
+            root, stage, step = split_checkpoint_uri(self.init_from)
+            store = self.store
+            if root != self.store.uri:
+                store, source = open_store(root, **self._store_kwargs()), "init_from"
+            if step is None:
+                ref = store.resolve_final(stage, local_dir=dl)
+                if ref is None:
+                    raise CheckpointError(f"init_from {self.init_from}: no valid final checkpoint of stage {stage}")
+            else:
+                r = store.ref_from_uri(store.step_uri(stage, step))
+                if r is None or not r.committed:
+                    raise CheckpointError(f"init_from {self.init_from} is not a committed checkpoint")
+                dest = dl / r.stage / step_dirname(r.step)
+                store.download(r, dest)
+                ref = dataclasses.replace(r, local_dir=str(dest))
+            mode = "init"
         elif ref is None and self.prev_stage:
             ref = self.store.resolve_resume(self.stage, prev_stage=self.prev_stage, local_dir=dl)
             mode = "init"

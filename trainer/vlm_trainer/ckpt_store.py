@@ -819,19 +819,25 @@ class CheckpointStore:
         found = self._first_valid(stage, self.checkpoints(stage), local_dir, deep, want_final=False)
         if found is not None or not prev_stage:
             return found
+        found = self.resolve_final(prev_stage, local_dir=local_dir, deep=deep)
+        if found is None:
+            log.warning("no valid checkpoint in stage %s and no final checkpoint of stage %s in %s",
+                        stage, prev_stage, self.uri)
+        return found
+
+    def resolve_final(self, stage: str, *, local_dir: str | os.PathLike | None = None, deep: bool = True
+                      ) -> Optional[CheckpointRef]:
+        """The newest valid stage-final checkpoint of ``stage`` (to initialise the next
+        stage), downloaded into ``local_dir`` like :meth:`resolve_resume`; None if none."""
         cands = []
-        for r in self.checkpoints(prev_stage):
+        for r in self.checkpoints(stage):
             if not r.committed:
                 log.warning("skipping %s: no valid COMMITTED marker", r.uri)
             elif not r.final:
                 log.debug("skipping %s: not a stage-final checkpoint", r.uri)
             else:
                 cands.append(r)
-        found = self._first_valid(prev_stage, cands, local_dir, deep, want_final=True)
-        if found is None:
-            log.warning("no valid checkpoint in stage %s and no final checkpoint of stage %s in %s",
-                        stage, prev_stage, self.uri)
-        return found
+        return self._first_valid(stage, cands, local_dir, deep, want_final=True)
 
     def _first_valid(self, stage, refs, local_dir, deep, want_final) -> Optional[CheckpointRef]:
         for r in refs:
@@ -1243,6 +1249,18 @@ def open_store(uri: str, *, endpoint_url: Optional[str] = None, transfer: Transf
     return LocalCheckpointStore(uri, transfer=transfer, retry=retry)
 
 
+def split_checkpoint_uri(uri: str) -> tuple[str, str, Optional[int]]:
+    """``<root>/<stage>/step-<N>/`` -> (root, stage, N); ``<root>/<stage>/`` -> (root, stage,
+    None). Plain local paths become ``file://`` URIs."""
+    if "://" not in uri:
+        uri = Path(uri).absolute().as_uri()
+    parts = uri.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parse_step_dirname(parts[2]) is not None:
+        return parts[0] + "/", _check_stage(parts[1]), parse_step_dirname(parts[2])
+    root, stage = uri.rstrip("/").rsplit("/", 1)
+    return root + "/", _check_stage(stage), None
+
+
 def open_step_uri(uri: str, **kwargs) -> tuple[CheckpointStore, CheckpointRef]:
     """(store, ref) for the step directory ``uri`` = ``<root>/<stage>/step-<N>/`` (the form
     of ``TrainerConfig.init_from``); the store is opened at ``<root>`` with ``kwargs``."""
@@ -1254,7 +1272,7 @@ def open_step_uri(uri: str, **kwargs) -> tuple[CheckpointStore, CheckpointRef]:
 
 
 __all__ = [
-    "open_step_uri",
+    "open_step_uri", "split_checkpoint_uri",
     "CheckpointStore", "S3CheckpointStore", "LocalCheckpointStore", "open_store",
     "CheckpointRef", "TransferStats", "UploadResult", "PruneResult",
     "TransferSettings", "RetrySettings",
