@@ -104,8 +104,9 @@ class TransferSettings:
     """Tuning for uploads/downloads. Defaults fit multi-GB DCP shards: 16 MiB parts, 8 in
     flight per file, 4 files at once (up to 32 parallel part uploads per node). s3transfer
     raises the part size by itself when a file would need more than 10,000 parts (> 160 GB).
-    Measured against moto (benchmarks/checkpoint.py): 16 MiB parts beat 64 MiB ones by ~1.4x
-    and match boto3's own defaults (8 MiB, 10 threads) on one file after another."""
+    Against moto on a shared 2-core machine 8/16/32/64 MiB parts were within the noise of each
+    other and of boto3's own defaults (benchmarks/checkpoint.py: upload_throughput_ratio);
+    16 MiB keeps many parts in flight per shard, which is what a real S3 endpoint rewards."""
 
     multipart_threshold: int = 16 * MiB
     multipart_chunksize: int = 16 * MiB
