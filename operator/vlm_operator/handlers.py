@@ -33,6 +33,20 @@ def _timed(name: str):
     return metrics.HANDLER_DURATION.labels(handler=name).time()
 
 
+class _QuietEventHandlers(logging.Filter):
+    """kopf logs "Handler 'x' succeeded." at INFO for every watch event an on.event handler
+    sees: for run_event and job_event that is a line per status write of every run. Our
+    own logs (vlm_operator.*) say what happened; failures of these handlers still log."""
+
+    QUIET = ("Handler 'run_event' succeeded.", "Handler 'job_event' succeeded.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and isinstance(record.msg, str) and record.msg in self.QUIET)
+
+
+_QUIET = _QuietEventHandlers()
+
+
 def apply_settings(settings: kopf.OperatorSettings) -> None:
     """kopf settings of this operator (also used by the benchmark's no-op baseline)."""
     # kopf's own bookkeeping lives in annotations under our group; status stays ours and
@@ -56,6 +70,8 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     global _loop_task, _loop_stop
     cfg = config.load()
     apply_settings(settings)
+    if _QUIET not in logging.getLogger("kopf.objects").filters:
+        logging.getLogger("kopf.objects").addFilter(_QUIET)
     REGISTRY.reset()
     metrics.RUNS.source = REGISTRY.phases
     metrics.serve(cfg.metrics_port)

@@ -31,7 +31,6 @@ import os
 import random
 import socket
 import time
-import uuid
 import warnings
 from typing import Any
 
@@ -309,7 +308,9 @@ class Client:
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:16]}", "namespace": meta.get("namespace") or "default"},
+            # kubectl-style name: <object>.<hex nanoseconds> (+ random bits against same-ns collisions)
+            "metadata": {"name": f"{meta.get('name')}.{time.time_ns():x}{random.getrandbits(16):04x}",
+                         "namespace": meta.get("namespace") or "default"},
             "involvedObject": {
                 "apiVersion": involved.get("apiVersion", KINDS["VLMPretrainRun"].api_version),
                 "kind": involved.get("kind", "VLMPretrainRun"),

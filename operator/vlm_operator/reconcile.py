@@ -171,10 +171,13 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                 state.last_job = (obs.job["metadata"].get("name"), st.job_state(obs.job).state)
             elif decision.create:
                 state.last_job = (decision.status.get("jobName"), "Absent")
+            moved = before.get("phase") != decision.status.get("phase")
+            transition = f" (phase {before.get('phase')} -> {decision.status.get('phase')}, {trigger})" if moved else ""
             for type_, reason, message in decision.events:
                 await client.post_event(run, type_, reason, message)
-                (rlog.warning if type_ == "Warning" else rlog.info)("%s: %s", reason, message)
-            if before.get("phase") != decision.status.get("phase"):
+                (rlog.warning if type_ == "Warning" else rlog.info)("%s: %s%s", reason, message, transition)
+                transition = ""
+            if transition:
                 rlog.info("phase %s -> %s (%s)", before.get("phase"), decision.status.get("phase"), trigger)
             metrics.RECONCILES.labels(result=decision.result).inc()
             return decision
