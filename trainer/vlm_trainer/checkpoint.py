@@ -548,12 +548,12 @@ class CheckpointManager:
         try:
             if self._stager is not None:
                 try:
-                    staged = _copy_state_dict(sd, self._stager, non_blocking=cuda)
+                    staged = _copy_state_dict(sd, self._stager, non_blocking=cuda, type_check=False)
                 except Exception:  # noqa: BLE001 - the structure changed: new buffers
                     staged = None
             if staged is None:
                 self._stager = _create_cpu_state_dict(sd, pin_memory=cuda)
-                staged = _copy_state_dict(sd, self._stager, non_blocking=cuda)
+                staged = _copy_state_dict(sd, self._stager, non_blocking=cuda, type_check=False)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
