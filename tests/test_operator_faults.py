@@ -104,6 +104,20 @@ def test_injected_409_500_429_are_absorbed(cluster):
     assert cluster.get("v1/configmaps", "llama-pretrain-config")["data"] == {}
 
 
+def test_refused_child_is_reported_then_retried(cluster):
+    cluster.kube.fail("create", JOBS, 422, times=2, message='PyTorchJob.kubeflow.org "llama-pretrain" is invalid: denied by a webhook')
+    with cluster.operator():
+        cluster.create_run("llama")
+        degraded = wait(lambda: cluster.condition("llama", "Degraded").get("reason") == "ChildRejected"
+                        and cluster.condition("llama", "Degraded"), what="Degraded/ChildRejected")
+        assert "denied by a webhook" in degraded["message"] and degraded["status"] == "True"
+        (event,) = wait(lambda: cluster.events("llama", "ChildRejected"), what="event")
+        assert event["type"] == "Warning"
+        wait(lambda: cluster.job("llama-pretrain"), what="the retry succeeding")
+        wait(lambda: cluster.condition("llama", "Degraded").get("status") == "False", what="recovery")
+    assert additions(cluster)[("pytorchjobs", "ns1", "llama-pretrain")] == 1
+
+
 def test_persistent_api_failure_does_not_crash_and_recovers(cluster):
     kube = cluster.kube
     kube.fail("*", JOBS, 503, times=None)  # the API server is down for PyTorchJobs

@@ -299,3 +299,26 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
                 patches.append(("ConfigMap", ns, cm, cp))
                 events.append(("Normal", "ConfigUpdated", f"{cm}: trainer config follows the spec (e.g. checkpoint.keep)"))
     return finish(view_for(js, attempt, job, stage.name), patch=patches)
+
+
+def blocked(run: dict, reason: str, message: str, now: datetime.datetime, cfg: Config | None = None) -> Decision:
+    """The API server refused a write that retrying as-is will not fix by itself (422 from
+    validation or a webhook, 403 from RBAC): say so in status and an Event, retry later."""
+    cfg = cfg or config.CONFIG
+    meta = run.get("metadata") or {}
+    gen = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+    old = clean_status(run.get("status"))
+    new = dict(old)
+    if gen is not None:
+        new["observedGeneration"] = gen
+    new.setdefault("startTime", st.fmt_time(now))
+    events = []
+    if _cond(old, "Degraded").get("reason") != reason:
+        events.append(("Warning", reason, message))
+    view = st.View(old.get("phase") if old.get("phase") in ("Pending", "Running", "Suspended") else "Pending",
+                   st.Cond("False", reason, message),
+                   st.Cond("False", "Retrying", f"retrying every {cfg.api_retry:g}s"),
+                   st.Cond("True", reason, message))
+    new["phase"] = view.phase
+    new["conditions"] = view.conditions(old.get("conditions"), gen, now)
+    return Decision(_normalize(new), events=events, wait=cfg.api_retry, wait_reason=message)

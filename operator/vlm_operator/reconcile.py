@@ -39,6 +39,8 @@ from .registry import REGISTRY, Key, RunState
 log = logging.getLogger(__name__)
 
 RUN_KIND = kube.KINDS["VLMPretrainRun"]
+# Refusals that retrying the same request will not fix by itself: shown in status, retried slowly.
+REFUSED = {400: "ChildRejected", 403: "Forbidden", 422: "ChildRejected"}
 
 
 def run_logger(namespace: str, name: str) -> logging.LoggerAdapter:
@@ -141,21 +143,27 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                 obs.failed_seen = state.failed_seen.setdefault(obs.job["metadata"]["name"], now)
             decision = core.decide(view, problems, obs, now)
 
-            for obj in decision.create:
-                try:
-                    await _create(client, run, obj)
-                except kube.ResourceMissing:
-                    client.forget(obj["kind"])
-                    if obj["kind"] == "PyTorchJob":
-                        obs.pytorchjob_crd = False
-                        decision = core.decide(view, problems, obs, now)
-                        break
-                    rlog.info("%s not served: %s %s skipped", obj["kind"], obj["kind"], obj["metadata"]["name"])
-            for kind, ns, name, patch in decision.patch:
-                try:
-                    await client.patch(kind, ns, name, patch)
-                except kube.NotFound:
-                    rlog.info("%s %s vanished before it could be patched", kind, name)
+            try:
+                for obj in decision.create:
+                    try:
+                        await _create(client, run, obj)
+                    except kube.ResourceMissing:
+                        client.forget(obj["kind"])
+                        if obj["kind"] == "PyTorchJob":
+                            obs.pytorchjob_crd = False
+                            decision = core.decide(view, problems, obs, now)
+                            break
+                        rlog.info("%s not served: %s %s skipped", obj["kind"], obj["kind"], obj["metadata"]["name"])
+                for kind, ns, name, patch in decision.patch:
+                    try:
+                        await client.patch(kind, ns, name, patch)
+                    except kube.NotFound:
+                        rlog.info("%s %s vanished before it could be patched", kind, name)
+            except kube.ApiError as exc:
+                reason = REFUSED.get(exc.status) or ("ChildOwnedByAnother" if exc.reason == "OwnedByAnother" else None)
+                if reason is None:
+                    raise
+                decision = core.blocked(view, reason, f"the API server refused a child: {exc}", now)
 
             diff = core.status_patch(before, decision.status)
             if diff:
