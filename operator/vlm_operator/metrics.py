@@ -14,6 +14,7 @@ and several operators in one test process do not collide.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Iterable
 
@@ -77,7 +78,11 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
         return
     with _server_lock:
         if _served_port is None:
-            start_http_server(port, addr=addr, registry=REGISTRY)
+            try:
+                start_http_server(port, addr=addr, registry=REGISTRY)
+            except OSError as exc:  # e.g. the port is taken: run without /metrics rather than not at all
+                logging.getLogger(__name__).error("cannot serve /metrics on port %s: %s", port, exc)
+                return
             _served_port = port
 
 
