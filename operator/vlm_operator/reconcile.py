@@ -177,8 +177,8 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                 state.sample, state.scrape_error = None, None
             if obs.job is not None:
                 state.last_job = (obs.job["metadata"].get("name"), st.job_state(obs.job).state)
-            elif decision.create:
-                state.last_job = (decision.status.get("jobName"), "Absent")
+            elif decision.create:  # its ADDED event (no conditions yet) brings nothing new
+                state.last_job = (decision.status.get("jobName"), "Pending")
             moved = before.get("phase") != decision.status.get("phase")
             transition = f" (phase {before.get('phase')} -> {decision.status.get('phase')}, {trigger})" if moved else ""
             for type_, reason, message in decision.events:
