@@ -26,8 +26,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile

@@ -29,7 +29,7 @@ from vlm_trainer.checkpoint import (  # noqa: E402
     CheckpointSettings,
     TrainState,
 )
-from vlm_trainer.ckpt_store import MANIFEST_NAME, RetrySettings, TransferSettings, open_store  # noqa: E402
+from vlm_trainer.ckpt_store import RetrySettings, TransferSettings, open_store  # noqa: E402
 from vlm_trainer.schedule import init_optimizer_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("aws_env")

@@ -4,8 +4,6 @@ fault tests: SIGKILL one worker, SIGKILL a whole second agent of an elastic 1:2-
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
