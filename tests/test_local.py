@@ -6,9 +6,9 @@ process tracker (workers in their own sessions), the derangement of the groundin
 Slow tests (`-m slow`, real torchrun through torchx's local scheduler, 2 workers) run one
 pipeline on tests/data/tiny-local.yaml in a shared directory, in order:
 
-1. ``--max-steps 15 --checkpoint-dir C``: pretrain stops at step 15 (committed, not final),
+1. ``--max-steps 30 --checkpoint-dir C``: pretrain stops at step 30 (committed, not final),
    the SFT stage does not start, nothing lands in the recipe's own checkpoint URI;
-2. the same command without ``--max-steps`` resumes at step 15; SIGINT after the next
+2. the same command without ``--max-steps`` resumes at step 30; SIGINT after the next
    committed checkpoint: exit 130, no trainer process left, every step directory left in
    the store is a valid committed checkpoint;
 3. again: pretrain resumes from its newest checkpoint, finishes, and SFT runs from its
@@ -288,11 +288,11 @@ def work(tmp_path_factory):
 
 @pytest.mark.slow
 def test_1_max_steps_and_checkpoint_dir(work):
-    r = _local(work, "--max-steps", "15")
+    r = _local(work, "--max-steps", "30")
     assert r.returncode == 0, r.stdout + r.stderr
     ckpt = work / "ckpt"
     assert not (work / "tiny-ckpt").exists(), "--checkpoint-dir must replace spec.checkpoint.uri"
-    assert _assert_only_committed(ckpt) == [15, 10]
+    assert _assert_only_committed(ckpt) == [30, 25]
     from vlm_trainer.ckpt_store import open_store
 
     store = open_store(ckpt.as_uri())
@@ -300,9 +300,9 @@ def test_1_max_steps_and_checkpoint_dir(work):
     assert store.checkpoints("sft") == [], "a stage cut short by --max-steps must not feed the next one"
     assert "run again without --max-steps" in r.stdout
     cfg = (work / "runs/tiny/pretrain/config.yaml").read_text()
-    assert "maxSteps: 15" in cfg and ckpt.as_uri() in cfg
+    assert "maxSteps: 30" in cfg and ckpt.as_uri() in cfg
     summary = json.loads((work / "runs/tiny/summary.json").read_text())
-    assert summary["stages"][0]["step"] == 15 and summary["stages"][0]["status"] == "capped"
+    assert summary["stages"][0]["step"] == 30 and summary["stages"][0]["status"] == "capped"
     logs = list((work / "runs/tiny/logs").rglob("combined.log"))
     assert logs and any("[default1]" in p.read_text() for p in logs), "every rank's output in the run directory"
 
@@ -318,13 +318,13 @@ def test_2_resume_then_sigint_leaves_only_committed_checkpoints(work):
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             new = V.read_events(progress)[seen:]
-            if any(e["event"] == "checkpoint" and e["step"] >= 20 for e in new):
+            if any(e["event"] == "checkpoint" and e["step"] >= 50 for e in new):
                 break
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.2)
         else:
             pytest.fail("no checkpoint after the resume")
-        assert _starts(progress)[-1] == 15, "the second run must resume from the committed step 15"
+        assert _starts(progress)[-1] == 30, "the second run must resume from the committed step 30"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -334,7 +334,10 @@ def test_2_resume_then_sigint_leaves_only_committed_checkpoints(work):
     assert "interrupted" in out and "run the same command again to resume" in out
     assert _trainers_of(work / "runs" / "tiny") == [], "no trainer process may outlive the runner"
     steps = _assert_only_committed(work / "ckpt")
-    assert steps and max(steps) >= 20 and max(steps) < 60
+    assert steps and max(steps) >= 50 and max(steps) < 500
+    ends = [e for e in V.read_events(progress) if e["event"] == "end"]
+    assert ends[-1]["status"] == "stopped"
+    assert max(steps) == ends[-1]["step"], "the trainer checkpoints the step it stopped at"
 
 
 @pytest.mark.slow
@@ -348,7 +351,7 @@ def test_3_two_stages_end_to_end_with_two_processes(work):
 
     store = open_store((work / "ckpt").as_uri())
     pre, sft = store.latest_committed("pretrain"), store.latest_committed("sft")
-    assert pre.final and pre.step == 60 and sft.final and sft.step == 8
+    assert pre.final and pre.step == 500 and sft.final and sft.step == 8
     assert pre.world_size == 2 and sft.world_size == 2
     sft_events = V.read_events(work / "runs/tiny/sft/progress.jsonl")
     restore = [e for e in sft_events if e["event"] == "restore"]

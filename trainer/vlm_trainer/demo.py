@@ -28,7 +28,7 @@ from .local import LocalOptions, LocalRunError, missing_shards, run_local
 
 DEFAULT_FILE = "examples/demo.yaml"
 DATA_DIR = "runs/demo-data"
-SAMPLES_PER_SHARD = 200
+SAMPLES_PER_SHARD = 500
 SEED = 0
 # Measured on 2 CPU cores (see README "Local runs and the demo"): the final checkpoint's
 # mismatched-image caption loss is well above this multiple of the true-image loss.
