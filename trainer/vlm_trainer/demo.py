@@ -141,7 +141,7 @@ where things are (and how to look at them):
   progress      {rd}/<stage>/progress.jsonl  (one JSON line per step/eval/checkpoint; what the bars showed)
   metrics       while a stage trains, rank 0 serves Prometheus text: curl -s localhost:<port>/metrics | grep vlmtrain_
                 (port printed at the stage start; the same series a cluster run exports to Prometheus/Grafana)
-  logs          {rd}/logs/vlmpretrain/<app>/  (torchx: trainer/<replica>/*.log; torchelastic/: every rank)
+  logs          {rd}/logs/torchx/<app>/  (torchx: trainer/<replica>/*.log; torchelastic/: every rank)
   summary       {rd}/summary.json, {rd}/grounding.json
   grounding     python -m vlm_trainer.grounding {result.checkpoint_uri}/{last}/ --config {rd}/{last}/config.yaml
   on a cluster  kubectl apply -f {args.file}  (the operator runs the same stages as PyTorchJobs)

@@ -13,7 +13,8 @@ image can. The loss is the mean next-token loss over every caption token (gramma
 included), so the ratio understates how much the image-dependent words depend on it.
 
 ``python -m vlm_trainer.grounding CHECKPOINT --config CONFIG`` evaluates any committed
-checkpoint (``<root>/<stage>/`` = its newest, or ``<root>/<stage>/step-N/``).
+checkpoint (``<root>/<stage>/`` = its newest, or ``<root>/<stage>/step-N/``); relative data
+paths in the config resolve against the working directory, as they did for the trainer.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import logging
 import math
 import random
 import sys
-from pathlib import Path
+import warnings
 
 import torch
 
@@ -122,7 +123,9 @@ def evaluate_checkpoint(uri: str, *, config=None, source: str | None = None, sam
     from .ckpt_model import load_checkpoint_model
 
     torch.set_grad_enabled(False)
-    loaded = load_checkpoint_model(uri, config=config)
+    with warnings.catch_warnings():  # DCP's note that it loads in a single process: intended
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        loaded = load_checkpoint_model(uri, config=config)
     try:
         return evaluate(loaded, source=source, samples=samples, seed=seed)
     finally:

@@ -60,7 +60,6 @@ from vlm_api.validate import load_documents, validate_text
 
 from .localview import StageState, StageView, ProgressTail, state_from_file, summary_dict, summary_table
 
-SESSION = "vlmpretrain"
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 STOP_GRACE_S = float(os.environ.get("VLM_LOCAL_STOP_GRACE_S", "60"))
 
@@ -465,7 +464,7 @@ class LocalRunner:
         t0 = time.monotonic()
         handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_root)})
         app_id = handle.rsplit("/", 1)[-1]
-        app_log_dir = log_root / SESSION / app_id
+        app_log_dir = next(iter(sorted(log_root.glob(f"*/{app_id}"))), log_root / app_id)
         view.message(f"torchrun x{spec.resources.nodes.max} agent(s) x {nproc} process(es); logs: "
                      f"{_rel(app_log_dir, self.base)}")
         self.tracker.set_roots(self._agent_pids(runner, app_id))
@@ -535,11 +534,18 @@ class LocalRunner:
         names = [s.name for s in spec.stages]
         if self.opts.stage and self.opts.stage not in names:
             raise LocalRunError(f"--stage {self.opts.stage!r}: the recipe's stages are {names}")
+        todo = [s for s in spec.stages if not self.opts.stage or s.name == self.opts.stage]
+        store = self.store(spec)
+        for stage in todo:
+            if self.final_checkpoint(store, stage) is None:
+                missing = missing_shards(spec, stage, self.base)
+                if missing:
+                    raise LocalRunError(f"stage {stage.name!r}: {len(missing)} shard file(s) missing, e.g. "
+                                        f"{missing[0]} (the demo data comes from `vlmpretrain demo`)")
         run_dir = Path(self.opts.run_dir or self.base / "runs" / run["name"]).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
         nproc = self.nproc(spec)
         metrics_port = self.opts.metrics_port or (spec.metrics.port if port_free(spec.metrics.port) else free_port())
-        store = self.store(spec)
         self.say(f"run {run['name']}: {len(names)} stage(s) {names}; checkpoints in {spec.checkpoint.uri}; "
                  f"run directory {_rel(run_dir, self.base)}")
         _set_child_subreaper()
@@ -548,7 +554,7 @@ class LocalRunner:
         states: list[StageState] = []
         finals: dict[str, str] = {}
         exit_code = EXIT_OK
-        runner = get_runner(name=SESSION)
+        runner = get_runner()
         try:
             runner._scheduler("local_cwd")  # created now: it installs signal handlers we replace below
         except Exception:  # noqa: BLE001 - a newer torchx: the handlers are replaced after run() anyway
@@ -582,10 +588,6 @@ class LocalRunner:
                         states.append(st)
                         self._say_capped(stage)
                         break
-                    missing = missing_shards(spec, stage, self.base)
-                    if missing:
-                        raise LocalRunError(f"stage {stage.name!r}: {len(missing)} shard file(s) missing, e.g. "
-                                            f"{missing[0]} (the demo data comes from `vlmpretrain demo`)")
                     init_from = self.init_source(store, spec.stages[i - 1] if i else None)
                     own = store.latest_committed(stage.name)
                     if own is not None:
