@@ -234,10 +234,13 @@ def wait_idle(max_wait: float, threshold: float = 0.2, log: Callable[[str], None
     """Wait (up to ``max_wait`` s) until other processes use < ``threshold`` of the CPU."""
     t0 = time.monotonic()
     busy = foreign_busy()
+    first = busy
     while busy is not None and busy >= threshold and time.monotonic() - t0 < max_wait:
-        log(f"machine busy ({100 * busy:.0f}% CPU used by other processes); waiting")
         busy = foreign_busy(5.0)
-    return {"waited_s": round(time.monotonic() - t0, 1), "busy_at_start": busy}
+    waited = round(time.monotonic() - t0, 1)
+    if first is not None and first >= threshold:
+        log(f"(machine {100 * first:.0f}% busy; waited {waited:.0f}s, now {100 * (busy or 0):.0f}%)")
+    return {"waited_s": waited, "busy_at_start": first, "busy_at_end": busy}
 
 
 CONTENDED = 0.15  # foreign CPU share above which an area's figures are flagged
@@ -377,7 +380,7 @@ def evaluate(areas: dict[str, dict]) -> list[dict]:
                 found = f
                 break
         row = {"target_id": t.id, "issue": t.issue, "area": t.area, "what": t.text, "op": t.op, "target": t.value,
-               "unit": t.unit, "gpu": t.gpu}
+               "unit": t.unit, "gpu": t.gpu, "contended": bool(area.get("contended"))}
         if found is not None:
             used.add((t.area, found["name"]))
             row.update(value=found.get("value"), min=found.get("min"), max=found.get("max"), figure=found["name"],
@@ -391,6 +394,7 @@ def evaluate(areas: dict[str, dict]) -> list[dict]:
             if not tgt or (name, f["name"]) in used:
                 continue
             rows.append({"target_id": f"{name}.{f['name']}", "issue": tgt.get("issue"), "area": name,
+                         "contended": bool(area.get("contended")),
                          "what": f.get("description") or f["name"], "op": tgt["op"], "target": tgt["value"],
                          "unit": f.get("unit", ""), "gpu": False, "value": f.get("value"), "min": f.get("min"),
                          "max": f.get("max"), "figure": f["name"], "met": met(tgt["op"], f.get("value"), tgt["value"])})
@@ -490,10 +494,11 @@ def fmt_spread(row: dict) -> str:
 
 
 def status_word(row: dict) -> str:
+    flag = " (contended: rerun)" if row.get("contended") else ""
     if row.get("met") is True:
-        return "met"
+        return "met" + flag
     if row.get("met") is False:
-        return "**not met**"
+        return "**not met**" + flag
     if row.get("gpu"):
         return "not measured yet (needs a GPU)"
     status = row.get("status") or "missing"
@@ -509,7 +514,7 @@ def slug(text: str) -> str:
 
 
 def iter_figures(areas: dict[str, dict]) -> Iterable[tuple[str, dict]]:
-    for name in sorted(areas):
+    for name in areas:
         for f in areas[name].get("figures", []):
             yield name, f
 
@@ -539,7 +544,7 @@ def _run_label(rec: dict | None) -> str:
 
 def targets_table(latest: dict) -> list[str]:
     areas = latest.get("areas", {})
-    rows = latest.get("targets") or evaluate(areas)
+    rows = evaluate(areas)
     lines = ["| issue | what | target | measured (median) | min – max | status | command |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -549,8 +554,6 @@ def targets_table(latest: dict) -> list[str]:
         tgt = f"{r['op']} {fmt(r['target'], unit)}{unit_s}"
         val = fmt(r.get("value"), unit) + (unit_s if r.get("value") is not None else "")
         quick = " (quick)" if rec and rec.get("quick") and r.get("value") is not None else ""
-        if rec and rec.get("contended") and r.get("value") is not None:
-            quick += " (contended)"
         lines.append(f"| #{r['issue']} | {r['what']} | {tgt} | {val}{quick} | {fmt_spread(r)} | {status_word(r)} | "
                      f"`{_area_command(r['area'], rec)}` |")
     return lines
@@ -590,8 +593,6 @@ def gpu_table(latest: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     if not configs:
         why = "not measured yet"
-        if rec.get("status") == "skipped":
-            why += f" ({rec.get('message', 'no CUDA device')})"
         for label in ("VLM: ~1B Llama + SigLIP-so400m, bf16, FSDP2, act. ckpt, seq 2048",
                       "anchor: the same LLM text-only"):
             lines.append(f"| {label} | | {why} | | | | |")
@@ -629,7 +630,7 @@ def markdown(latest: dict, *, heading: str = "##") -> str:
 
 
 def targets_text(latest: dict) -> str:
-    rows = latest.get("targets") or evaluate(latest.get("areas", {}))
+    rows = evaluate(latest.get("areas", {}))
     lines = []
     for r in rows:
         lines.append(f"  #{r['issue']:<2} {r['target_id']:34s} {fmt(r.get('value'), r.get('unit', '')):>10s} "
