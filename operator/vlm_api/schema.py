@@ -465,7 +465,7 @@ class Elastic(Model):
     keep_alive_interval: int = Field(1, ge=1, le=600, description="Seconds between rendezvous heartbeats.")
     keep_alive_max_attempt: int = Field(2, ge=1, le=100, description="Missed heartbeats before a node counts as dead.")
     process_group_timeout: int = Field(
-        60, ge=5, le=7200, description="Seconds a collective waits for a hung (not dead) peer before the group restarts."
+        60, ge=5, le=7200, description="Seconds a collective (and init_process_group) waits for a hung (not dead) peer before the group fails and torchrun restarts it (torch default: 30 min). VLM_PG_TIMEOUT_SECONDS overrides it in the trainer."
     )
     external_store: bool = Field(
         False, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."

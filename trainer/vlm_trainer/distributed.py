@@ -3,7 +3,8 @@
 * :func:`init_distributed` joins the torchrun group when ``WORLD_SIZE``/``RANK`` are set
   (``nccl`` on CUDA, ``gloo`` on CPU) with ``spec.elastic.processGroupTimeout`` seconds
   as the collective timeout (a hung peer fails the group in seconds, not 30 minutes, and
-  torchrun restarts it). Without torchrun it is a single process (no group).
+  torchrun restarts it); ``VLM_PG_TIMEOUT_SECONDS`` overrides it (the launcher sets it from
+  the spec). Without torchrun it is a single process (no group).
 * :func:`resolve_precision`: ``bf16`` means bf16 compute where the device supports it
   (CUDA with bf16 support). CPUs run fp32 unless ``VLM_CPU_BF16=1`` (bf16 on CPU works but
   is slower than fp32 on most CPUs). Master weights, gradients' reduction and optimizer
@@ -70,7 +71,19 @@ class DistContext:
             dist.barrier()
 
 
+def pg_timeout_seconds(default: int = 60) -> int:
+    """The collective timeout: ``VLM_PG_TIMEOUT_SECONDS`` (set by the launcher from
+    ``spec.elastic.processGroupTimeout``) when present, else ``default`` (the spec's value)."""
+    raw = os.environ.get("VLM_PG_TIMEOUT_SECONDS", "").strip()
+    try:
+        return int(raw) if raw and int(raw) > 0 else int(default)
+    except ValueError:
+        log.warning("ignoring VLM_PG_TIMEOUT_SECONDS=%r (not an integer)", raw)
+        return int(default)
+
+
 def init_distributed(timeout_seconds: int = 60) -> DistContext:
+    timeout_seconds = pg_timeout_seconds(timeout_seconds)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
