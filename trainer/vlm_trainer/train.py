@@ -546,17 +546,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TrainerConfig YAML rendered by the operator")
     parser.add_argument("--max-steps", type=int, default=None, help="override TrainerConfig.max_steps")
     args = parser.parse_args(argv)
-    setup_logging(int(os.environ.get("RANK", "0")))
-    cfg = load_config(args.config)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    rendered = load_config(args.config)
     if args.max_steps is not None:
-        cfg = cfg.model_copy(update={"max_steps": args.max_steps})
+        rendered = rendered.model_copy(update={"max_steps": args.max_steps})
+    # Visual-region pruning (a stage's `prune`): later stages train the pruned model.
+    prunes = any(s.prune is not None for s in rendered.spec.stages)
+    cfg = rendered
+    if prunes:
+        from .prune import prepare_stage_config
+
+        try:
+            cfg = prepare_stage_config(rendered, rank=rank)
+        except Exception:
+            log.exception("could not prepare the pruned model for this stage")
+            return EXIT_FAILED
     ctx = init_distributed(cfg.spec.elastic.process_group_timeout)
     trainer = None
+    result = None
     try:
         trainer = Trainer(cfg, ctx=ctx)
         trainer.install_signal_handlers()
         result = trainer.train()
-        return result.exit_code
     except Exception:
         log.exception("training failed")
         return EXIT_FAILED
@@ -564,3 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         if trainer is not None:
             trainer.close()
         shutdown(ctx)
+    if prunes and result.exit_code == EXIT_OK and result.stage_finished and rank == 0:
+        from .prune import after_stage
+
+        try:
+            after_stage(rendered, committed=True, rank=rank)
+        except Exception:
+            log.exception("pruning after the stage failed")
+            return EXIT_FAILED
+    return result.exit_code
