@@ -37,8 +37,9 @@ from vlm_trainer import localview as V
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny-local.yaml"
 VLM = [sys.executable, "-m", "vlm_api.cli"]
-# Measured on tests/data/tiny-local.yaml (README, "Local runs and the demo"); the margin is wide.
-GROUNDING_MIN = 1.3
+# Measured on tests/data/tiny-local.yaml with --nproc 2: 5.5x to 11.5x over seeds 0-3 (README, "Local runs and
+# the demo"); 2.0 leaves a wide margin.
+GROUNDING_MIN = 2.0
 
 
 # --------------------------------------------------------------------------- fast: rendering
@@ -384,3 +385,28 @@ def test_5_grounding_gap_on_the_final_checkpoint(work, monkeypatch):
     print(f"tiny grounding: true {r.true_loss:.4f} mismatched {r.mismatched_loss:.4f} ratio {r.ratio:.2f}")
     assert r.samples >= 64
     assert r.ratio >= GROUNDING_MIN, r
+
+
+@pytest.mark.slow
+def test_two_agents_on_localhost_with_an_s3_checkpoint_uri(work, moto_endpoint, tmp_path):
+    """`--nnodes 1:2`: two torchrun agents (replicas) rendezvous on localhost; an s3:// checkpoint
+    URI (moto over HTTP) is used as given."""
+    import boto3
+    import yaml
+
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="tiny-ckpt")
+    doc = yaml.safe_load(TINY.read_text())
+    doc["spec"]["checkpoint"].update(uri="s3://tiny-ckpt/runs/tiny/", endpoint=moto_endpoint)
+    manifest = tmp_path / "tiny-s3.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    r = subprocess.run(VLM + ["local", str(manifest), "--nnodes", "1:2", "--max-steps", "5", "--progress", "plain",
+                              "--run-dir", str(tmp_path / "run")], cwd=work, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size 2" in r.stdout and "x2 agent(s)" in r.stdout
+    assert sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("trainer/*/combined.log")) == ["0", "1"]
+    from vlm_trainer.ckpt_store import open_store
+
+    ref = open_store("s3://tiny-ckpt/runs/tiny/", endpoint_url=moto_endpoint).latest_committed("pretrain")
+    assert ref is not None and ref.step == 5 and ref.world_size == 2
+    assert "s3://tiny-ckpt/runs/tiny/" in (tmp_path / "run" / "pretrain" / "config.yaml").read_text()
