@@ -499,3 +499,20 @@ def test_readme_documents_the_monitoring_release_label():
     readme = README.read_text()
     for needle in ("release:", "PodMonitor", "ServiceMonitor", "PrometheusRule", "grafana_dashboard"):
         assert needle in readme, needle
+
+
+# --------------------------------------------------------------------------- RBAC against real calls
+
+
+def test_every_api_call_the_operator_makes_is_allowed_by_the_clusterrole(objects, tmp_path):
+    """Derived from the emulator's request log: one scenario through every API path, plus
+    whatever the operator integration tests recorded earlier in this session."""
+    from tests.support import operator_calls
+
+    role = one(objects, "ClusterRole")
+    calls = operator_calls.exercise(tmp_path) | operator_calls.recorded()
+    assert ("create", "kubeflow.org", "pytorchjobs") in calls and ("patch", "pretrain.vlm.dev", "vlmpretrainruns/status") in calls
+    assert operator_calls.missing(calls, role) == []
+    # The check has teeth: a role without configmap creation would be caught.
+    weaker = {"rules": [r for r in role["rules"] if "configmaps" not in r.get("resources", [])]}
+    assert operator_calls.missing(calls, weaker)

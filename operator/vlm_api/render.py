@@ -17,6 +17,8 @@ LABEL_RUN = f"{s.GROUP}/run"
 LABEL_STAGE = f"{s.GROUP}/stage"
 LABEL_ATTEMPT = f"{s.GROUP}/attempt"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "vlm-pretrain-operator"}
+# libyaml's dumper: same bytes as the pure-Python one, ~5x faster (the operator renders often).
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Job names leave room for the controller's `-worker-<i>` Services (DNS labels, 63 chars).
 MAX_JOB_NAME = 50
 
@@ -68,7 +70,7 @@ def build_configmap(run: dict, spec: s.VLMPretrainRunSpec, stage: str, init_from
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(config_name(run["name"], stage), run, stage),
-        "data": {"config.yaml": yaml.safe_dump(config, sort_keys=False)},
+        "data": {"config.yaml": yaml.dump(config, Dumper=_DUMPER, sort_keys=False)},
     }
 
 
