@@ -62,6 +62,7 @@ from .localview import StageState, StageView, ProgressTail, state_from_file, sum
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 STOP_GRACE_S = float(os.environ.get("VLM_LOCAL_STOP_GRACE_S", "60"))
+LOCAL_MAX_RESTARTS = 3
 
 
 class LocalRunError(RuntimeError):
@@ -426,6 +427,9 @@ class LocalRunner:
         threads = max(1, (os.cpu_count() or 1) // max(1, nproc * replicas))
         env = {
             "PET_NPROC_PER_NODE": str(nproc),
+            # A local failure is mostly deterministic (a bad recipe, missing data): fail after a few
+            # worker-group restarts instead of the cluster's budget (3 covers gloo's start-up flakes).
+            "PET_MAX_RESTARTS": str(min(spec.elastic.max_restarts, LOCAL_MAX_RESTARTS)),
             "PET_TEE": "3",  # every rank's stdout+stderr in the agent's log (prefixed) and per-rank files
             "VLM_PROGRESS_FILE": str(progress_path),
             "VLM_METRICS_PORT": str(metrics_port),
@@ -470,6 +474,8 @@ class LocalRunner:
         self.tracker.set_roots(self._agent_pids(runner, app_id))
         sent_term = killed = False
         app_state = None
+        attempts_seen = 1
+        restarts_allowed = min(spec.elastic.max_restarts, LOCAL_MAX_RESTARTS)
         from torchx.specs import is_terminal
 
         while True:
@@ -484,6 +490,11 @@ class LocalRunner:
                 killed = True
                 view.message("killing the trainer processes")
                 self.tracker.signal_all(signal.SIGKILL)
+            attempts = len({p.name for p in _attempt_dirs(app_log_dir)})
+            if attempts > attempts_seen and not self.interrupts:
+                attempts_seen = attempts
+                view.message(f"the worker group failed and torchrun restarted it (restart {attempts - 1} "
+                             f"of at most {restarts_allowed}); it resumes from the newest committed checkpoint")
             status = runner.status(handle)
             app_state = status.state if status is not None else None
             if app_state is None or is_terminal(app_state):
@@ -517,15 +528,32 @@ class LocalRunner:
             return [pid for pid, (ppid, _, _) in _proc_table().items() if ppid == os.getpid()]
 
     def _show_failure(self, app_log_dir: Path, lines: int = 25) -> None:
-        logs = sorted(app_log_dir.glob("*/*/combined.log")) or sorted(app_log_dir.glob("*/*/stderr.log"))
-        for path in logs[:2]:
-            try:
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-            except OSError:
-                continue
-            self.say(f"---- last {len(tail)} lines of {_rel(path, self.base)}")
-            for line in tail:
-                self.say("  " + line)
+        """The failing worker's own error (its per-rank stderr of the last attempt), else the agents' logs."""
+        attempts = _attempt_dirs(app_log_dir)
+        shown = 0
+        if attempts:
+            # the trainer logs its exception to stdout (logging), Python's last words go to stderr
+            for path in sorted(attempts[-1].glob("*/stdout.log")) + sorted(attempts[-1].glob("*/stderr.log")):
+                try:
+                    text = path.read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                if any("Traceback" in line or "Error" in line for line in text):
+                    tail = text[-lines:]
+                    self.say(f"---- last {len(tail)} lines of {_rel(path, self.base)} (rank {path.parent.name})")
+                    for line in tail:
+                        self.say("  " + line)
+                    shown += 1
+                    break
+        if not shown:
+            for path in sorted(app_log_dir.glob("*/*/combined.log"))[:2]:
+                try:
+                    tail = path.read_text(errors="replace").splitlines()[-lines:]
+                except OSError:
+                    continue
+                self.say(f"---- last {len(tail)} lines of {_rel(path, self.base)}")
+                for line in tail:
+                    self.say("  " + line)
 
     # ---- the whole run
     def run(self) -> LocalResult:
@@ -550,6 +578,8 @@ class LocalRunner:
                  f"run directory {_rel(run_dir, self.base)}")
         _set_child_subreaper()
         from torchx.runner import get_runner
+
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchx replaces them
 
         states: list[StageState] = []
         finals: dict[str, str] = {}
@@ -627,6 +657,8 @@ class LocalRunner:
                 _wait_gone(self.tracker, 10)
             with contextlib.suppress(Exception):
                 runner.close()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         result = LocalResult(exit_code, run_dir, spec.checkpoint.uri, states, bool(self.interrupts), finals)
         self.report(result, run, metrics_port)
         return result
@@ -647,6 +679,12 @@ class LocalRunner:
         self.say(f"metrics: rank 0 serves Prometheus text on http://localhost:{metrics_port}/metrics while a stage trains")
         if result.interrupted:
             self.say("stopped: run the same command again to resume from the newest committed checkpoint")
+
+
+def _attempt_dirs(app_log_dir: Path) -> list[Path]:
+    """torchrun's per-attempt log directories (``torchelastic/<role>/<run>_<id>/attempt_<N>``), oldest first."""
+    found = [p for p in app_log_dir.glob("torchelastic/*/*/attempt_*") if p.is_dir()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def _rel(path: Path, base: Path) -> str:
