@@ -41,6 +41,7 @@ class Observed:
     sample: scrape.Sample | None = None
     scrape_error: str | None = None
     failed_seen: datetime.datetime | None = None  # when this process first saw the current job Failed
+    store: dict | None = None  # the current stage's rendezvous-store Deployment (spec.elastic.externalStore)
 
 
 @dataclasses.dataclass
@@ -172,10 +173,13 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         new["observedGeneration"] = gen
     new.setdefault("startTime", st.fmt_time(now))
     events: list[tuple[str, str, str]] = []
+    rendezvous: list[st.Cond] = []  # RendezvousReady, once the spec asks for an external store
 
     def finish(view: st.View, **kw: Any) -> Decision:
         new["phase"] = view.phase
         new["conditions"] = view.conditions(old.get("conditions"), gen, now)
+        if rendezvous and view.phase not in st.TERMINAL:
+            new["conditions"].append(st.extra_condition("RendezvousReady", rendezvous[0], old.get("conditions"), gen, now))
         return Decision(_normalize(new), events=events, **kw)
 
     if old.get("phase") in st.TERMINAL:
@@ -201,6 +205,8 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         return finish(st.invalid(msg), invalid=msg)
 
     nstages = len(spec.stages)
+    if spec.elastic.external_store:
+        rendezvous.append(st.rendezvous_ready(obs.store))
 
     idx = old.get("stageIndex")
     if not isinstance(idx, int) or not 0 <= idx < nstages:

@@ -23,6 +23,7 @@ from .registry import REGISTRY
 
 RUN = (s.GROUP, s.VERSION, s.PLURAL)
 JOB = ("kubeflow.org", "v1", "pytorchjobs")
+STORE = ("apps", "v1", "deployments")
 PREFIX = s.GROUP
 
 _loop_task: asyncio.Task | None = None
@@ -144,3 +145,10 @@ async def update(body: kopf.Body, **_: Any) -> None:
 async def job_event(event: dict, body: kopf.Body, **_: Any) -> None:
     with _timed("job_event"):
         await reconcile.on_job_event(event.get("type"), body)
+
+
+@kopf.on.event(*STORE, labels=render.STORE_COMPONENT)
+async def store_event(event: dict, body: kopf.Body, **_: Any) -> None:
+    """The rendezvous store's readiness (RendezvousReady)."""
+    with _timed("store_event"):
+        await reconcile.on_store_event(event.get("type"), body)

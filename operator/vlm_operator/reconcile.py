@@ -86,6 +86,8 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
             obs.job = REGISTRY.jobs.get((ns, job_name)) or await client.get("PyTorchJob", ns, job_name)
         if obs.job is not None and not _owned_by(obs.job, meta.get("uid")):
             raise kube.ApiError(409, "OwnedByAnother", f"PyTorchJob {job_name} exists but belongs to another object")
+    if spec.elastic.external_store and status.get("stage") and status.get("phase") not in ("Succeeded", "Failed"):
+        obs.store = await client.get("Deployment", ns, render.store_name(meta["name"], status["stage"]))
     if check_drift and job_name and status.get("stage"):
         cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
         obs.configmap = cm
@@ -258,6 +260,20 @@ async def on_job_event(event_type: str | None, body: Any) -> None:
         if state.last_job == seen:
             return  # e.g. replica counts moved, or our own create echoed back: the job's state did not change
     await poke(key, job=job, trigger="job")
+
+
+async def on_store_event(event_type: str | None, body: Any) -> None:
+    """A rendezvous-store Deployment of ours changed (e.g. readyReplicas): reconcile its run
+    (RendezvousReady)."""
+    if event_type == "DELETED":
+        return
+    meta = _plain(body).get("metadata") or {}
+    run_name = (meta.get("labels") or {}).get(render.LABEL_RUN)
+    key = (meta.get("namespace") or "default", run_name)
+    state = REGISTRY.runs.get(key) if run_name else None
+    if state is None or state.body is None or not _owned_by(_plain(body), state.uid):
+        return
+    await poke(key, trigger="store")
 
 
 def _plain(body: Any) -> dict:

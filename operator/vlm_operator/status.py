@@ -109,6 +109,29 @@ class View:
         return out
 
 
+def extra_condition(ctype: str, cond: Cond, previous: list | None, generation: int | None,
+                    now: datetime.datetime) -> dict:
+    """One condition beyond the three of a View (e.g. RendezvousReady), same bookkeeping."""
+    old = next((c for c in (previous or []) if isinstance(c, dict) and c.get("type") == ctype), {})
+    since = old.get("lastTransitionTime") if old.get("status") == cond.status else None
+    entry = {"type": ctype, "status": cond.status, "reason": cond.reason, "message": cond.message[:1024],
+             "lastTransitionTime": since or fmt_time(now)}
+    if generation is not None:
+        entry["observedGeneration"] = generation
+    return entry
+
+
+def rendezvous_ready(deployment: dict | None) -> Cond:
+    """RendezvousReady from the store Deployment's ``status.readyReplicas``."""
+    if not isinstance(deployment, dict):
+        return Cond("False", "StoreAbsent", "the rendezvous store Deployment does not exist (yet)")
+    name = (deployment.get("metadata") or {}).get("name", "")
+    ready = (deployment.get("status") or {}).get("readyReplicas")
+    if isinstance(ready, int) and ready >= 1:
+        return Cond("True", "StoreReady", f"rendezvous store {name} ready")
+    return Cond("False", "StoreNotReady", f"rendezvous store {name}: no ready replica (agents cannot rendezvous)")
+
+
 def invalid(message: str) -> View:
     return View(
         "Invalid",

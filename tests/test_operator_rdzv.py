@@ -1,0 +1,97 @@
+"""The rendezvous store per stage (issue 10) with the real operator against the emulator:
+with ``spec.elastic.externalStore`` the operator creates the store Deployment + Service
+(owned by the run, valid against the Kubernetes schemas), the PyTorchJob rendezvouses
+through the Service with ``is_host=false``, and ``RendezvousReady`` follows the
+Deployment's ``status.readyReplicas`` (written here as the kubelet / deployment controller
+would). Cleanup with the stage is garbage collection through the owner references."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import operator_calls
+from tests.support.kube_emulator import KubeServer
+from tests.support.operator_harness import JOBS, Cluster, crd_errors, spec, wait
+from tests.support.schemas import core_errors
+from vlm_api import launch, render
+
+pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    with KubeServer() as server:
+        yield Cluster(server, tmp_path)
+        operator_calls.record(server, request.node.name)
+
+
+def _elastic_spec() -> dict:
+    body = spec()
+    body["elastic"] = {**(body.get("elastic") or {}), "externalStore": True}
+    return body
+
+
+def test_store_deployment_and_service_per_stage(cluster):
+    with cluster.operator():
+        run = cluster.create_run("llama", _elastic_spec())
+        wait(lambda: cluster.job("llama-pretrain"), what="job")
+        store = render.store_name("llama", "pretrain")
+        dep = wait(lambda: cluster.get("apps/v1/deployments", store), what="store deployment")
+        svc = cluster.get("v1/services", store)
+        assert svc is not None
+        uid = run["metadata"]["uid"]
+        for obj in (dep, svc):
+            assert obj["metadata"]["ownerReferences"] == [{
+                "apiVersion": "pretrain.vlm.dev/v1alpha1", "kind": "VLMPretrainRun", "name": "llama", "uid": uid,
+                "controller": True, "blockOwnerDeletion": True}]
+            assert obj["metadata"]["labels"]["pretrain.vlm.dev/stage"] == "pretrain"
+            body = {k: v for k, v in obj.items() if k != "status"}
+            body["metadata"] = {k: v for k, v in obj["metadata"].items()
+                                if k in ("name", "namespace", "labels", "annotations", "ownerReferences")}
+            assert core_errors(body) == [], obj["kind"]
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert container["command"] == ["vlmpretrain", "rendezvous-store"]
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert container["resources"]["requests"] and container["resources"]["limits"]
+        assert container["securityContext"]["runAsNonRoot"] is True
+        assert dep["spec"]["replicas"] == 1
+        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+        job = cluster.job("llama-pretrain")
+        assert crd_errors({k: v for k, v in job.items() if k != "status"}) == []
+        pol = job["spec"]["elasticPolicy"]
+        assert pol["rdzvHost"] == store and pol["rdzvPort"] == launch.DEFAULT_RDZV_PORT
+        conf = {c["key"]: c["value"] for c in pol.get("rdzvConf") or []}
+        assert conf.get("is_host") == "false"
+
+        # RendezvousReady follows the Deployment's readyReplicas.
+        cond = wait(lambda: next((c for c in cluster.status("llama").get("conditions", [])
+                                  if c["type"] == "RendezvousReady"), None), what="RendezvousReady")
+        assert cond["status"] == "False"
+        cluster.merge("apps/v1/deployments", store, {"status": {"replicas": 1, "readyReplicas": 1}}, sub="status")
+        wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "True",
+             what="RendezvousReady=True")
+        assert cluster.condition("llama", "RendezvousReady")["reason"] == "StoreReady"
+        cluster.merge("apps/v1/deployments", store, {"status": {"readyReplicas": 0}}, sub="status")
+        wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "False",
+             what="RendezvousReady=False")
+
+        # The next stage gets its own store; the first stage's objects are owned by the run,
+        # so they go with it (garbage collection by owner reference).
+        cluster.set_job("llama-pretrain", "Succeeded")
+        wait(lambda: cluster.job("llama-sft"), what="next stage job")
+        sft_store = render.store_name("llama", "sft")
+        wait(lambda: cluster.get("apps/v1/deployments", sft_store), what="sft store")
+        assert cluster.get("v1/services", sft_store)["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert cluster.job("llama-sft")["spec"]["elasticPolicy"]["rdzvHost"] == sft_store
+
+
+def test_no_store_without_external_store(cluster):
+    body = spec()
+    body["elastic"] = {**(body.get("elastic") or {}), "externalStore": False}
+    with cluster.operator():
+        cluster.create_run("llama", body)
+        wait(lambda: cluster.job("llama-pretrain"), what="job")
+        assert cluster.names("apps/v1/deployments") == [] and cluster.names("v1/services") == []
+        assert "rdzvHost" not in cluster.job("llama-pretrain")["spec"]["elasticPolicy"]
+        assert "RendezvousReady" not in {c["type"] for c in cluster.status("llama")["conditions"]}
