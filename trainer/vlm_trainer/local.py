@@ -336,9 +336,51 @@ class LocalRunner:
         spec.checkpoint.uri = local_checkpoint_uri(uri, self.base)
         if self.opts.nnodes:
             spec.resources.nodes = schema.NodeRange(min=self.opts.nnodes[0], max=self.opts.nnodes[1])
-        # No Deployment runs the store here: the agent bound to the endpoint hosts it.
-        spec.elastic.external_store = False
+        # --nnodes MIN:MAX with elastic.externalStore: the same store process as in a cluster
+        # (`vlmpretrain rendezvous-store`, a subprocess here); otherwise the agent bound to
+        # the endpoint hosts it.
+        spec.elastic.external_store = bool(self.opts.nnodes) and spec.elastic.external_store
         return spec
+
+    @contextlib.contextmanager
+    def rendezvous_store(self, spec: schema.VLMPretrainRunSpec):
+        """Start `vlmpretrain rendezvous-store --port 0 --health-port 0` when the spec asks for
+        an external store; yields its port (None without one); stops it at the end."""
+        self._store_port = None
+        if not spec.elastic.external_store:
+            yield None
+            return
+        import re
+        import subprocess
+        import tempfile
+
+        log = tempfile.NamedTemporaryFile("w+", prefix="vlm-rdzv-store-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-c", "import sys; from vlm_api.cli import main; sys.exit(main())",
+               "rendezvous-store", "--port", "0", "--health-port", "0"]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while self._store_port is None:
+                m = re.search(r"rendezvous-store listening port=(\d+)", Path(log.name).read_text())
+                if m:
+                    self._store_port = int(m.group(1))
+                elif proc.poll() is not None or time.monotonic() > deadline:
+                    raise LocalRunError(f"the rendezvous store did not start: {Path(log.name).read_text()[-2000:]}")
+                else:
+                    time.sleep(0.1)
+            self.say(f"rendezvous store (external, is_host=false) on 127.0.0.1:{self._store_port}")
+            yield self._store_port
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+            with contextlib.suppress(OSError):
+                os.unlink(log.name)
 
     def nproc(self, spec: schema.VLMPretrainRunSpec) -> int:
         if self.opts.nproc:
@@ -422,7 +464,9 @@ class LocalRunner:
     def appdef(self, run: dict, spec: schema.VLMPretrainRunSpec, stage: str, *, config_path: Path,
                progress_path: Path, nproc: int, metrics_port: int):
         cluster = render.rendezvous(run, spec, stage)  # the operator's; only the endpoint is local
-        rdzv = launch.Rendezvous(run_id=cluster.run_id, endpoint=f"localhost:{free_port()}", conf=cluster.conf)
+        store_port = getattr(self, "_store_port", None)
+        endpoint = f"127.0.0.1:{store_port}" if store_port else f"localhost:{free_port()}"
+        rdzv = launch.Rendezvous(run_id=cluster.run_id, endpoint=endpoint, conf=cluster.conf)
         replicas = spec.resources.nodes.max
         threads = max(1, (os.cpu_count() or 1) // max(1, nproc * replicas))
         env = {
@@ -590,7 +634,7 @@ class LocalRunner:
         except Exception:  # noqa: BLE001 - a newer torchx: the handlers are replaced after run() anyway
             pass
         try:
-            with self.signals():
+            with self.signals(), self.rendezvous_store(spec):
                 for i, stage in enumerate(spec.stages):
                     if self.opts.stage and stage.name != self.opts.stage:
                         continue
