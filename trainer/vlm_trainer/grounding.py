@@ -122,14 +122,14 @@ def evaluate_checkpoint(uri: str, *, config=None, source: str | None = None, sam
     """Load a committed checkpoint (``config``: TrainerConfig, its YAML path, or None = stored) and evaluate."""
     from .ckpt_model import load_checkpoint_model
 
-    torch.set_grad_enabled(False)
-    with warnings.catch_warnings():  # DCP's note that it loads in a single process: intended
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        loaded = load_checkpoint_model(uri, config=config)
-    try:
-        return evaluate(loaded, source=source, samples=samples, seed=seed)
-    finally:
-        loaded.close()
+    with torch.no_grad():  # scoped: callers in the same process may train afterwards
+        with warnings.catch_warnings():  # DCP's note that it loads in a single process: intended
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            loaded = load_checkpoint_model(uri, config=config)
+        try:
+            return evaluate(loaded, source=source, samples=samples, seed=seed)
+        finally:
+            loaded.close()
 
 
 def format_result(r: GroundingResult, threshold: float | None = None) -> str:
