@@ -124,7 +124,11 @@ def run_area_subprocess(name: str, quick: bool, limit: float, wait_idle: float =
         record["contention"] = {**contention, **({"wait_idle": idle} if idle else {}),
                                 "loadavg_after": list(os.getloadavg())}
         share = contention.get("foreign_cpu_share")
-        record["contended"] = bool(share is not None and share > harness.CONTENDED)
+        if isinstance(record.get("contended"), bool):
+            # the area measured contention per pair and left contended pairs out itself
+            record["contention"]["area_verdict"] = "clean pairs only" if not record["contended"] else "contended"
+        else:
+            record["contended"] = bool(share is not None and share > harness.CONTENDED)
         return record
 
 
@@ -189,16 +193,32 @@ def combine(areas: dict[str, dict], *, quick: bool, command: str, started: float
     }
 
 
+def _keep_old(old: dict | None, new: dict) -> bool:
+    """Whether latest.json should keep ``old`` rather than take ``new`` for one area.
+
+    A failed or contended re-run never replaces a good clean figure; a clean one replaces a
+    contended one; otherwise the newer run wins (an older file merged later does not)."""
+    if not old:
+        return False
+    old_ok = old.get("status") == "ok" and bool(old.get("figures"))
+    new_ok = new.get("status") == "ok" and bool(new.get("figures"))
+    if old_ok and not new_ok and new.get("status") != "skipped":
+        return True
+    if old_ok and new_ok and not old.get("contended") and new.get("contended"):
+        return True
+    if old_ok and new_ok and old.get("contended") and not new.get("contended"):
+        return False
+    return str(new.get("run_id") or "") < str(old.get("run_id") or "")
+
+
 def merge_latest(previous: dict | None, current: dict) -> dict:
-    """latest.json keeps every area's newest result; ``current`` overrides its own areas."""
+    """latest.json keeps every area's best recent result (see :func:`_keep_old`)."""
     areas = dict((previous or {}).get("areas", {}))
     for name, rec in current["areas"].items():
         old = areas.get(name)
-        # a failed re-run does not erase a good earlier figure: keep it, note the failure
-        if old and old.get("status") == "ok" and rec.get("status") != "ok" and rec.get("status") != "skipped" \
-                and not rec.get("figures"):
+        if _keep_old(old, rec):
             old = dict(old)
-            old["last_attempt"] = {k: rec.get(k) for k in ("run_id", "status", "error", "git")}
+            old["last_attempt"] = {k: rec.get(k) for k in ("run_id", "status", "error", "contended", "git")}
             areas[name] = old
         else:
             areas[name] = rec

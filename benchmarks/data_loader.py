@@ -16,7 +16,8 @@ the trainer, so this is the stricter denominator).
 Rounds alternate A B A B after one warm-up round; the figure is the median over rounds of
 (A samples/s) / (B samples/s) with min-max. Headroom >= 3 means one loader thread keeps a
 model fed with 3x margin. In training both share the machine's cores; the cost of that is
-what ``trainer_overhead``'s data-wait share shows.
+what ``trainer_overhead``'s data-wait share shows. Rounds during which other processes used
+more than 15% of the CPU are left out (whole pairs) when at least 3 rounds were clean.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def run(quick: bool) -> dict:
             return state["samples"] / dt
 
         try:
-            p = harness.paired(deliver, consume, repeats=repeats, warmup=warmup)
+            p = harness.paired(deliver, consume, repeats=repeats, warmup=warmup,
+                              exclude_contended=harness.CONTENDED, min_clean=3)
         finally:
             loader.close()
             trainer.close()
@@ -84,7 +86,7 @@ def run(quick: bool) -> dict:
                   "global_batch_sequences": trainer.global_batch, "seq_length": trainer.spec.data.seq_length,
                   "image_size": trainer.vlm.image_spec.size if trainer.vlm.image_spec else None,
                   "torch_threads": torch.get_num_threads(), "rounds": repeats, "warmup_rounds": warmup}
-    measured = per_round[warmup:]
+    measured = [per_round[warmup + i] for i in p.used]
     figures = [
         harness.Figure.from_paired("loader_headroom", p, target_id="data.headroom",
                                    baseline="bare fwd/bwd/AdamW on the same batches, same process, A B A B",
@@ -99,5 +101,5 @@ def run(quick: bool) -> dict:
     if images:
         figures.append(harness.Figure("loader_images_per_s", images / deliver_s, "images/s",
                                       description="images decoded and preprocessed per second by the data path"))
-    return {"status": "ok", "figures": [f.as_dict() for f in figures], "params": params,
+    return {"status": "ok", "contended": p.contended, "figures": [f.as_dict() for f in figures], "params": params,
             "samples": {**p.as_dict(), "rounds": measured}}

@@ -95,10 +95,39 @@ def alternation_order(repeats: int, warmup: int = 1, *, labels: tuple[str, str] 
     return order
 
 
+class ForeignCpu:
+    """Share of the machine's CPU used by *other* processes between :meth:`start` and
+    :meth:`stop`: machine busy time (``/proc/stat``) minus this process's own CPU time
+    (all its threads, and children it reaped), over all cores. ``None`` without /proc."""
+
+    def __init__(self):
+        self._m = None
+        self._own = 0.0
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> "ForeignCpu":
+        self._m = _cpu_jiffies()
+        self._own = self._own_seconds()
+        return self
+
+    def stop(self) -> float | None:
+        end = _cpu_jiffies()
+        own = self._own_seconds() - self._own
+        if not self._m or not end or end[1] <= self._m[1]:
+            return None
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        busy = (end[0] - self._m[0]) - own * hz
+        return max(0.0, min(1.0, busy / (end[1] - self._m[1])))
+
+
 @dataclasses.dataclass
 class Paired:
     """Result of :func:`paired`: raw samples of A and B (measured rounds only) and the
-    per-pair ratio A/B summarised."""
+    per-pair ratio A/B summarised (over the clean pairs when contended ones were excluded)."""
 
     a: list[float]
     b: list[float]
@@ -106,14 +135,32 @@ class Paired:
     a_summary: Summary
     b_summary: Summary
     order: list[tuple[str, int]]
+    foreign: list[float | None] = dataclasses.field(default_factory=list)  # per measured round
+    used: list[int] = dataclasses.field(default_factory=list)  # rounds the summaries are over
+    contended: bool = False  # too few clean rounds: the summaries are over all rounds
 
     def as_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "ratio": dataclasses.asdict(self.ratio),
-                "a_summary": dataclasses.asdict(self.a_summary), "b_summary": dataclasses.asdict(self.b_summary)}
+                "a_summary": dataclasses.asdict(self.a_summary), "b_summary": dataclasses.asdict(self.b_summary),
+                "foreign_cpu_per_round": self.foreign, "rounds_used": self.used, "contended": self.contended}
+
+
+def select_clean(foreign: Sequence[float | None], *, threshold: float | None, min_clean: int) -> tuple[list[int], bool]:
+    """Indices of the rounds to summarise: those where other processes used at most
+    ``threshold`` of the CPU, if there are at least ``min_clean`` of them; else all rounds
+    (and ``contended`` = True). A whole pair is kept or dropped, never one side of it."""
+    everything = list(range(len(foreign)))
+    if threshold is None:
+        return everything, False
+    clean = [i for i, f in enumerate(foreign) if f is not None and f <= threshold]
+    if len(clean) >= min_clean:
+        return clean, False
+    return everything, any(f is not None and f > threshold for f in foreign)
 
 
 def paired(run_a: Callable[[], float | None], run_b: Callable[[], float | None], *, repeats: int, warmup: int = 1,
-           clock: Callable[[], float] = time.perf_counter, collect: bool = True) -> Paired:
+           clock: Callable[[], float] = time.perf_counter, collect: bool = True,
+           exclude_contended: float | None = None, min_clean: int = 3) -> Paired:
     """Measure A against its baseline B, alternating ``A B A B``.
 
     Each callable either returns its own measurement (e.g. seconds it timed itself, or a
@@ -121,20 +168,35 @@ def paired(run_a: Callable[[], float | None], run_b: Callable[[], float | None],
     ratio is A / B per measured round: for times a ratio > 1 means A is slower; for
     throughputs the caller passes the measurements so that the ratio reads naturally.
     ``gc.collect()`` runs before every sample (outside the timing) when ``collect``.
+
+    The CPU share other processes used is recorded per round (A and B together). With
+    ``exclude_contended=x`` the summaries are over the rounds where it was <= x, provided
+    at least ``min_clean`` rounds were (else over all of them, flagged ``contended``). Only
+    for areas whose work all runs in this process (a helper process would count as foreign).
     """
     order = alternation_order(repeats, warmup)
     samples: dict[str, list[float]] = {"A": [], "B": []}
+    foreign: list[float | None] = []
     fns = {"A": run_a, "B": run_b}
+    meter = ForeignCpu()
     for label, rnd in order:
         if collect:
             gc.collect()
+        if label == "A":
+            meter.start()
         t0 = clock()
         value = fns[label]()
         elapsed = clock() - t0
         if rnd >= 0:
             samples[label].append(float(elapsed if value is None else value))
-    r = ratios(samples["A"], samples["B"])
-    return Paired(samples["A"], samples["B"], Summary.of(r), Summary.of(samples["A"]), Summary.of(samples["B"]), order)
+            if label == "B":
+                foreign.append(meter.stop())
+    used, contended = select_clean(foreign, threshold=exclude_contended, min_clean=min_clean)
+    a = [samples["A"][i] for i in used]
+    b = [samples["B"][i] for i in used]
+    r = ratios(a, b)
+    return Paired(samples["A"], samples["B"], Summary.of(r), Summary.of(a), Summary.of(b), order, foreign, used,
+                  contended)
 
 
 def rss_bytes() -> int:
@@ -577,7 +639,9 @@ def areas_table(latest: dict) -> list[str]:
         note = rec.get("error") or rec.get("message") or ""
         note = note.splitlines()[0][:160] if note else ""
         if rec.get("last_attempt"):
-            note = f"latest attempt {rec['last_attempt'].get('status')}: {rec['last_attempt'].get('error') or ''}"[:160]
+            la = rec["last_attempt"]
+            why = "contended" if la.get("contended") else (la.get("error") or la.get("status"))
+            note = f"kept over the later run {la.get('run_id')} ({why})"[:160]
         dur = rec.get("duration_s")
         other = (rec.get("contention") or {}).get("foreign_cpu_share")
         other_s = "" if other is None else f"{100 * other:.0f}%" + (" (contended)" if rec.get("contended") else "")

@@ -44,6 +44,7 @@ from pathlib import Path
 from . import harness
 
 PREFETCH_SKIP = 2
+MIN_CLEAN = 3  # rounds free of contention needed before contended ones are left out
 
 
 # --------------------------------------------------------------------------- the demo setup (shared with data_loader)
@@ -170,7 +171,11 @@ class _Interleaver:
         self.a: list[float] = []
         self.b: list[float] = []
         self.order: list[tuple[str, int]] = []
-        self.waits: list[tuple[float, float]] = []  # (wait, interval) of measured A steps
+        self.waits: list[tuple[float, float]] = []  # (wait, interval) of the current A chunk's measured steps
+        self.chunk_waits: list[tuple[float, float, int]] = []  # per round: (wait sum, interval sum, steps)
+        self.foreign: list[float | None] = []  # per round: CPU share of other processes during A + B
+        self.chunk_train_step: list[float] = []  # per round: mean Trainer.train_step time
+        self.meter = harness.ForeignCpu()
         self.a_steps = 0
         self.skip = 0
         self.rss: list[tuple[int, int]] = []  # (trainer step, bytes)
@@ -187,8 +192,7 @@ class _Interleaver:
         def train_step(rank_step):
             t0 = time.perf_counter()
             out = inner_step(rank_step)
-            if self.trainer.progress.step >= self.warmup:
-                self.train_step_s.append(time.perf_counter() - t0)
+            self.train_step_s.append(time.perf_counter() - t0)
             self.batches.append(rank_step.micro)
             return out
 
@@ -214,9 +218,11 @@ class _Interleaver:
         interval = None if self.t_last is None else now - self.t_last
         if step <= self.warmup:
             self.batches.clear()
+            self.train_step_s.clear()
             if step == self.warmup:
                 self._sample_rss(step)
                 self.rss_start_step = step
+                self.meter.start()
             self.t_last = time.perf_counter()
             return
         if self.skip > 0:
@@ -229,15 +235,21 @@ class _Interleaver:
             rnd = len(self.a)
             self.a.append(sum(self.intervals) / max(1, len(self.intervals)))
             self.order.append(("A", rnd))
-            self.intervals = []
+            self.chunk_waits.append((sum(w for w, _ in self.waits), sum(t for _, t in self.waits), len(self.waits)))
+            self.chunk_train_step.append(sum(self.train_step_s) / max(1, len(self.train_step_s)))
+            self.intervals, self.waits, self.train_step_s = [], [], []
             batches, self.batches = self.batches, []
             t0 = time.perf_counter()
             for micro in batches:
                 bare_step(self.model, self.optimizer, micro)
             self.b.append((time.perf_counter() - t0) / max(1, len(batches)))
             self.order.append(("B", rnd))
+            self.foreign.append(self.meter.stop())
+            self.meter.start()
             self.skip = PREFETCH_SKIP
-            done = len(self.a) >= self.rounds and step - self.warmup >= self.rss_steps
+            clean = sum(1 for f in self.foreign if f is not None and f <= harness.CONTENDED)
+            done = clean >= min(self.rounds, MIN_CLEAN) and len(self.a) >= self.rounds \
+                and step - self.warmup >= self.rss_steps
             if not done and len(self.a) >= 2 and time.monotonic() > self.deadline:
                 done = self.out_of_time = True  # a contended machine: report what was measured
             if done:
@@ -290,15 +302,16 @@ def run(quick: bool) -> dict:
             shutdown(ctx)
         train_s = time.perf_counter() - t0
 
-    r = harness.ratios(inter.a, inter.b)
+    used, contended = harness.select_clean(inter.foreign, threshold=harness.CONTENDED, min_clean=min(rounds, MIN_CLEAN))
+    a = [inter.a[i] for i in used]
+    b = [inter.b[i] for i in used]
+    r = harness.ratios(a, b)
     ratio = harness.Summary.of(r)
-    shares = []
-    chunk_waits = [inter.waits[i:i + chunk - PREFETCH_SKIP] for i in range(0, len(inter.waits), chunk - PREFETCH_SKIP)]
-    for cw in chunk_waits:
-        if cw:
-            shares.append(sum(w for w, _ in cw) / sum(t for _, t in cw))
-    total_wait = sum(w for w, _ in inter.waits)
-    total_time = sum(t for _, t in inter.waits)
+    cw = [inter.chunk_waits[i] for i in used]
+    shares = [w / t for w, t, _ in cw if t > 0]
+    total_wait = sum(w for w, _, _ in cw)
+    total_time = sum(t for _, t, _ in cw)
+    n_steps = sum(n for _, _, n in cw)
     rss0_step, rss0 = inter.rss[0]
     end_step = rss0_step + rss_steps
     rss_end = next(((s, b) for s, b in inter.rss if s >= end_step), inter.rss[-1])
@@ -309,15 +322,18 @@ def run(quick: bool) -> dict:
     seqs = trainer.global_batch
     seq_len = trainer.spec.data.seq_length
     tokens_per_step = seqs * seq_len
-    a_med, b_med = harness.median(inter.a), harness.median(inter.b)
-    ts_med = harness.median(inter.train_step_s) if inter.train_step_s else math.nan
+    a_med, b_med = harness.median(a), harness.median(b)
+    ts_med = harness.median([inter.chunk_train_step[i] for i in used])
+    clean_note = (f"{len(used)} of {len(inter.a)} rounds (those where other processes used <= "
+                  f"{100 * harness.CONTENDED:.0f}% of the CPU)" if not contended else
+                  f"all {len(inter.a)} rounds: too few were free of other processes' load")
     figures = [
         harness.Figure("step_time_ratio", ratio.median, "ratio", ratio.min, ratio.max, ratio.n,
                        baseline="bare fwd/bwd/AdamW loop, same model copy and batches, same process, A B A B",
                        description="trainer step time / bare loop step time", target_id="trainer.step_overhead",
-                       extra={"chunk_steps": chunk, "warmup_steps": warmup}),
+                       extra={"chunk_steps": chunk, "warmup_steps": warmup, "rounds": clean_note}),
         harness.Figure("data_wait_share", total_wait / total_time if total_time else math.nan, "share",
-                       min(shares) if shares else None, max(shares) if shares else None, len(inter.waits),
+                       min(shares) if shares else None, max(shares) if shares else None, n_steps,
                        baseline="trainer's own data-wait accounting over the measured steps",
                        description="data wait / step time (min-max over chunks)", target_id="trainer.data_wait_share"),
         harness.Figure(rss_name, growth, "share", n=rss_span,
@@ -326,11 +342,11 @@ def run(quick: bool) -> dict:
                        target_id="trainer.rss_growth" if rss_span >= 500 else None,
                        extra={"rss_start_mib": rss0 / 2**20, "rss_end_mib": rss_end[1] / 2**20,
                               "steps": rss_end[0] - rss0_step}),
-        harness.Figure("trainer_step_ms", 1000 * a_med, "ms", 1000 * min(inter.a), 1000 * max(inter.a), len(inter.a),
+        harness.Figure("trainer_step_ms", 1000 * a_med, "ms", 1000 * min(a), 1000 * max(a), len(a),
                        description="trainer loop iteration (median of chunk means)"),
-        harness.Figure("bare_step_ms", 1000 * b_med, "ms", 1000 * min(inter.b), 1000 * max(inter.b), len(inter.b),
+        harness.Figure("bare_step_ms", 1000 * b_med, "ms", 1000 * min(b), 1000 * max(b), len(b),
                        description="bare fwd/bwd/AdamW step (median of chunk means)"),
-        harness.Figure("train_step_call_ms", 1000 * ts_med, "ms", n=len(inter.train_step_s),
+        harness.Figure("train_step_call_ms", 1000 * ts_med, "ms", n=len(used),
                        description="Trainer.train_step alone (no data, no metrics): the compute part of A"),
         harness.Figure("prometheus_series_per_run", float(series["series"]), "series", baseline="rank-0 /metrics after the run",
                        description=f"{series['families']} families; {series['series_without_created']} without `_created` "
@@ -340,6 +356,7 @@ def run(quick: bool) -> dict:
     ]
     return {
         "status": "ok",
+        "contended": contended,  # the area's own verdict: its figures use only pairs free of other load
         "figures": [f.as_dict() for f in figures],
         "params": {"config": "examples/demo.yaml (visualIntroduceAt 0, no eval)", "world_size": 1,
                    "strategy": trainer.par.strategy, "global_batch_sequences": seqs, "seq_length": seq_len,
@@ -347,6 +364,7 @@ def run(quick: bool) -> dict:
                    "vision_params": trainer.vision_params, "torch_threads": torch.get_num_threads(),
                    "warmup_steps": warmup, "chunk_steps": chunk, "rounds": len(inter.a),
                    "trainer_steps": result.step, "out_of_time": inter.out_of_time, "setup_s": round(setup_s, 2), "train_s": round(train_s, 2)},
-        "samples": {"a_step_s": inter.a, "b_step_s": inter.b, "ratios": r, "order": inter.order,
+        "samples": {"a_step_s": inter.a, "b_step_s": inter.b, "ratios_used": r, "rounds_used": used,
+                    "foreign_cpu_per_round": inter.foreign, "order": inter.order,
                     "rss": [{"step": s, "mib": round(b / 2**20, 2)} for s, b in inter.rss]},
     }

@@ -238,3 +238,22 @@ def test_gpu_section_cpu_smoke(tmp_path):
     vlm = rec["configs"][0]
     assert vlm["images_per_step"] >= 1 and 0 < vlm["mfu"] < 1 and vlm["tokens_per_s_per_gpu"] > 0
     assert {"vlm_mfu", "llm_mfu", "vlm_vs_llm_tokens_per_s"} <= {f["name"] for f in rec["figures"]}
+
+
+def test_latest_prefers_clean_over_contended_and_newer_over_older():
+    clean_old = {"status": "ok", "run_id": "20260101T000000Z", "contended": False, "figures": [{"name": "x", "value": 1.0}]}
+    contended_new = {"status": "ok", "run_id": "20260102T000000Z", "contended": True, "figures": [{"name": "x", "value": 9.0}]}
+    clean_new = {"status": "ok", "run_id": "20260103T000000Z", "contended": False, "figures": [{"name": "x", "value": 2.0}]}
+    assert cli._keep_old(clean_old, contended_new)  # a contended re-run never replaces a clean figure
+    assert not cli._keep_old(contended_new, clean_old)  # a clean one replaces a contended one, even older
+    assert not cli._keep_old(clean_old, clean_new)  # otherwise the newer wins
+    assert cli._keep_old(clean_new, clean_old)  # an older file merged later does not
+    assert not cli._keep_old(None, clean_new)
+
+
+def test_select_clean_drops_whole_pairs_only_when_enough_remain():
+    used, contended = harness.select_clean([0.0, 0.5, 0.1, 0.05, None], threshold=0.15, min_clean=3)
+    assert used == [0, 2, 3] and not contended
+    used, contended = harness.select_clean([0.9, 0.5, 0.1], threshold=0.15, min_clean=3)
+    assert used == [0, 1, 2] and contended
+    assert harness.select_clean([0.9], threshold=None, min_clean=3) == ([0], False)
