@@ -84,10 +84,10 @@ def test_rendered_objects_validate_against_real_schemas(name):
         for attempt in (0, 2):
             objs = render.build_children(run, spec, stage.name, attempt=attempt, podmonitor=True)
             kinds = [o["kind"] for o in objs]
-            assert kinds == ["ConfigMap", "PyTorchJob", "PodMonitor"]
-            assert core_errors(objs[0]) == []
-            assert crd_errors(objs[1]) == []
-            assert crd_errors(objs[2]) == []
+            assert kinds == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
+            for obj in objs:
+                errors = core_errors(obj) if obj["apiVersion"] in ("v1", "apps/v1") else crd_errors(obj)
+                assert errors == [], (obj["kind"], errors)
 
 
 def test_schema_validation_catches_a_broken_pytorchjob():
@@ -139,7 +139,8 @@ def test_no_secret_value_can_reach_rendered_output(monkeypatch):
     objs = render.render_manifest(obj)
     text = yaml.safe_dump_all(objs)
     assert not any(v in text for v in secret_values)
-    env = objs[1]["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
+    job = next(o for o in objs if o["kind"] == "PyTorchJob")
+    env = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
     creds = [e for e in env if e["name"].startswith("AWS_") and e["name"] != "AWS_ENDPOINT_URL"]
     assert creds and all("value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials" for e in creds)
     assert "AWS_" not in objs[0]["data"]["config.yaml"].replace("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "")
@@ -169,7 +170,7 @@ def test_appdef_is_shared_by_both_runners():
     app = launch.build_appdef(spec, name="x-pretrain", rdzv=rdzv)
     role = app.roles[0]
     assert role.entrypoint == "torchrun" and role.env["PET_NNODES"] == "2:8"
-    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
+    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2,is_host=false"
     job = render.build_pytorchjob({"name": "x", "uid": "u"}, spec, "pretrain")
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert container["args"] == role.args

@@ -50,8 +50,8 @@ def test_render_prints_the_children_as_multi_document_yaml():
     out = vlm("render", "examples/run.yaml", "--stage", "sft")
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "PodMonitor"]
-    assert docs[1]["metadata"]["name"] == "llama1b-intro80-sft"
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
+    assert docs[3]["metadata"]["name"] == "llama1b-intro80-sft"
 
 
 def test_render_refuses_an_invalid_manifest():

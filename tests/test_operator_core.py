@@ -198,7 +198,8 @@ class World:
     def verify(self, d: core.Decision, problems: list[str]) -> None:
         s = d.status
         assert s["phase"] in st.PHASES
-        assert [c["type"] for c in s["conditions"]] == ["Ready", "Progressing", "Degraded"]
+        assert [c["type"] for c in s["conditions"]][:3] == ["Ready", "Progressing", "Degraded"]
+        assert {c["type"] for c in s["conditions"][3:]} <= {"RendezvousReady"}
         assert all(c["status"] in ("True", "False", "Unknown") and c["reason"] for c in s["conditions"])
         errors = [e.message for e in STATUS_VALIDATOR.iter_errors(s)]
         assert not errors, errors

@@ -72,7 +72,7 @@ def test_create_makes_owned_children_that_pass_real_schemas(cluster):
             assert crd_errors(body) == [], body["kind"]
         else:
             assert core_errors(body) == [], body["kind"]
-    assert {"ConfigMap", "PyTorchJob", "PodMonitor", "Event"} <= kinds
+    assert {"ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor", "Event"} <= kinds
 
     job = cluster.job("llama-pretrain")
     assert job["spec"]["elasticPolicy"]["rdzvId"] == uid
@@ -84,7 +84,8 @@ def test_create_makes_owned_children_that_pass_real_schemas(cluster):
 
     status = cluster.status("llama")
     assert status["phase"] == "Pending" and status["stage"] == "pretrain" and status["attempt"] == 0
-    assert {c["type"]: c["observedGeneration"] for c in status["conditions"]} == {"Ready": 1, "Progressing": 1, "Degraded": 1}
+    assert {c["type"]: c["observedGeneration"] for c in status["conditions"]} == {
+        "Ready": 1, "Progressing": 1, "Degraded": 1, "RendezvousReady": 1}
     assert status["observedGeneration"] == 1
     assert [e["reason"] for e in cluster.events("llama")] == ["StageStarted"]
     # No finalizer; status only through /status; spec never written.

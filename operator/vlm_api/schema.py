@@ -468,7 +468,7 @@ class Elastic(Model):
         60, ge=5, le=7200, description="Seconds a collective (and init_process_group) waits for a hung (not dead) peer before the group fails and torchrun restarts it (torch default: 30 min). VLM_PG_TIMEOUT_SECONDS overrides it in the trainer."
     )
     external_store: bool = Field(
-        False, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
+        True, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
     )
 
 
