@@ -120,6 +120,9 @@ def main(args: argparse.Namespace) -> int:
             out.write(f"running in {base} (the repository root: the recipe's paths are relative to it)\n")
             os.chdir(base)
         ensure_data(base, recipe, out)
+        # The demo's model is tiny: one thread per process is as fast as two on a quiet machine and
+        # much faster on a busy one (OpenMP threads that wait for a core spin). Yours wins if set.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         opts = LocalOptions(file=str(recipe), nproc=getattr(args, "nproc", None), run_dir=getattr(args, "run_dir", None),
                             progress=getattr(args, "progress", "auto") or "auto")
         result = run_local(opts, out, base=base)
