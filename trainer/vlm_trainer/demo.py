@@ -147,7 +147,8 @@ where things are (and how to look at them):
   logs          {rd}/logs/torchx/<app>/  (torchx: trainer/<replica>/*.log; torchelastic/: every rank)
   summary       {rd}/summary.json, {rd}/grounding.json
   grounding     python -m vlm_trainer.grounding {result.checkpoint_uri}/{last}/ --config {rd}/{last}/config.yaml
-  on a cluster  kubectl apply -f {args.file}  (the operator runs the same stages as PyTorchJobs)
+  on a cluster  the same recipe with s3:// data and checkpoint URIs (like examples/run.yaml):
+                kubectl apply -f FILE; `vlmpretrain render FILE --stage S` shows the PyTorchJob it becomes
 demo finished in {time.monotonic() - t_start:.0f}s; run it again to resume (complete stages are skipped)
 """)
     out.flush()
