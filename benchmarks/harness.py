@@ -225,9 +225,13 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return total - idle, total
 
 
-def _group_jiffies(pgid: int) -> int:
-    """CPU jiffies (user + system, plus reaped children) of every process in a process group."""
-    total = 0
+def _tree_jiffies(root: int) -> int:
+    """CPU jiffies (user + system, plus reaped children) of a process and all its
+    descendants, found by parent pid (torchrun workers and helper servers often start their
+    own session or process group, so the process group would miss them). A descendant that
+    exits moves its time into its parent's cutime/cstime when reaped, so deltas stay right."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -236,16 +240,25 @@ def _group_jiffies(pgid: int) -> int:
                 data = f.read()
         except OSError:
             continue
-        fields = data[data.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid:  # fields[0] is state; pgrp is the 5th field of stat
-            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        fields = data[data.rindex(")") + 2:].split()  # fields[0] is the state (3rd field of stat)
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        cpu[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0)
+        stack.extend(children.get(pid, ()))
     return total
 
 
 class CpuMonitor:
     """Measures how much CPU *other* processes used while an area ran: machine busy time
-    minus the area's process group, as a share of all cores. Benchmarks on a shared
-    machine are only as good as this number is small."""
+    minus the area's process tree (its pid and every descendant), as a share of all cores.
+    Benchmarks on a shared machine are only as good as this number is small."""
 
     def __init__(self, pgid: int | None = None, interval: float = 1.0):
         import threading
@@ -263,10 +276,10 @@ class CpuMonitor:
 
     def _run(self) -> None:
         prev = _cpu_jiffies()
-        prev_group = _group_jiffies(self.pgid) if self.pgid else 0
+        prev_group = _tree_jiffies(self.pgid) if self.pgid else 0
         while not self._stop.wait(self.interval):
             cur = _cpu_jiffies()
-            group = _group_jiffies(self.pgid) if self.pgid else 0
+            group = _tree_jiffies(self.pgid) if self.pgid else 0
             if prev and cur and cur[1] > prev[1]:
                 busy = cur[0] - prev[0]
                 mine = max(0, group - prev_group)  # both files count in USER_HZ ticks

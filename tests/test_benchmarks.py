@@ -257,3 +257,22 @@ def test_select_clean_drops_whole_pairs_only_when_enough_remain():
     used, contended = harness.select_clean([0.9, 0.5, 0.1], threshold=0.15, min_clean=3)
     assert used == [0, 1, 2] and contended
     assert harness.select_clean([0.9], threshold=None, min_clean=3) == ([0], False)
+
+
+def test_process_tree_cpu_includes_descendants_in_other_sessions():
+    """The contention monitor subtracts an area's own CPU: helpers that start their own
+    session (torchrun workers, a moto server) must still count as the area's."""
+    code = ("import subprocess, sys; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time\\nt = time.process_time()\\n"
+            "while time.process_time() - t < 1.0: pass\\nprint(1, flush=True)\\ntime.sleep(30)'], "
+            "start_new_session=True, stdout=subprocess.PIPE); p.stdout.readline(); print(p.pid, flush=True); "
+            "sys.stdin.readline(); p.kill()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(proc.stdout.readline())
+        assert os.getpgid(child) != os.getpgid(proc.pid)
+        assert harness._tree_jiffies(proc.pid) >= 0.8 * os.sysconf("SC_CLK_TCK")  # the child's ~1 s of CPU
+    finally:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
