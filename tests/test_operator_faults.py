@@ -64,8 +64,9 @@ def test_podmonitor_crd_absent_means_no_podmonitor(cluster):
     with cluster.operator():
         cluster.create_run("llama")
         wait(lambda: cluster.job("llama-pretrain"), what="job")
-        status = cluster.status("llama")
-    assert status["phase"] == "Pending" and cluster.condition("llama", "Degraded")["status"] == "False"
+        # The job is created before the status patch lands: await the status, don't read it once.
+        wait(lambda: cluster.status("llama").get("phase") == "Pending", what="phase Pending")
+    assert cluster.condition("llama", "Degraded")["status"] == "False"
     assert not any(r.resource == "podmonitors" and r.verb == "create" for r in cluster.kube.request_log)
 
 

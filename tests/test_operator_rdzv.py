@@ -94,4 +94,5 @@ def test_no_store_without_external_store(cluster):
         wait(lambda: cluster.job("llama-pretrain"), what="job")
         assert cluster.names("apps/v1/deployments") == [] and cluster.names("v1/services") == []
         assert "rdzvHost" not in cluster.job("llama-pretrain")["spec"]["elasticPolicy"]
-        assert "RendezvousReady" not in {c["type"] for c in cluster.status("llama")["conditions"]}
+        status = wait(lambda: cluster.status("llama").get("phase") == "Pending" and cluster.status("llama"), what="status")
+        assert "RendezvousReady" not in {c["type"] for c in status["conditions"]}
