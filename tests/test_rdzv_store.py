@@ -16,13 +16,10 @@ recorded (``record_property("recovery_seconds")`` and printed):
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -34,50 +31,8 @@ pytestmark = pytest.mark.slow
 STEPS = 14
 FAULT_AT = 5
 PG_TIMEOUT = 10
-VLMPRETRAIN = str(Path(sys.executable).parent / "vlmpretrain")
 RDZV_CONF = "is_host=false," + TU.ELASTIC_CONF
 _TOKENS: dict[str, int] = {}
-
-
-class Store:
-    """A `vlmpretrain rendezvous-store` subprocess; ``restart()`` brings up a new, empty one
-    on the same port."""
-
-    def __init__(self, root: Path, port: int = 0):
-        self.root, self.n = root, 0
-        self.proc: subprocess.Popen | None = None
-        self.port = port
-        self.start()
-
-    def start(self) -> None:
-        self.n += 1
-        log = self.root / f"store{self.n}.log"
-        fh = open(log, "w")
-        self.proc = subprocess.Popen([VLMPRETRAIN, "rendezvous-store", "--port", str(self.port), "--health-port", "0"],
-                                     stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
-        fh.close()
-
-        def bound():
-            m = re.search(r"listening port=(\d+) health_port=(\d+)", log.read_text())
-            return m and int(m.group(1))
-
-        self.port = TU.wait_for(bound, 60, "rendezvous store to listen", [self.proc])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        end = time.monotonic() + 20
-        while True:  # the port may be in TIME_WAIT for a moment
-            try:
-                self.start()
-                return
-            except AssertionError:
-                if time.monotonic() > end:
-                    raise
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +60,7 @@ def _sigcont(pid: int) -> None:
         pass
 
 
-def _agent(s: dict, store: Store, i) -> subprocess.Popen:
+def _agent(s: dict, store: TU.RendezvousStore, i) -> subprocess.Popen:
     return TU.torchrun(s["config"], nproc=1, nnodes="1:2", endpoint=f"127.0.0.1:{store.port}", rdzv_id=s["name"],
                        rdzv_conf=RDZV_CONF, max_restarts=5, env=s["env"], log=s["root"] / f"agent{i}.log", cwd=REPO)
 
@@ -114,7 +69,7 @@ def _logs(s: dict) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(s["root"].glob("*.log")))
 
 
-def _supervise(s: dict, store: Store, agents: list[subprocess.Popen], timeout: float = 150) -> list[int]:
+def _supervise(s: dict, store: TU.RendezvousStore, agents: list[subprocess.Popen], timeout: float = 150) -> list[int]:
     """What the kubelet does with the PyTorchJob's ``restartPolicy: OnFailure``: an agent
     that exits non-zero is started again (at most twice); returns the final exit codes."""
     relaunched = [0] * len(agents)
@@ -140,7 +95,7 @@ def run_with_fault(s: dict, fault, record_property, *, expect_world: int | None 
     ``relaunch``: restart agents that fail, as the kubelet would (`_supervise`).
     ``closed_ok``: agents (by index) that may instead fail to rejoin a rendezvous the others
     closed by finishing the run (`RendezvousClosedError`; the job has succeeded by then)."""
-    store = Store(s["root"])
+    store = TU.RendezvousStore(s["root"], cwd=REPO)
     agents: list[subprocess.Popen] = []
     stopped: list[int] = []
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 PYTHON = sys.executable
+VLMPRETRAIN = str(Path(sys.executable).parent / "vlmpretrain")
 ELASTIC_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
 
 
@@ -122,3 +124,44 @@ def torchrun(config: Path, *, nproc: int, nnodes: str = "1", endpoint: str = "lo
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     finally:
         fh.close()
+
+
+class RendezvousStore:
+    """A `vlmpretrain rendezvous-store` subprocess (the external c10d store, issue 10);
+    ``restart()`` brings up a new, empty one on the same port."""
+
+    def __init__(self, root: Path, *, cwd: Path, port: int = 0):
+        self.root, self.cwd, self.n = root, cwd, 0
+        self.proc: subprocess.Popen | None = None
+        self.port = port
+        self.start()
+
+    def start(self) -> None:
+        self.n += 1
+        log = self.root / f"store{self.n}.log"
+        fh = open(log, "w")
+        self.proc = subprocess.Popen([VLMPRETRAIN, "rendezvous-store", "--port", str(self.port), "--health-port", "0"],
+                                     stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd)
+        fh.close()
+
+        def bound():
+            m = re.search(r"listening port=(\d+) health_port=(\d+)", log.read_text())
+            return m and int(m.group(1))
+
+        self.port = wait_for(bound, 60, "rendezvous store to listen", [self.proc])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.stop()
+        end = time.monotonic() + 20
+        while True:  # the port may be in TIME_WAIT for a moment
+            try:
+                self.start()
+                return
+            except AssertionError:
+                if time.monotonic() > end:
+                    raise
