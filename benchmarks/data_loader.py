@@ -53,7 +53,7 @@ def run(quick: bool) -> dict:
         trainer = Trainer(trainer_config(spec), checkpointer=NullCheckpointer(), serve_metrics=False)
         model, optimizer, _ = bare_copy(trainer)
         loader = StepLoader(trainer.planner, trainer.sources, trainer.builder, rank=0, world_size=1,
-                            micro_batch_size=trainer.stage.micro_batch_size, threaded=False)
+                            micro_batch_size=trainer.stage.micro_batch_size, worker="inline")
         state = {"steps": [], "samples": 0}
         per_round = []
 

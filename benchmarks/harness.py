@@ -210,6 +210,28 @@ def rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def tree_pss_bytes() -> int:
+    """Proportional set size of this process and its live children (e.g. the trainer's
+    forked data worker): shared copy-on-write pages counted once. Falls back to RSS."""
+    def pss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            return 0
+
+    me = os.getpid()
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        return rss_bytes()
+    own = pss(me)
+    return own + sum(pss(k) for k in kids) if own else rss_bytes()
+
+
 # --------------------------------------------------------------------------- contention
 
 def _cpu_jiffies() -> tuple[int, int] | None:

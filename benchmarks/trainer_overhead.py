@@ -3,13 +3,17 @@
 Setup (the demo, as ``vlmpretrain demo`` runs it): ``examples/demo.yaml``'s model, data
 sources, mixture, batch (16 sequences x 96 tokens in 2 micro-batches of 8) and optimizer,
 on the demo's synthetic shards (``vlm_trainer.synthdata``, generated into a temp dir); a
-gloo process group of world size 1 as ``torchrun --nproc-per-node 1`` gives it, so the
-trainer wraps the model in DDP exactly as the demo does. Two changes, both so that every
+gloo process group of world size 1 as ``torchrun --nproc-per-node 1`` gives it (at world
+size 1 the trainer skips the DDP wrapper, as in the demo), and one intra-op thread, as
+``vlmpretrain demo`` runs its worker, so the data worker process has the second core. A
+full run repeats the measurement (8 rounds) with every core for compute:
+``step_time_ratio_all_cores`` shows what the data path costs when it competes with compute
+(no target; on a GPU node the data worker has CPU cores to itself). Two changes, both so that every
 measured step is the same kind of work: ``visualIntroduceAt: 0`` (the demo's multimodal
 mixture from step 0) and no periodic evaluation. No checkpointer (that cost is the
 checkpoint area's); metrics registry and the progress file are live, as in the demo.
 
-A = the trainer: ``Trainer.train()`` itself (data thread, per-step seed, count all-reduce,
+A = the trainer: ``Trainer.train()`` itself (data worker process, per-step seed, count all-reduce,
 micro-steps under ``no_sync``, clipping, schedule, AdamW, metrics, progress line, logs).
 B = the bare loop: a second copy of the same model with the same weights (plain module, no
 DDP), the same AdamW groups, stepping over the *same micro-batches the trainer just
@@ -26,8 +30,9 @@ median over chunks of A/B with min-max.
 
 Also measured in the same run: data wait / step time (the trainer's own ``data_wait``
 accounting over the A steps) and RSS growth between the end of warm-up and 500 trainer
-steps later (``/proc/self/statm``; the bare model and its optimizer exist before the first
-RSS sample, so its growth is the loop's, conservatively including the bare loop's).
+steps later (PSS of the trainer process and its data worker, ``/proc/*/smaps_rollup``; the
+bare model and its optimizer exist before the first sample, so its growth is the loop's,
+conservatively including the bare loop's).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 from . import harness
 
 PREFETCH_SKIP = 2
+DEMO_THREADS = 1  # `vlmpretrain demo` runs its worker with OMP_NUM_THREADS=1 (trainer/vlm_trainer/demo.py)
 MIN_CLEAN = 3  # rounds free of contention needed before contended ones are left out
 
 
@@ -260,18 +266,36 @@ class _Interleaver:
         import gc
 
         gc.collect()
-        self.rss.append((step, harness.rss_bytes()))
+        self.rss.append((step, harness.tree_pss_bytes()))
 
 
 def run(quick: bool) -> dict:
+    """The demo's threading (one intra-op thread; the data worker process has the other
+    core), then, in a full run, every core for compute: the data worker competes for them."""
+    out = _measure(quick, threads=DEMO_THREADS)
+    cores = os.cpu_count() or 1
+    if not quick and cores > DEMO_THREADS:
+        other = _measure(quick, threads=cores, rounds=8, rss_steps=0)
+        for f in other["figures"]:
+            if f["name"] in ("step_time_ratio", "data_wait_share"):
+                f.pop("target_id", None)
+                f["name"] += "_all_cores"
+                f["description"] += f" ({cores} intra-op threads: the data worker competes with compute for the cores)"
+                out["figures"].append(f)
+        out["params"]["all_cores"] = other["params"]
+    return out
+
+
+def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps: int | None = None) -> dict:
     import torch
 
     from vlm_trainer import metrics as vmetrics
     from vlm_trainer.train import Trainer
 
+    torch.set_num_threads(threads)
     warmup, chunk = (10, 10) if quick else (30, 25)
-    rounds = 4 if quick else 20
-    rss_steps = 40 if quick else 500
+    rounds = rounds or (4 if quick else 20)
+    rss_steps = (40 if quick else 500) if rss_steps is None else rss_steps
     budget_s = 60 if quick else 300
     steps_needed = warmup + max(rounds * chunk, rss_steps) + chunk + 5
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:

@@ -30,7 +30,7 @@ def run_trainer(tmp_path_factory, monkeypatch, moto_endpoint):
     """run(spec_kw, store uri, progress file, ...) -> (trainer, result, events) in this process."""
     data = shared_data(tmp_path_factory)
     monkeypatch.setenv("VLM_METRICS_PORT", "0")
-    monkeypatch.setenv("VLM_DATA_THREAD", "0")
+    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
     monkeypatch.delenv("VLM_NO_CHECKPOINT", raising=False)
     local = tmp_path_factory.mktemp("ckpt-local")
 

@@ -31,7 +31,7 @@ def reference(tmp_path_factory):
 
     data = shared_data(tmp_path_factory)
     out = tmp_path_factory.mktemp("ref") / "progress.jsonl"
-    env = {"VLM_PROGRESS_FILE": str(out), "VLM_NO_CHECKPOINT": "1", "VLM_DATA_THREAD": "1"}
+    env = {"VLM_PROGRESS_FILE": str(out), "VLM_NO_CHECKPOINT": "1", "VLM_DATA_WORKER": "process"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

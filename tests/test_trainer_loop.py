@@ -21,7 +21,7 @@ def make_trainer(tmp_path_factory, monkeypatch):
     data = shared_data(tmp_path_factory)
     monkeypatch.setenv("VLM_METRICS_PORT", "0")
     monkeypatch.setenv("VLM_NO_CHECKPOINT", "1")
-    monkeypatch.setenv("VLM_DATA_THREAD", "0")
+    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
     built = []
 
     def make(*, serve_metrics=False, **stage_kw):

@@ -40,7 +40,7 @@ def planner(world, *, steps=40, intro=0.5, global_batch=16, mixture=MIX):
 
 def loader(world, plan, rank=0, world_size=1, mbs=4):
     _, builder, _, sources, _ = world
-    return StepLoader(plan, sources(), builder, rank=rank, world_size=world_size, micro_batch_size=mbs, threaded=False)
+    return StepLoader(plan, sources(), builder, rank=rank, world_size=world_size, micro_batch_size=mbs, worker="inline")
 
 
 def test_image_token_fraction_zero_before_intro_and_on_target_after(world):
@@ -172,3 +172,96 @@ def test_epochs_to_steps_is_bounded_by_the_slowest_source():
     assert steps_for_epochs(2, {"a": 3000, "b": 1000}, p) == 1800
     p.visual_introduce_at = 0.5  # b only drawn in the second half: it needs twice the steps
     assert steps_for_epochs(2, {"a": 300, "b": 1000}, p) == 600
+
+
+def _fingerprint(rs) -> tuple:
+    return (rs.plan.step, tuple((b.input_ids.tolist(), b.labels.tolist(), None if b.pixel_values is None
+                                 else round(float(b.pixel_values.sum()), 4), tuple(b.sources)) for b in rs.micro))
+
+
+@pytest.mark.parametrize("worker", ["process", "thread"])
+def test_prefetching_workers_deliver_exactly_the_inline_sequence(world, worker):
+    """The worker process (the trainer's default) and the thread produce the same steps, in
+    the same order, with the same tensors and planner states as building them inline."""
+    _, builder, _, sources, _ = world
+    inline = loader(world, planner(world, steps=12, intro=0.25))
+    expected = [_fingerprint(inline.next()) for _ in range(12)]
+    ld = StepLoader(planner(world, steps=12, intro=0.25), sources(), builder, rank=1, world_size=2,
+                    micro_batch_size=4, worker=worker)
+    ref = StepLoader(planner(world, steps=12, intro=0.25), sources(), builder, rank=1, world_size=2,
+                     micro_batch_size=4, worker="inline")
+    try:
+        got = [ld.next() for _ in range(12)]
+        want = [ref.next() for _ in range(12)]
+    finally:
+        ld.close()
+    assert [_fingerprint(g) for g in got] == [_fingerprint(w) for w in want]
+    assert [g.plan.state_after for g in got] == [w.plan.state_after for w in want]
+    assert all(b.input_ids.dtype == w.input_ids.dtype for g, w in zip(got, want) for b, w in zip(g.micro, w.micro))
+    assert expected != [_fingerprint(g) for g in got]  # rank 1 of 2 is not rank 0 of 1: the check can fail
+    if worker == "process":
+        assert not ld._proc.is_alive()  # close() ends the worker
+
+
+def test_worker_process_failure_reaches_the_training_loop(world):
+    """A data error in the worker process is raised by next() with the worker's traceback."""
+    _, builder, _, sources, _ = world
+    srcs = sources()
+    srcs["captions"].shards = ["/nonexistent/shard-00000.tar"]
+    ld = StepLoader(planner(world, steps=8, intro=0.0), srcs, builder, rank=0, world_size=1, micro_batch_size=4)
+    try:
+        with pytest.raises(RuntimeError, match="data loading failed") as err:
+            for _ in range(8):
+                ld.next()
+        assert "Traceback" in str(err.value)
+    finally:
+        ld.close()
+
+
+def test_unknown_worker_kind_is_refused(world):
+    _, builder, _, sources, _ = world
+    with pytest.raises(ValueError, match="process, thread, inline"):
+        StepLoader(planner(world), sources(), builder, rank=0, world_size=1, micro_batch_size=4, worker="fork")
+
+
+def test_worker_process_dies_with_its_trainer(tmp_path):
+    """SIGKILL of the training process (a lost node, torchrun's kill) takes its data worker
+    with it (PR_SET_PDEATHSIG; the worker also polls its parent), so no orphan keeps reading
+    shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.fixtures_trainer import REPO
+    from tests.support import torchrun_util as TU
+
+    code = (
+        "import sys, time, pathlib; sys.path.insert(0, %r)\n"
+        "from tests.fixtures_trainer import make_data, tiny_bundle\n"
+        "from vlm_api.schema import DataSpec\n"
+        "from vlm_trainer.data import StepLoader, open_sources, probe_stats\n"
+        "from vlm_trainer.mixture import MixturePlanner\n"
+        "from vlm_trainer.sequences import SequenceBuilder\n"
+        "data = make_data(pathlib.Path(%r), shards={'text': 1})\n"
+        "spec = DataSpec.model_validate({'seqLength': 96, 'sources': [{'name': 'text', 'modality': 'text', 'uri': data['text']['uri']}]})\n"
+        "tok, vlm = tiny_bundle()\n"
+        "b = SequenceBuilder(tok, tokens_per_image=vlm.tokens_per_image, seq_length=96)\n"
+        "src = open_sources(spec, ['text'], image=vlm.image_spec, seed=0)\n"
+        "p = MixturePlanner(stage='s', mixture={'text': 1.0}, modality={'text': 'text'}, stats=probe_stats(src, b, 8),"
+        " global_batch=4, total_steps=100, visual_introduce_at=0.0, seed=0)\n"
+        "ld = StepLoader(p, src, b, rank=0, world_size=1, micro_batch_size=2)\n"
+        "ld.next(); print(ld._proc.pid, flush=True); time.sleep(120)\n") % (str(REPO), str(tmp_path / "data"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        child = int(proc.stdout.readline())
+        assert child in TU.children(proc.pid)
+        assert open(f"/proc/{child}/comm").read().strip() == "vlm-data"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        TU.wait_for(lambda: not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2],
+                    10, "the data worker to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

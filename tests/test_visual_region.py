@@ -292,7 +292,7 @@ def trained(tmp_path_factory, data):
     cfg = trainer_config(spec_dict(data, stages=stages, llm=LLM8, checkpoint_uri=str(root / "ckpt")))
     path = write_config(cfg, root / "config.yaml")
     mp = pytest.MonkeyPatch()
-    for k, v in {"VLM_METRICS_PORT": "0", "VLM_DATA_THREAD": "0", "VLM_CKPT_LOCAL_DIR": str(root / "staging")}.items():
+    for k, v in {"VLM_METRICS_PORT": "0", "VLM_DATA_WORKER": "inline", "VLM_CKPT_LOCAL_DIR": str(root / "staging")}.items():
         mp.setenv(k, v)
     mp.delenv("VLM_NO_CHECKPOINT", raising=False)
     reset_registry()
@@ -409,7 +409,7 @@ def test_pruning_stage_then_next_stage_continues_from_pruned_model(trained, monk
     assert prepare_stage_config(cfg) is cfg  # nothing to do before the first pruning
 
     monkeypatch.setenv("VLM_METRICS_PORT", "0")
-    monkeypatch.setenv("VLM_DATA_THREAD", "0")
+    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
     monkeypatch.setenv("VLM_CKPT_LOCAL_DIR", str(root / "staging2"))
     monkeypatch.delenv("VLM_NO_CHECKPOINT", raising=False)
     reset_registry()

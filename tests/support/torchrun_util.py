@@ -53,12 +53,13 @@ def proc_env(pid: int) -> dict:
 
 
 def workers(agent_pid: int) -> dict[int, int]:
-    """{global rank: pid} of a torchrun agent's live worker processes."""
-    out = {}
+    """{global rank: pid} of a torchrun agent's live worker processes (not their forked
+    data workers, which share the worker's environment and come after it depth first)."""
+    out: dict[int, int] = {}
     for pid in children(agent_pid):
         env = proc_env(pid)
         if "RANK" in env and "TORCHELASTIC_RUN_ID" in env:
-            out[int(env["RANK"])] = pid
+            out.setdefault(int(env["RANK"]), pid)
     return out
 
 

@@ -7,8 +7,13 @@
   source) but decodes only its own slots; reading raw tar members is cheap next to image
   decoding. A sample that fails to decode leaves its slot empty (counted as skipped), so
   positions never depend on which rank decoded what.
-* :class:`StepLoader` does this for step k+1.. in a background thread while step k trains
-  (``prefetch`` steps ahead) and reports the time the loop waited for data.
+* :class:`StepLoader` does this for step k+1.. while step k trains (``prefetch`` steps
+  ahead) and reports the time the loop waited for data. By default the work runs in a
+  forked worker process (``worker="process"``, as torch's DataLoader workers do): in a
+  thread, its Python work (tar parsing, decoding glue, tokenisation, collation) holds the
+  GIL the training loop needs, which cost ~12-19% of a demo step (benchmarks/
+  trainer_overhead.py). ``"thread"`` and ``"inline"`` (no prefetch) remain for tests and
+  debugging; ``VLM_DATA_WORKER`` selects one in the trainer.
 * :func:`probe_stats` measures each source's mean tokens per sample and image-token
   fraction over its first ``n`` samples (the mixture planner's `SourceStats`).
 * :func:`validation_set` is a fixed, world-size independent held-out set per source.
@@ -16,11 +21,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
+import traceback
 
 from vlm_api.schema import DataSpec
 
@@ -110,11 +120,17 @@ class RankStep:
         return sum(b.n_label_tokens for b in self.micro)
 
 
+WORKERS = ("process", "thread", "inline")
+
+
 class StepLoader:
-    """Produces this rank's micro-batches for consecutive steps, prefetching in a thread."""
+    """Produces this rank's micro-batches for consecutive steps, prefetching in a worker
+    process (default), a thread, or not at all (``inline``)."""
 
     def __init__(self, planner: MixturePlanner, sources: dict[str, ShardedSource], builder: SequenceBuilder, *,
-                 rank: int, world_size: int, micro_batch_size: int, prefetch: int = 2, threaded: bool = True):
+                 rank: int, world_size: int, micro_batch_size: int, prefetch: int = 2, worker: str = "process"):
+        if worker not in WORKERS:
+            raise ValueError(f"data worker must be one of {', '.join(WORKERS)}, not {worker!r}")
         self.planner = planner.copy()  # the loader runs ahead; the trainer owns the consumed state
         self.sources = sources
         self.builder = builder
@@ -123,11 +139,18 @@ class StepLoader:
         self.micro_batch_size = micro_batch_size
         self.cursors = {name: SourceCursor(src, planner.counters.get(name, 0)) for name, src in sources.items()}
         self.wait_seconds = 0.0
-        self._threaded = threaded
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
+        self.worker = worker
+        self._proc = None
         self._thread = None
-        if threaded:
+        if worker == "process":
+            ctx = multiprocessing.get_context("fork")  # the sources and planner as they are, no pickling
+            self._queue = ctx.Queue(maxsize=max(1, prefetch))
+            self._stop = ctx.Event()
+            self._proc = ctx.Process(target=self._run_child, args=(os.getpid(),), name="vlm-data", daemon=True)
+            self._proc.start()
+        elif worker == "thread":
+            self._queue = queue.Queue(maxsize=max(1, prefetch))
+            self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, name="vlm-data", daemon=True)
             self._thread.start()
 
@@ -164,32 +187,61 @@ class StepLoader:
         return RankStep(plan, micro, skipped, time.perf_counter() - t0)
 
     # ---- iteration
-    def _run(self) -> None:
+    def _run(self, alive=lambda: True, wire=lambda step: step) -> None:
         try:
-            while not self._stop.is_set():
-                item = self.build(self.planner.next())
-                while not self._stop.is_set():
+            while not self._stop.is_set() and alive():
+                item = wire(self.build(self.planner.next()))
+                while not self._stop.is_set() and alive():
                     try:
                         self._queue.put(item, timeout=0.2)
                         break
                     except queue.Full:
                         continue
-        except BaseException as exc:  # surfaced in the training thread
-            self._queue.put(exc)
+        except BaseException as exc:  # surfaced in the training loop
+            self._queue.put(_Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+
+    def _run_child(self, parent: int) -> None:
+        """The worker process: dies with the trainer, leaves signals to it (a Ctrl-C or
+        SIGTERM stops the trainer at a step boundary; the worker is stopped by `close`)."""
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _prctl(_PR_SET_NAME, ctypes.c_char_p(b"vlm-data"))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        import torch
+
+        torch.set_num_threads(1)  # collation only; OpenMP pools do not survive fork
+        self._run(alive=lambda: os.getppid() == parent, wire=_to_wire)
 
     def next(self) -> RankStep:
         t0 = time.perf_counter()
-        if self._threaded:
-            item = self._queue.get()
-        else:
+        if self.worker == "inline":
             item = self.build(self.planner.next())
+        elif self._proc is not None:
+            while True:
+                try:
+                    item = _from_wire(self._queue.get(timeout=1.0))
+                    break
+                except queue.Empty:
+                    if not self._proc.is_alive():
+                        raise RuntimeError(f"data worker process exited with code {self._proc.exitcode}") from None
+        else:
+            item = self._queue.get()
         self.wait_seconds += time.perf_counter() - t0
-        if isinstance(item, BaseException):
-            raise RuntimeError("data loading failed") from item
+        if isinstance(item, _Failure):
+            raise RuntimeError(f"data loading failed: {item.error}\n{item.trace}")
         return item
 
     def close(self) -> None:
+        if self.worker == "inline":
+            return
         self._stop.set()
+        if self._proc is not None:
+            self._proc.join(timeout=1.0)
+            if self._proc.is_alive():  # blocked writing a batch nobody reads: it holds nothing of value
+                self._proc.kill()
+                self._proc.join(timeout=5)
+            self._queue.close()
+            self._queue.cancel_join_thread()
         if self._thread is not None:
             try:
                 while True:
@@ -197,6 +249,46 @@ class StepLoader:
             except queue.Empty:
                 pass
             self._thread.join(timeout=5)
+
+
+@dataclasses.dataclass
+class _Failure:
+    """An exception of the data worker, as text (it crosses a process boundary)."""
+
+    error: str
+    trace: str
+
+
+_TENSORS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+def _to_wire(step: RankStep) -> RankStep:
+    """Tensors as numpy arrays across the process boundary: they pickle as plain buffers.
+    (torch's own multiprocessing reduction moves each tensor through shared memory and a
+    file-descriptor handshake: ~1 ms per tensor, more than building the step.)"""
+    micro = [dataclasses.replace(b, **{f: getattr(b, f).numpy() for f in _TENSORS if getattr(b, f) is not None})
+             for b in step.micro]
+    return dataclasses.replace(step, micro=micro)
+
+
+def _from_wire(item):
+    if not isinstance(item, RankStep):
+        return item
+    import torch
+
+    micro = [dataclasses.replace(b, **{f: torch.from_numpy(getattr(b, f)) for f in _TENSORS if getattr(b, f) is not None})
+             for b in item.micro]
+    return dataclasses.replace(item, micro=micro)
+
+
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+
+
+def _prctl(option: int, arg) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the worker still polls its parent
+        pass
 
 
 def validation_set(source: ShardedSource, builder: SequenceBuilder, n: int) -> list[Encoded]:

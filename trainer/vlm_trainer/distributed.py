@@ -158,7 +158,9 @@ def parallelize(vlm, *, strategy: str, precision: str, activation_checkpointing:
     if activation_checkpointing:
         enable_activation_checkpointing(vlm)
     vlm.to(ctx.device)
-    if not ctx.initialized:
+    if not ctx.initialized or (strategy == "ddp" and ctx.world_size == 1):
+        # DDP over a group of one all-reduces with itself: pure overhead (~15% of a demo
+        # step). A world-size change restarts the workers, so this is decided per group.
         return Parallel(vlm, vlm, "single", dtype, ctx.device)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

@@ -413,7 +413,7 @@ class Trainer:
                                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
         loader = StepLoader(self.planner, self.sources, self.builder, rank=ctx.rank, world_size=ctx.world_size,
                             micro_batch_size=self.stage.micro_batch_size,
-                            threaded=os.environ.get("VLM_DATA_THREAD", "1") == "1")
+                            worker=os.environ.get("VLM_DATA_WORKER", "process"))
         t_start = time.perf_counter()
         window = {"t": time.perf_counter(), "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0}
         last_loss = None
