@@ -15,10 +15,15 @@ Method (benchmarks/harness.py: paired, alternating A B A B after a discarded war
   different seeds, no validation cache helps), each an ADDED event as from `kubectl apply`.
   A's round ends when every run has its three children (ConfigMap, PyTorchJob,
   PodMonitor) and a status phase; B's when kopf has recorded every run as handled.
+- C, run right after A in each round: kopf with a handler that makes exactly the
+  operator's API writes for a new run (its children rendered once at start-up and renamed,
+  one status patch, one Event) through the operator's own client, and nothing else: the
+  floor of this design, whatever the operator's own logic costs.
 - Figures: `time_to_all_children_ratio` (wall time, A/B per pair), `per_run_cost_ratio`
-  (CPU seconds of the operator process per run, A/B per pair), the absolute times and
+  (CPU seconds of the operator process per run, A/B per pair), `cpu_vs_same_writes_ratio`
+  (A/C: what the operator's own logic adds to its API calls), the absolute times and
   CPU ms per run, and `rss_1000_runs_mib` (VmRSS of the operator process once 1000 runs
-  and their 3000 children exist; quick: 200 runs).
+  and their children exist; quick: 200 runs).
 
 The emulator is the slow part of this harness (kmock answers a write in ~5-20 ms of
 Python), and A must make ~5 writes per run (3 children, status, an Event) where B makes
@@ -200,11 +205,41 @@ def _noop() -> None:
     kopf.run(registry=registry, standalone=True, clusterwide=True)
 
 
+def _same_writes() -> None:
+    """`operator_reconcile.py writes`: kopf with a handler that makes the operator's API
+    writes for a new run and nothing else: the stage's children (rendered once at start-up
+    for a template run, renamed per run), one status patch and one Event, through the
+    operator's own client. What no implementation of this design can avoid."""
+    import kopf
+
+    from tests.support.operator_harness import SPEC
+    from vlm_api import render, schema as s
+    from vlm_operator import handlers, kube
+
+    spec = s.VLMPretrainRunSpec.model_validate(SPEC)
+    template = json.dumps(render.build_children({"name": "tmpl", "namespace": "tmpl-ns", "uid": ""}, spec, "pretrain"))
+    registry = kopf.OperatorRegistry()
+    kopf.on.startup(registry=registry)(lambda settings, **_: handlers.apply_settings(settings))
+    kopf.on.login(registry=registry)(handlers.login)
+
+    @kopf.on.create("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns", registry=registry)
+    async def writes(body, name, namespace, **_):
+        client, run = kube.client(), dict(body)
+        for obj in json.loads(template.replace("tmpl-ns", namespace).replace("tmpl", name)):
+            kopf.adopt(obj, owner=run)
+            await client.create(obj)
+        await client.patch_status("VLMPretrainRun", namespace, name, {"phase": "Pending", "stage": "pretrain"})
+        await client.post_event(run, "Normal", "StageStarted", f"created {name}-pretrain")
+
+    kopf.configure(log_format=kopf.LogFormat.JSON)
+    kopf.run(registry=registry, standalone=True, clusterwide=True)
+
+
 def _operator_cmd(kind: str) -> list[str]:
     if kind == "A":
         return [sys.executable, "-c", "from vlm_api.cli import main; raise SystemExit(main())", "operator",
                 "--all-namespaces", "--log-format=json"]
-    return [sys.executable, __file__, "noop"]
+    return [sys.executable, __file__, "noop" if kind == "B" else "writes"]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -241,7 +276,7 @@ def _round(kind: str, n: int, workdir: Path, timeout: float, *, rss: bool = Fals
         idle_rss = _vmrss(proc.pid)
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
         emu.ask(op="create_runs", n=n)
-        if kind == "A":
+        if kind in ("A", "C"):
             done = lambda c: c["jobs"] >= n and c["podmonitors"] >= n and c["configmaps"] >= n and c["status"] >= n  # noqa: E731
         else:
             done = lambda c: c["handled"] >= n  # noqa: E731
@@ -279,9 +314,17 @@ def run(quick: bool) -> dict:
             return r["wall_s"]
         return one
 
-    paired = harness.paired(measured("A"), measured("B"), repeats=repeats, warmup=1, collect=False)
-    a, b = rounds["A"][-repeats:], rounds["B"][-repeats:]  # the warm-up round comes first
+    rounds["C"] = []
+
+    def a_then_c():  # A's sample; the same-writes handler C runs right after it, same round
+        wall = measured("A")()
+        measured("C")()
+        return wall
+
+    paired = harness.paired(a_then_c, measured("B"), repeats=repeats, warmup=1, collect=False)
+    a, b, c = rounds["A"][-repeats:], rounds["B"][-repeats:], rounds["C"][-repeats:]  # warm-up rounds come first
     cpu_ratios = [x["cpu_s"] / max(y["cpu_s"], 1e-9) for x, y in zip(a, b)]
+    writes_ratios = [x["cpu_s"] / max(z["cpu_s"], 1e-9) for x, z in zip(a, c)]
     big = _round("A", rss_runs, workdir, timeout * 3, rss=True)
     figures = [
         harness.Figure.from_paired(
@@ -298,6 +341,12 @@ def run(quick: bool) -> dict:
                                     description="operator process CPU per run (real operator)"),
         harness.Figure.from_samples("noop_cpu_ms_per_run", [1000 * y["cpu_s"] / n for y in b], unit="ms",
                                     description="operator process CPU per run (no-op kopf handler)"),
+        harness.Figure.from_samples(
+            "cpu_vs_same_writes_ratio", writes_ratios, unit="ratio",
+            baseline="kopf handler making only the operator's API writes (children, status, Event), same round",
+            description="CPU per run of the operator / the unavoidable API writes of this design"),
+        harness.Figure.from_samples("same_writes_cpu_ms_per_run", [1000 * z["cpu_s"] / n for z in c], unit="ms",
+                                    description="operator process CPU per run (handler making only the API writes)"),
         harness.Figure(f"rss_{rss_runs}_runs_mib", big["rss_bytes"] / 2**20, "MiB",
                        description=f"VmRSS of `vlmpretrain operator` with {rss_runs} runs and their children",
                        extra={"idle_rss_mib": big["idle_rss_bytes"] / 2**20, "seconds_to_all_children": big["wall_s"],
@@ -306,7 +355,7 @@ def run(quick: bool) -> dict:
     return {
         "figures": [f.as_dict() for f in figures],
         "params": {"runs": n, "repeats": repeats, "warmup": 1, "rss_runs": rss_runs},
-        "raw": {"A": a, "B": b, "paired": paired.as_dict(), "rss_round": big},
+        "raw": {"A": a, "B": b, "C": c, "paired": paired.as_dict(), "rss_round": big},
     }
 
 
@@ -315,5 +364,7 @@ if __name__ == "__main__":
         _serve()
     elif sys.argv[1:2] == ["noop"]:
         _noop()
+    elif sys.argv[1:2] == ["writes"]:
+        _same_writes()
     else:
         print(json.dumps(run("--quick" in sys.argv), indent=2))

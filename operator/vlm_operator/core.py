@@ -151,7 +151,7 @@ def _normalize(status: dict) -> dict:
     return s.VLMPretrainRunStatus.model_validate(status).dump()
 
 
-def _cond(status: dict, ctype: str) -> dict:
+def condition(status: dict, ctype: str) -> dict:
     for c in status.get("conditions") or []:
         if isinstance(c, dict) and c.get("type") == ctype:
             return c
@@ -178,6 +178,10 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     def finish(view: st.View, **kw: Any) -> Decision:
         new["phase"] = view.phase
         new["conditions"] = view.conditions(old.get("conditions"), gen, now)
+        created_store = next((o for o in kw.get("create") or () if o["kind"] == "Deployment"), None)
+        if rendezvous and obs.store is None and created_store is not None:
+            # created just now: "not ready yet", as its first watch event will say
+            rendezvous[0] = st.rendezvous_ready(created_store)
         if rendezvous and view.phase not in st.TERMINAL:
             new["conditions"].append(st.extra_condition("RendezvousReady", rendezvous[0], old.get("conditions"), gen, now))
         return Decision(_normalize(new), events=events, **kw)
@@ -227,7 +231,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
 
     if not obs.pytorchjob_crd:
         msg = "the PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed: install the Kubeflow Training Operator"
-        if _cond(old, "Degraded").get("reason") != "PyTorchJobCRDMissing":
+        if condition(old, "Degraded").get("reason") != "PyTorchJobCRDMissing":
             events.append(("Warning", "PyTorchJobCRDMissing", msg))
         return finish(st.crd_missing(msg), wait=cfg.crd_retry, wait_reason="PyTorchJob CRD missing")
 
@@ -261,7 +265,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
 
     if js.state == "Failed":
         if attempt < spec.max_retries:
-            degraded = _cond(old, "Degraded")
+            degraded = condition(old, "Degraded")
             # Backoff counts from the failure as precisely as known: when this process saw it,
             # else the job's condition time, else our own Degraded condition (after a restart).
             failed_at = obs.failed_seen or st.parse_time(js.since)
@@ -319,7 +323,7 @@ def blocked(run: dict, reason: str, message: str, now: datetime.datetime, cfg: C
         new["observedGeneration"] = gen
     new.setdefault("startTime", st.fmt_time(now))
     events = []
-    if _cond(old, "Degraded").get("reason") != reason:
+    if condition(old, "Degraded").get("reason") != reason:
         events.append(("Warning", reason, message))
     view = st.View(old.get("phase") if old.get("phase") in ("Pending", "Running", "Suspended") else "Pending",
                    st.Cond("False", reason, message),

@@ -71,6 +71,9 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     global _loop_task, _loop_stop
     cfg = config.load()
     apply_settings(settings)
+    # The validator (jsonschema + the CEL parser, ~0.5 s to build) is imported lazily by
+    # `vlm_operator.core` so the CLI starts fast; an operator pays for it here, not on its first run.
+    import vlm_api.validate  # noqa: F401
     if _QUIET not in logging.getLogger("kopf.objects").filters:
         logging.getLogger("kopf.objects").addFilter(_QUIET)
     REGISTRY.reset()

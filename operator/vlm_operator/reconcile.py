@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import kopf
 
@@ -87,7 +87,8 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
         if obs.job is not None and not _owned_by(obs.job, meta.get("uid")):
             raise kube.ApiError(409, "OwnedByAnother", f"PyTorchJob {job_name} exists but belongs to another object")
     if spec.elastic.external_store and status.get("stage") and status.get("phase") not in ("Succeeded", "Failed"):
-        obs.store = await client.get("Deployment", ns, render.store_name(meta["name"], status["stage"]))
+        store = render.store_name(meta["name"], status["stage"])
+        obs.store = REGISTRY.stores.get((ns, store)) or await client.get("Deployment", ns, store)
     if check_drift and job_name and status.get("stage"):
         cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
         obs.configmap = cm
@@ -112,8 +113,11 @@ async def _create(client: kube.Client, run: dict, obj: dict) -> None:
 
 
 async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = None, trigger: str = "event",
-                    check_drift: bool = False) -> core.Decision | None:
-    """One reconcile of one run. Raises kube.ApiError when the API keeps failing."""
+                    check_drift: bool = False, unchanged: Callable[[RunState], bool] | None = None
+                    ) -> core.Decision | None:
+    """One reconcile of one run. Raises kube.ApiError when the API keeps failing.
+    ``unchanged(state)``, asked once the run's lock is held (so after any reconcile in
+    flight has written its status), tells an event that brings nothing new: no reconcile."""
     client = kube.client()
     state = REGISTRY.get(*key)
     if body is not None:
@@ -121,6 +125,8 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
     rlog = run_logger(*key)
     started = time.perf_counter()
     async with state.lock:
+        if unchanged is not None and state.body is not None and unchanged(state):
+            return None
         try:
             run = state.body
             if run is None:
@@ -218,11 +224,12 @@ async def on_change(body: Any, trigger: str) -> None:
         raise kopf.TemporaryError(decision.wait_reason or "waiting", delay=max(0.05, decision.wait))
 
 
-async def poke(key: Key, *, job: dict | None = None, trigger: str = "event") -> None:
+async def poke(key: Key, *, job: dict | None = None, trigger: str = "event",
+               unchanged: Callable[[RunState], bool] | None = None) -> None:
     """Event-driven reconcile: never raises; waits become scheduled wake-ups."""
     cfg = config.CONFIG
     try:
-        decision = await reconcile(key, job=job, trigger=trigger)
+        decision = await reconcile(key, job=job, trigger=trigger, unchanged=unchanged)
     except kube.ApiError as exc:
         run_logger(*key).warning("reconcile (%s) failed, retrying in %.1fs: %s", trigger, cfg.api_retry, exc)
         REGISTRY.schedule(key, cfg.api_retry, _wake)
@@ -252,28 +259,38 @@ async def on_job_event(event_type: str | None, body: Any) -> None:
     key = (meta.get("namespace") or "default", run_name)
     state = REGISTRY.runs.get(key)
     seen = (meta.get("name"), st.job_state(job).state)
-    if state is not None and state.body is not None:
+
+    def old_news(state: RunState) -> bool:
         if state.current_status.get("jobName") not in (None, meta.get("name")):
-            return  # an earlier attempt or stage: history, not news
-        if not _owned_by(job, state.uid):
-            return
-        if state.last_job == seen:
-            return  # e.g. replica counts moved, or our own create echoed back: the job's state did not change
-    await poke(key, job=job, trigger="job")
+            return True  # an earlier attempt or stage: history, not news
+        # e.g. replica counts moved, or our own create echoed back: the job's state did not change
+        return not _owned_by(job, state.uid) or state.last_job == seen
+
+    if state is not None and state.body is not None and old_news(state):
+        return
+    await poke(key, job=job, trigger="job", unchanged=old_news)
 
 
 async def on_store_event(event_type: str | None, body: Any) -> None:
     """A rendezvous-store Deployment of ours changed (e.g. readyReplicas): reconcile its run
     (RendezvousReady)."""
+    store = _plain(body)
+    REGISTRY.observe_store(event_type, store)
     if event_type == "DELETED":
         return
-    meta = _plain(body).get("metadata") or {}
+    meta = store.get("metadata") or {}
     run_name = (meta.get("labels") or {}).get(render.LABEL_RUN)
     key = (meta.get("namespace") or "default", run_name)
     state = REGISTRY.runs.get(key) if run_name else None
-    if state is None or state.body is None or not _owned_by(_plain(body), state.uid):
+    if state is None or state.body is None or not _owned_by(store, state.uid):
         return
-    await poke(key, trigger="store")
+    ready = st.rendezvous_ready(store)
+
+    def shown(state: RunState) -> bool:  # the status already says what this event says
+        cond = core.condition(state.current_status, "RendezvousReady")
+        return (cond.get("status"), cond.get("reason")) == (ready.status, ready.reason)
+
+    await poke(key, trigger="store", unchanged=shown)
 
 
 def _plain(body: Any) -> dict:

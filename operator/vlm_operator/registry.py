@@ -5,8 +5,8 @@ process is the only writer of `VLMPretrainRun.status`: the status it last wrote 
 authoritative, fresher than what the watch stream has delivered back. After a restart
 the cache is empty and the status read from the API server takes over.
 
-The PyTorchJob bodies delivered by the watch serve as an informer cache (no GET per
-reconcile). Per-run locks serialise every reconcile of a run, whatever triggered it
+The PyTorchJob and rendezvous-store Deployment bodies delivered by the watches serve as
+informer caches (no GET per reconcile). Per-run locks serialise every reconcile of a run, whatever triggered it
 (kopf handler, job event, scrape/resync loop, backoff wake-up).
 """
 
@@ -87,6 +87,7 @@ class Registry:
     def __init__(self) -> None:
         self.runs: dict[Key, RunState] = {}
         self.jobs: dict[Key, dict] = {}  # (namespace, job name) -> latest PyTorchJob body
+        self.stores: dict[Key, dict] = {}  # (namespace, Deployment name) -> latest rendezvous-store body
         self._tasks: set[asyncio.Task] = set()
 
     def reset(self) -> None:
@@ -95,6 +96,7 @@ class Registry:
                 state.wake.cancel()
         self.runs.clear()
         self.jobs.clear()
+        self.stores.clear()
         self._tasks.clear()
 
     def get(self, namespace: str, name: str) -> RunState:
@@ -113,12 +115,10 @@ class Registry:
         self.get(*key).see(dict(body))  # shallow: kopf makes a fresh body per event
 
     def observe_job(self, event_type: str | None, body: dict) -> None:
-        meta = body.get("metadata") or {}
-        key = (meta.get("namespace") or "default", meta.get("name") or "")
-        if event_type == "DELETED":
-            self.jobs.pop(key, None)
-        elif _rv(body) >= _rv(self.jobs.get(key)):
-            self.jobs[key] = dict(body)
+        _observe_child(self.jobs, event_type, body)
+
+    def observe_store(self, event_type: str | None, body: dict) -> None:
+        _observe_child(self.stores, event_type, body)
 
     def drop(self, key: Key) -> None:
         state = self.runs.pop(key, None)
@@ -169,6 +169,16 @@ class Registry:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _observe_child(cache: dict[Key, dict], event_type: str | None, body: dict) -> None:
+    """An informer cache entry: the newest body per (namespace, name), gone on DELETED."""
+    meta = body.get("metadata") or {}
+    key = (meta.get("namespace") or "default", meta.get("name") or "")
+    if event_type == "DELETED":
+        cache.pop(key, None)
+    elif _rv(body) >= _rv(cache.get(key)):
+        cache[key] = dict(body)
 
 
 REGISTRY = Registry()
