@@ -14,6 +14,7 @@ from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import JOBS, Cluster, crd_errors, spec, wait
 from tests.support.schemas import core_errors
 from vlm_api import launch, render
+from vlm_operator.registry import REGISTRY
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
 
@@ -64,14 +65,20 @@ def test_store_deployment_and_service_per_stage(cluster):
         conf = {c["key"]: c["value"] for c in pol.get("rdzvConf") or []}
         assert conf.get("is_host") == "false"
 
-        # RendezvousReady follows the Deployment's readyReplicas.
+        # RendezvousReady follows the Deployment's readyReplicas, read from the watch (the
+        # informer cache), never by GET; the store's first event (no ready replica) is what
+        # the status already says, so it costs no status write.
         cond = wait(lambda: next((c for c in cluster.status("llama").get("conditions", [])
                                   if c["type"] == "RendezvousReady"), None), what="RendezvousReady")
-        assert cond["status"] == "False"
+        assert cond["status"] == "False" and cond["reason"] == "StoreNotReady"
+        wait(lambda: ("ns1", store) in REGISTRY.stores, what="the store's watch event")
+        status_writes = [r for r in cluster.kube.request_log if r.resource == "vlmpretrainruns" and r.subresource == "status"]
         cluster.merge("apps/v1/deployments", store, {"status": {"replicas": 1, "readyReplicas": 1}}, sub="status")
         wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "True",
              what="RendezvousReady=True")
         assert cluster.condition("llama", "RendezvousReady")["reason"] == "StoreReady"
+        assert len(status_writes) == 1  # the create's: the store's ADDED echo changed nothing
+        assert not [r for r in cluster.kube.request_log if r.resource == "deployments" and r.verb == "get"]
         cluster.merge("apps/v1/deployments", store, {"status": {"readyReplicas": 0}}, sub="status")
         wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "False",
              what="RendezvousReady=False")
