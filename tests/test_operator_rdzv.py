@@ -79,6 +79,11 @@ def test_store_deployment_and_service_per_stage(cluster):
         assert cluster.condition("llama", "RendezvousReady")["reason"] == "StoreReady"
         assert len(status_writes) == 1  # the create's: the store's ADDED echo changed nothing
         assert not [r for r in cluster.kube.request_log if r.resource == "deployments" and r.verb == "get"]
+        # only our stores come down the Deployment watch (server-side selector)
+        reads = [r for r in list(cluster.kube.emulator._requests) if r.resource is not None
+                 and r.resource.plural == "deployments" and r.method.value.upper() == "GET" and not r.name]
+        assert reads and all("app.kubernetes.io/component=rendezvous-store" in r.params.get("labelSelector", "")
+                             for r in reads)
         cluster.merge("apps/v1/deployments", store, {"status": {"readyReplicas": 0}}, sub="status")
         wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "False",
              what="RendezvousReady=False")

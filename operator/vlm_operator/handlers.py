@@ -57,8 +57,11 @@ def apply_settings(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{PREFIX}/operator"  # declared, never added (nothing requires one)
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = kube.COMPONENT
-    # Only our PyTorchJobs come down the job watch (server-side label selector).
+    # Only our PyTorchJobs and rendezvous stores come down their watches (server-side label
+    # selectors), not every Deployment of the cluster.
     settings.watching.label_selectors[JOB[0], JOB[2]] = render.LABEL_RUN
+    settings.watching.label_selectors[STORE[0], STORE[2]] = ",".join(
+        [render.LABEL_RUN, *(f"{k}={v}" for k, v in render.STORE_COMPONENT.items())])
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     settings.watching.server_timeout = 300
