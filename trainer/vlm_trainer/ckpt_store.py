@@ -418,7 +418,7 @@ class CheckpointStore:
         """All objects under prefix: {key: size}."""
         raise NotImplementedError
 
-    def _put_file(self, local: Path, key: str, sha256: str) -> None:
+    def _put_file(self, local: Path, key: str) -> None:
         raise NotImplementedError
 
     def _put_exclusive(self, key: str, data: bytes) -> bool:
@@ -503,14 +503,19 @@ class CheckpointStore:
             with lock:
                 stats.file_retries += 1
 
+        def timed_hash(p: Path) -> tuple[str, float]:
+            th = time.perf_counter()
+            return sha256_file(p), time.perf_counter() - th
+
         def one(item: tuple[str, Path]) -> dict:
             rel, p = item
-            th = time.perf_counter()
             size = p.stat().st_size
-            digest = sha256_file(p)
-            dt = time.perf_counter() - th
-            _retry(lambda: self._put_file(p, prefix + rel, digest), f"upload {self.uri}{prefix}{rel}",
+            # the manifest's checksum, computed while the file uploads (hashlib and the
+            # socket writes release the GIL; the second read comes from the page cache)
+            hashing = hasher.submit(timed_hash, p)
+            _retry(lambda: self._put_file(p, prefix + rel), f"upload {self.uri}{prefix}{rel}",
                    self.retry, bump_retry)
+            digest, dt = hashing.result()
             with lock:
                 stats.hash_seconds += dt
                 stats.files += 1
@@ -520,7 +525,8 @@ class CheckpointStore:
         tu = time.perf_counter()
         try:
             workers = max(1, min(self.transfer.file_concurrency, len(found)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-upload") as pool:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-upload") as pool, \
+                    ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-hash") as hasher:
                 entries = list(pool.map(one, found))
         except CheckpointStoreError:
             raise
@@ -953,7 +959,7 @@ class LocalCheckpointStore(CheckpointStore):
                 continue
         return out
 
-    def _put_file(self, local: Path, key: str, sha256: str) -> None:
+    def _put_file(self, local: Path, key: str) -> None:
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")
@@ -1163,9 +1169,8 @@ class S3CheckpointStore(CheckpointStore):
                 out[o["Key"][len(self.prefix):]] = int(o["Size"])
         return out
 
-    def _put_file(self, local: Path, key: str, sha256: str) -> None:
-        self._client.upload_file(str(local), self.bucket, self._k(key), Config=self._tc,
-                                 ExtraArgs={"Metadata": {"sha256": sha256}})
+    def _put_file(self, local: Path, key: str) -> None:
+        self._client.upload_file(str(local), self.bucket, self._k(key), Config=self._tc)
 
     def _put_exclusive(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
