@@ -34,6 +34,7 @@ never accepted as arguments, stored on the object, or logged.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -386,7 +387,7 @@ def _short(e: BaseException) -> str:
 # --------------------------------------------------------------------------- the store
 
 
-class CheckpointStore:
+class CheckpointStore(abc.ABC):
     """Checkpoints under one URI. Use :func:`open_store` / :meth:`from_uri`.
 
     Subclasses implement the small storage primitives (``_list``, ``_put_file``,
@@ -414,34 +415,37 @@ class CheckpointStore:
         return f"{type(self).__name__}({self.uri!r})"
 
     # ---- primitives (keys are relative to the store root, '/'-separated)
+    @abc.abstractmethod
     def _list(self, prefix: str) -> dict[str, int]:
         """All objects under prefix: {key: size}."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _put_file(self, local: Path, key: str) -> None:
-        raise NotImplementedError
+        """Store a local file under key (complete once visible)."""
 
+    @abc.abstractmethod
     def _put_exclusive(self, key: str, data: bytes) -> bool:
         """Create key with data unless it exists. False if it already existed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _put_overwrite(self, key: str, data: bytes) -> None:
         """Create or atomically replace key with data."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _get_bytes(self, key: str) -> Optional[bytes]:
         """Object content, None when missing."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _get_file(self, key: str, local: Path) -> None:
-        raise NotImplementedError
+        """Download key into the local path."""
 
+    @abc.abstractmethod
     def _hash_object(self, key: str) -> tuple[int, str]:
         """(size, sha256) by streaming the object."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _delete_keys(self, keys: list[str]) -> None:
-        raise NotImplementedError
+        """Delete keys; missing ones are not an error."""
 
     def _sdk_retry_count(self) -> int:
         return 0
