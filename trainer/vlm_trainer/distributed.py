@@ -181,6 +181,6 @@ def parallelize(vlm, *, strategy: str, precision: str, activation_checkpointing:
 
         find_unused = any(p.requires_grad for part in (vlm.vision, vlm.projector) if part is not None for p in part.parameters())
         ddp = DDP(vlm, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                  find_unused_parameters=find_unused, broadcast_buffers=False)
+                  find_unused_parameters=find_unused, forward_sync_buffers=False)
         return Parallel(ddp, vlm, "ddp", dtype, ctx.device)
     raise ValueError(f"unknown parallelism strategy {strategy!r}")
