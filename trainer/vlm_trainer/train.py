@@ -50,6 +50,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Protocol
@@ -563,6 +564,12 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("could not prepare the pruned model for this stage")
             return EXIT_FAILED
     ctx = init_distributed(cfg.spec.elastic.process_group_timeout)
+    # one line from every rank, whatever its log level: who is where, after which restart
+    rank_log = logging.getLogger("vlm_trainer.rank")
+    rank_log.setLevel(logging.INFO)
+    rank_log.info("rank %d of %d (local rank %d) on %s, pid %d, %s, elastic restart %s", ctx.rank, ctx.world_size,
+                  ctx.local_rank, socket.gethostname(), os.getpid(), ctx.device,
+                  os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     trainer = None
     result = None
     try:
