@@ -220,16 +220,10 @@ def tree_pss_bytes() -> int:
         except (OSError, StopIteration):
             return 0
 
-    me = os.getpid()
-    kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{me}/task"):
-            with open(f"/proc/{me}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
+    own = pss(os.getpid())
+    if not own:
         return rss_bytes()
-    own = pss(me)
-    return own + sum(pss(k) for k in kids) if own else rss_bytes()
+    return own + sum(pss(pid) for pid in _process_tree(os.getpid())[1:])
 
 
 # --------------------------------------------------------------------------- contention
@@ -247,13 +241,9 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return total - idle, total
 
 
-def _tree_jiffies(root: int) -> int:
-    """CPU jiffies (user + system, plus reaped children) of a process and all its
-    descendants, found by parent pid (torchrun workers and helper servers often start their
-    own session or process group, so the process group would miss them). A descendant that
-    exits moves its time into its parent's cutime/cstime when reaped, so deltas stay right."""
-    parent: dict[int, int] = {}
-    cpu: dict[int, int] = {}
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, CPU jiffies: utime + stime + cutime + cstime)} from /proc/*/stat."""
+    out: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -263,18 +253,31 @@ def _tree_jiffies(root: int) -> int:
         except OSError:
             continue
         fields = data[data.rindex(")") + 2:].split()  # fields[0] is the state (3rd field of stat)
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        cpu[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        out[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return out
+
+
+def _process_tree(root: int, stats: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """root and all its descendants, found by parent pid (torchrun workers and helper servers
+    often start their own session or process group, so the process group would miss them)."""
+    stats = _proc_stats() if stats is None else stats
     children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
+    for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
+    out, stack = [], [root]
     while stack:
         pid = stack.pop()
-        total += cpu.get(pid, 0)
+        out.append(pid)
         stack.extend(children.get(pid, ()))
-    return total
+    return out
+
+
+def _tree_jiffies(root: int) -> int:
+    """CPU jiffies (user + system, plus reaped children) of a process and all its
+    descendants. A descendant that exits moves its time into its parent's cutime/cstime
+    when reaped, so deltas stay right."""
+    stats = _proc_stats()
+    return sum(stats[pid][1] for pid in _process_tree(root, stats) if pid in stats)
 
 
 class CpuMonitor:

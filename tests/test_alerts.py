@@ -40,7 +40,7 @@ def promtool() -> str:
         return prometheus_binaries()[1]
     except PrometheusUnavailable as err:
         if shutil.which("apt-get") is None:
-            pytest.skip(f"promtool unavailable on a non-Debian machine: {err}")
+            pytest.skip(f"promtool unavailable on a non-Debian machine: {err}")  # ok: Debian (CI) fetches it or fails
         raise
 
 

@@ -154,7 +154,7 @@ def prometheus_bin() -> str:
         return prometheus_binaries()[0]
     except PrometheusUnavailable as err:
         if shutil.which("apt-get") is None:
-            pytest.skip(f"prometheus unavailable on a non-Debian machine: {err}")
+            pytest.skip(f"prometheus unavailable on a non-Debian machine: {err}")  # ok: Debian (CI) fetches it or fails
         raise
 
 
