@@ -10,6 +10,14 @@ ConfigMap too; `model`, `data` and `stages` are immutable (CEL), see core.immuta
 from __future__ import annotations
 
 
+# The live PyTorchJob fields a day-2 change touches: all `job_patch` compares, and all of a
+# job's spec the watch cache keeps (registry.slim_job).
+SCALE_PATHS = (("spec", "elasticPolicy", "minReplicas"), ("spec", "elasticPolicy", "maxReplicas"),
+               ("spec", "pytorchReplicaSpecs", "Worker", "replicas"))
+SUSPEND_PATH = ("spec", "runPolicy", "suspend")
+LIVE_PATHS = (*SCALE_PATHS, SUSPEND_PATH)
+
+
 def _get(obj: dict | None, *path: str):
     for key in path:
         if not isinstance(obj, dict):
@@ -18,20 +26,23 @@ def _get(obj: dict | None, *path: str):
     return obj
 
 
+def _set(obj: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        obj = obj.setdefault(key, {})
+    obj[path[-1]] = value
+
+
 def job_patch(live: dict, desired: dict) -> dict | None:
     """A merge patch that brings the live job's scale and suspension to the desired ones."""
-    spec: dict = {}
-    for key in ("minReplicas", "maxReplicas"):
-        want = _get(desired, "spec", "elasticPolicy", key)
-        if want is not None and _get(live, "spec", "elasticPolicy", key) != want:
-            spec.setdefault("elasticPolicy", {})[key] = want
-    want = _get(desired, "spec", "pytorchReplicaSpecs", "Worker", "replicas")
-    if want is not None and _get(live, "spec", "pytorchReplicaSpecs", "Worker", "replicas") != want:
-        spec["pytorchReplicaSpecs"] = {"Worker": {"replicas": want}}
-    want = bool(_get(desired, "spec", "runPolicy", "suspend"))
-    if bool(_get(live, "spec", "runPolicy", "suspend")) != want:
-        spec["runPolicy"] = {"suspend": want}
-    return {"spec": spec} if spec else None
+    patch: dict = {}
+    for path in SCALE_PATHS:
+        want = _get(desired, *path)
+        if want is not None and _get(live, *path) != want:
+            _set(patch, path, want)
+    want = bool(_get(desired, *SUSPEND_PATH))
+    if bool(_get(live, *SUSPEND_PATH)) != want:
+        _set(patch, SUSPEND_PATH, want)
+    return patch or None
 
 
 def describe(patch: dict, desired: dict) -> list[tuple[str, str]]:

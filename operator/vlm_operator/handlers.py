@@ -36,10 +36,11 @@ def _timed(name: str):
 
 class _QuietEventHandlers(logging.Filter):
     """kopf logs "Handler 'x' succeeded." at INFO for every watch event an on.event handler
-    sees: for run_event and job_event that is a line per status write of every run. Our
-    own logs (vlm_operator.*) say what happened; failures of these handlers still log."""
+    sees: for run_event that is a line per status write of every run, for job_event and
+    store_event one per child change. Our own logs (vlm_operator.*) say what happened;
+    failures of these handlers still log."""
 
-    QUIET = ("Handler 'run_event' succeeded.", "Handler 'job_event' succeeded.")
+    QUIET = ("Handler 'run_event' succeeded.", "Handler 'job_event' succeeded.", "Handler 'store_event' succeeded.")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno <= logging.INFO and isinstance(record.msg, str) and record.msg in self.QUIET)
@@ -125,7 +126,8 @@ def runs_known(**_: Any) -> int:
 
 
 @kopf.on.event(*RUN)
-def run_event(event: dict, body: kopf.Body, **_: Any) -> None:
+async def run_event(event: dict, body: kopf.Body, **_: Any) -> None:
+    # async: kopf runs a sync handler in its thread pool, a hand-off per watch event of every run
     REGISTRY.observe_run(event.get("type"), dict(body))
 
 

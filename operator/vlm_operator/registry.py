@@ -6,7 +6,10 @@ authoritative, fresher than what the watch stream has delivered back. After a re
 the cache is empty and the status read from the API server takes over.
 
 The PyTorchJob and rendezvous-store Deployment bodies delivered by the watches serve as
-informer caches (no GET per reconcile). Per-run locks serialise every reconcile of a run, whatever triggered it
+informer caches (no GET per reconcile). Every cached body is cut down to what the operator
+reads (`slim_*`): at 1,000 runs these caches are most of the process's memory, and a job's
+pod template or a run's managedFields and kopf annotation (a second copy of its spec) are
+never read. Per-run locks serialise every reconcile of a run, whatever triggered it
 (kopf handler, job event, scrape/resync loop, backoff wake-up).
 """
 
@@ -17,6 +20,8 @@ import dataclasses
 import logging
 import time
 from typing import Any, Awaitable, Callable, Iterator
+
+from . import day2
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,41 @@ def _rv(body: dict | None) -> int:
         return int(((body or {}).get("metadata") or {}).get("resourceVersion") or 0)
     except (TypeError, ValueError):
         return 0
+
+
+# Metadata the operator reads: identity, ordering, ownership, and labels (kopf.adopt copies
+# the owner's labels onto its children).
+_META = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "ownerReferences",
+         "creationTimestamp", "deletionTimestamp")
+
+
+def _slim_meta(body: dict) -> dict:
+    meta = body.get("metadata") or {}
+    return {k: meta[k] for k in _META if k in meta}
+
+
+def slim_run(body: dict) -> dict:
+    """A run as cached: everything but metadata it never reads (managedFields, annotations)."""
+    out = {k: v for k, v in body.items() if k != "metadata"}
+    out["metadata"] = _slim_meta(body)
+    return out
+
+
+def slim_job(body: dict) -> dict:
+    """A PyTorchJob as cached: identity, status and the fields a day-2 change compares."""
+    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _slim_meta(body),
+           "status": body.get("status") or {}}
+    for path in day2.LIVE_PATHS:
+        value = day2._get(body, *path)
+        if value is not None:
+            day2._set(out, path, value)
+    return out
+
+
+def slim_store(body: dict) -> dict:
+    """A rendezvous-store Deployment as cached: identity and status (readyReplicas)."""
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _slim_meta(body),
+            "status": body.get("status") or {}}
 
 
 @dataclasses.dataclass
@@ -75,7 +115,7 @@ class RunState:
             self.reset(uid)
         self.uid = uid or self.uid
         if self.body is None or (_gen(body), _rv(body)) >= (_gen(self.body), _rv(self.body)):
-            self.body = body
+            self.body = slim_run(body)
 
     def reset(self, uid: str | None) -> None:
         self.uid, self.body, self.status, self.sample, self.validated = uid, None, None, None, None
@@ -112,13 +152,13 @@ class Registry:
         if event_type == "DELETED":
             self.drop(key)
             return
-        self.get(*key).see(dict(body))  # shallow: kopf makes a fresh body per event
+        self.get(*key).see(body)
 
     def observe_job(self, event_type: str | None, body: dict) -> None:
-        _observe_child(self.jobs, event_type, body)
+        _observe_child(self.jobs, event_type, body, slim_job)
 
     def observe_store(self, event_type: str | None, body: dict) -> None:
-        _observe_child(self.stores, event_type, body)
+        _observe_child(self.stores, event_type, body, slim_store)
 
     def drop(self, key: Key) -> None:
         state = self.runs.pop(key, None)
@@ -171,14 +211,14 @@ class Registry:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _observe_child(cache: dict[Key, dict], event_type: str | None, body: dict) -> None:
-    """An informer cache entry: the newest body per (namespace, name), gone on DELETED."""
+def _observe_child(cache: dict[Key, dict], event_type: str | None, body: dict, slim: Callable[[dict], dict]) -> None:
+    """An informer cache entry: the newest (slimmed) body per (namespace, name), gone on DELETED."""
     meta = body.get("metadata") or {}
     key = (meta.get("namespace") or "default", meta.get("name") or "")
     if event_type == "DELETED":
         cache.pop(key, None)
     elif _rv(body) >= _rv(cache.get(key)):
-        cache[key] = dict(body)
+        cache[key] = slim(body)
 
 
 REGISTRY = Registry()
