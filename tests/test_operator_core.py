@@ -393,3 +393,59 @@ def test_operator_validation_agrees_with_the_three_layers(spec):
     validators carry the same rules): same verdict as `vlmpretrain validate`, same lines
     when invalid."""
     assert core.check_spec(spec) == core.check_spec(spec, cel=True)
+
+
+def test_scrape_loop_spreads_runs_over_the_period(monkeypatch):
+    """1,000 running runs must not be scraped (pod LIST + scrape + status PATCH) in one burst
+    every period: each run is scraped once per period at its own phase, ~1/SLICES of them
+    per wake-up, and a run seen for the first time (e.g. after an operator restart) waits
+    for its phase instead of joining a burst."""
+    import asyncio
+    from collections import Counter
+
+    from vlm_operator.registry import REGISTRY
+
+    monkeypatch.setattr(config, "CONFIG", config.Config(scrape_interval=30, resync_interval=300))
+    n, step = 400, 30 / scrape.SLICES
+    listed: Counter = Counter()  # (tick, run) -> pod LISTs: one per scrape
+    poked: list = []
+
+    class Pods:
+        tick = 0
+
+        async def list(self, kind, namespace, selector):
+            run = dict(part.split("=") for part in selector.split(","))[render.LABEL_RUN]
+            listed[(self.tick, run)] += 1
+            return []  # no pod yet: a scrape error, which is news for the first scrape
+
+    async def poke(key, trigger):
+        poked.append((Pods.tick, key, trigger))
+
+    async def ticks(count: int, start: float = 1_000_000.0) -> None:
+        client = Pods()
+        for i in range(count):
+            Pods.tick = i
+            await scrape.tick(client, poke, now=start + i * step)
+
+    REGISTRY.reset()
+    try:
+        for i in range(n):
+            state = REGISTRY.get(f"team-{i % 7}", f"run-{i:04d}")
+            state.body = {"spec": {}}
+            state.status = {"phase": "Running", "jobName": f"run-{i:04d}-pretrain", "stage": "pretrain", "attempt": 0}
+        asyncio.run(ticks(1 + 2 * scrape.SLICES))
+    finally:
+        REGISTRY.reset()
+    per_tick = Counter(t for t, _ in listed)
+    per_run = Counter(run for _, run in listed)
+    assert per_tick[0] == 0, "first sight: every run waits for its phase"
+    assert set(per_run.values()) == {2} and len(per_run) == n, "two periods: each run scraped exactly twice"
+    assert max(per_tick.values()) <= 2 * n / scrape.SLICES, per_tick  # spread, not a burst
+    assert min(per_tick[t] for t in range(1, 1 + 2 * scrape.SLICES)) >= n / scrape.SLICES / 3, per_tick
+    first = {run: t for t, run in sorted(listed, reverse=True)}
+    assert all(listed[(first[run] + scrape.SLICES, run)] == 1 for run in per_run), "one period apart"
+    scraped = [key for _, key, trigger in poked if trigger == "scrape"]
+    resynced = [key for _, key, trigger in poked if trigger == "resync"]
+    assert len(scraped) == len(set(scraped)) == n  # only the first scrape error is news
+    # 60 s of a 300 s resync period: ~1/5 of the runs reach their resync phase, each once
+    assert len(resynced) == len(set(resynced)) and n / 10 <= len(resynced) <= n * 3 / 10

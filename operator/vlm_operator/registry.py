@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from typing import Any, Awaitable, Callable, Iterator
 
 from . import day2
@@ -88,8 +87,8 @@ class RunState:
     wake: asyncio.TimerHandle | None = None
     sample: Any = None  # latest scrape.Sample of the current job
     scrape_error: str | None = None
-    last_scrape: float = 0.0
-    last_resync: float = dataclasses.field(default_factory=time.monotonic)
+    scrape_slot: int | None = None  # the scrape period this run was last scraped in (scrape.tick)
+    resync_slot: int | None = None  # the resync period it was last re-checked in
     validated: tuple[str, list[str]] | None = None  # (spec digest, problems)
     failed_seen: dict[str, Any] = dataclasses.field(default_factory=dict)  # job name -> when first seen Failed
     last_job: tuple[str | None, str] | None = None  # (job name, job state) the last reconcile acted on
