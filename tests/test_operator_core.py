@@ -374,6 +374,10 @@ def test_parse_trainer_metrics():
     assert "lastCheckpoint" not in status and "loss" not in status  # nothing committed yet; NaN is not a loss
     with pytest.raises(scrape.ScrapeError):
         scrape.parse("# just a comment\nother_metric 1\n")
+    from vlm_trainer.metrics import node_registry
+
+    with pytest.raises(scrape.ScrapeError, match="not the trainer's rank 0"):  # another node's endpoint
+        scrape.parse(generate_latest(node_registry(rank=8, group_rank="1")).decode())
     with pytest.raises(scrape.ScrapeError):
         scrape.parse("vlmtrain_steps_total{ 12\n")
 
@@ -449,3 +453,16 @@ def test_scrape_loop_spreads_runs_over_the_period(monkeypatch):
     assert len(scraped) == len(set(scraped)) == n  # only the first scrape error is news
     # 60 s of a 300 s resync period: ~1/5 of the runs reach their resync phase, each once
     assert len(resynced) == len(set(resynced)) and n / 10 <= len(resynced) <= n * 3 / 10
+
+
+def test_pods_are_tried_in_the_order_torchrun_ranks_nodes():
+    """torchrun's rendezvous gives node rank 0 (hence global rank 0) to the smallest node
+    address, and a worker pod's host name is its pod name: the scrape tries that pod first,
+    also past ten nodes (`-worker-10` sorts before `-worker-2`) and after worker-0 is gone."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import _NodeDesc
+
+    names = [f"llama-pretrain-worker-{i}" for i in (2, 10, 1, 11, 3)]  # worker-0 lost
+    pods = [{"metadata": {"name": n}} for n in names]
+    ranked = [n.addr for n in sorted(_NodeDesc(addr=n, pid=1, local_id=0) for n in names)]
+    assert [p["metadata"]["name"] for p in sorted(pods, key=scrape._pod_order)] == ranked
+    assert ranked[0] == "llama-pretrain-worker-1" and ranked[2] == "llama-pretrain-worker-11"

@@ -79,6 +79,31 @@ def test_status_is_fed_from_rank0_metrics(cluster, trainer):
     assert "step" not in cluster.status("llama")  # per-stage counters restart with the stage
 
 
+def test_rank0_is_found_past_other_nodes_endpoints(cluster, trainer):
+    """After an elastic restart global rank 0 can live on any Worker pod; the others answer
+    on the same port with only `vlmtrain_node_info` (VLM_METRICS_EVERY_NODE). The operator
+    passes over those and reads rank 0's series."""
+    from prometheus_client import start_http_server
+
+    from vlm_trainer.metrics import node_registry
+
+    node, _ = start_http_server(trainer.port, addr="127.0.0.2", registry=node_registry(rank=0, group_rank="1"))
+    try:
+        with cluster.operator():
+            cluster.create_run("llama", spec(metrics={"port": trainer.port, "podMonitor": True}))
+            wait(lambda: cluster.job("llama-pretrain"), what="job")
+            cluster.add_pod("llama-pretrain", "llama", "pretrain", 0, index=0, ip="127.0.0.2")  # tried first
+            cluster.add_pod("llama-pretrain", "llama", "pretrain", 0, index=1, ip="127.0.0.1")  # holds rank 0
+            cluster.set_job("llama-pretrain", "Running")
+            trainer.train(steps=7, text=900, image=100, loss=3.0, world=16)
+            status = wait(lambda: cluster.status("llama").get("step") == 7 and cluster.status("llama"), what="scraped step")
+            assert status["tokens"] == 1000 and status["worldSize"] == 16
+            assert "metrics:" not in cluster.condition("llama", "Progressing").get("message", "")
+    finally:
+        node.shutdown()
+        node.server_close()
+
+
 def test_operator_exports_its_own_metrics(cluster):
     success = opmetrics.value("vlmoperator_reconciles_total", {"result": "success"})
     invalid = opmetrics.value("vlmoperator_reconciles_total", {"result": "invalid"})

@@ -167,3 +167,48 @@ def test_next_stage_initialises_from_previous_state(make_trainer):
     fresh.load_state_dict(saved, mode="init")
     assert fresh.schedule.warmup == 3 and fresh.progress.global_step == 0
     assert all(float(s["exp_avg"].abs().sum()) == 0 for s in fresh.optimizer.state.values())
+
+
+def test_every_node_answers_the_scrape_but_only_rank0_has_training_series(monkeypatch):
+    """The PodMonitor selects every Worker pod: on a cluster (VLM_METRICS_EVERY_NODE=1) the
+    first process of each other node answers with one info series, so no target is down and
+    no training series is counted twice. Other local ranks serve nothing; locally (=0) only
+    rank 0 serves."""
+    import socket
+
+    from vlm_trainer import metrics
+
+    def scrape(port: int) -> dict[str, list]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            families = text_string_to_metric_families(resp.read().decode())
+        return {f.name: f.samples for f in families}
+
+    main = metrics.TrainerMetrics(reset_registry())
+    main.steps.inc(3)
+    monkeypatch.setenv("VLM_METRICS_EVERY_NODE", "1")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    servers = []
+    try:
+        server, port = metrics.serve_for(rank=0, local_rank=0, port=0, reg=main.registry)
+        servers.append(server)
+        assert scrape(port)["vlmtrain_steps"][0].value == 3
+        # Another node's first process: a healthy target with nothing to double count.
+        server, node_port = metrics.serve_for(rank=8, local_rank=0, port=0, reg=main.registry)
+        servers.append(server)
+        node = scrape(node_port)
+        assert list(node) == ["vlmtrain_node_info"] and node["vlmtrain_node_info"][0].labels == {"rank": "8", "group_rank": "1"}
+        assert metrics.serve_for(rank=9, local_rank=1, port=0, reg=main.registry) == (None, None)
+        # The port is taken: rank 0 moves to a free port (metrics never stop training), a node
+        # without rank 0 gives up (a target on another port is not scraped).
+        server, moved = metrics.serve_for(rank=0, local_rank=0, port=port, reg=main.registry)
+        servers.append(server)
+        assert moved != port and "vlmtrain_steps" in scrape(moved)
+        assert metrics.serve_for(rank=8, local_rank=0, port=port, reg=main.registry) == (None, None)
+        monkeypatch.setenv("VLM_METRICS_EVERY_NODE", "0")
+        assert metrics.serve_for(rank=8, local_rank=0, port=0, reg=main.registry) == (None, None)
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    with socket.socket() as probe:  # the servers are gone with their ports
+        probe.bind(("127.0.0.1", port))

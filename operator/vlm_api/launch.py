@@ -71,6 +71,9 @@ def build_appdef(
         # (shared/notes: connectFullMesh refused + hang after a worker SIGKILL).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "VLM_PG_TIMEOUT_SECONDS": str(spec.elastic.process_group_timeout),
+        # Every node answers on the metrics port (one pod = one scrape target of the
+        # PodMonitor); global rank 0 alone serves the training series.
+        "VLM_METRICS_EVERY_NODE": "1",
         "PYTHONUNBUFFERED": "1",
     }
     role_env.update(env or {})

@@ -2,9 +2,10 @@
 
 The trainer's global rank 0 serves Prometheus text on `spec.metrics.port`. Every
 `VLM_OPERATOR_SCRAPE_INTERVAL` seconds the loop finds the current job's worker pods by
-their labels (`pretrain.vlm.dev/run|stage|attempt`), tries worker-0 first (the usual
-rank 0) and then the others, reads `http://<podIP>:<port>/metrics` in a thread and parses
-it with `prometheus_client.parser`. What it reads lands in status (step, tokens, loss,
+their labels (`pretrain.vlm.dev/run|stage|attempt`), tries them in the order torchrun
+ranks nodes (sorted pod names: the first holds global rank 0; the other nodes answer with
+only `vlmtrain_node_info`, passed over), reads `http://<podIP>:<port>/metrics` in a thread
+and parses it with `prometheus_client.parser`. What it reads lands in status (step, tokens, loss,
 measured image-token fraction, world size, elastic restarts, last committed checkpoint).
 A failed scrape only changes the Progressing condition's message.
 
@@ -36,7 +37,6 @@ from .registry import REGISTRY, RunState
 
 log = logging.getLogger(__name__)
 
-REPLICA_INDEX = "training.kubeflow.org/replica-index"
 MAX_PODS_TRIED = 4
 
 
@@ -143,13 +143,11 @@ def _fetch(url: str, timeout: float) -> str:
         return resp.read(8 * 1024 * 1024).decode("utf-8", "replace")
 
 
-def _pod_order(pod: dict) -> tuple:
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    try:
-        index = int(labels.get(REPLICA_INDEX, 1 << 30))
-    except ValueError:
-        index = 1 << 30
-    return (index, (pod.get("metadata") or {}).get("name", ""))
+def _pod_order(pod: dict) -> str:
+    """torchrun's order: the rendezvous ranks nodes by sorted host name (a worker pod's host
+    name is its pod name), so global rank 0 runs on the first pod of the current round,
+    `-worker-0` while it is there, else e.g. `-worker-1` before `-worker-10` before `-worker-2`."""
+    return (pod.get("metadata") or {}).get("name", "")
 
 
 async def scrape_job(client, namespace: str, run: str, stage: str, attempt: int, job: str, port: int,

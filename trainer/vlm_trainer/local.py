@@ -477,6 +477,7 @@ class LocalRunner:
             "PET_TEE": "3",  # every rank's stdout+stderr in the agent's log (prefixed) and per-rank files
             "VLM_PROGRESS_FILE": str(progress_path),
             "VLM_METRICS_PORT": str(metrics_port),
+            "VLM_METRICS_EVERY_NODE": "0",  # local agents share one host and its port: rank 0 alone serves
             "VLM_CKPT_LOCAL_DIR": str(progress_path.parent.parent / "staging"),  # DCP staging, per node
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
             # the venv's torchrun, also when the venv is not activated

@@ -6,6 +6,12 @@ it over HTTP with :func:`serve` at ``spec.metrics.port`` (env ``VLM_METRICS_PORT
 overrides; port 0 picks a free port, logged and written to the progress file). Other ranks
 keep updating an unserved registry so code paths are the same everywhere.
 
+On a cluster (``VLM_METRICS_EVERY_NODE=1``, set in every PyTorchJob) the first process of
+each *other* node serves :func:`node_registry` on the same port: the PodMonitor selects every
+Worker pod, and a pod that refuses the scrape is a down target (kube-prometheus-stack's
+`TargetDown` would fire for every multi-node run). That registry holds one info series and
+no training series, so nothing is counted twice; see :func:`serve_for`.
+
 Series (fixed names are the contract with dashboards, alerts and the operator):
 
 =========================================  ========  ===================================================
@@ -28,6 +34,7 @@ vlmtrain_mfu_ratio                          gauge     model FLOPs utilisation of
 vlmtrain_world_size                         gauge     processes in the current group
 vlmtrain_elastic_restart_count              gauge     TORCHELASTIC_RESTART_COUNT of this worker
 vlmtrain_build_info{version,torch,...}      gauge     1
+vlmtrain_node_info{rank,group_rank}         gauge     1, served by the other nodes only (no training series there)
 =========================================  ========  ===================================================
 
 MFU = achieved FLOPs / (peak FLOPs x world size). Achieved FLOPs per step:
@@ -116,6 +123,34 @@ def serve(port: int, reg: CollectorRegistry | None = None) -> tuple[object, int]
     bound = server.server_port
     log.info("metrics on http://%s:%d/metrics", socket.gethostname(), bound)
     return server, bound
+
+
+def node_registry(*, rank: int, group_rank: str) -> CollectorRegistry:
+    """What a node without global rank 0 serves: a healthy scrape target, no training series."""
+    reg = CollectorRegistry(auto_describe=True)
+    Gauge("vlmtrain_node_info", "A node of the training group; its training series come from global rank 0 (value 1).",
+          ["rank", "group_rank"], registry=reg).labels(rank=str(rank), group_rank=group_rank).set(1)
+    return reg
+
+
+def serve_for(*, rank: int, local_rank: int, port: int, reg: CollectorRegistry) -> tuple[object | None, int | None]:
+    """The metrics endpoint of this process, if it has one: (server, bound port).
+
+    Global rank 0 serves the trainer's registry, on a free port if `port` is taken (metrics
+    must never stop training). With ``VLM_METRICS_EVERY_NODE=1`` the first process of every
+    other node serves `node_registry` (on `port` only: a target elsewhere is not scraped)."""
+    if rank == 0:
+        try:
+            return serve(port, reg)
+        except OSError as exc:
+            log.warning("metrics port %d unavailable (%s); serving on a free port instead", port, exc)
+            return serve(0, reg)
+    if local_rank == 0 and os.environ.get("VLM_METRICS_EVERY_NODE") == "1":
+        try:
+            return serve(port, node_registry(rank=rank, group_rank=os.environ.get("GROUP_RANK", "")))
+        except OSError as exc:
+            log.warning("node metrics port %d unavailable (%s); this pod is not a scrape target", port, exc)
+    return None, None
 
 
 class TrainerMetrics:

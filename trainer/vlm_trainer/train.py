@@ -64,7 +64,7 @@ from vlm_api.schema import TrainerConfig
 from .data import StepLoader, open_sources, probe_stats
 from .distributed import DistContext, Parallel, init_distributed, parallelize, shutdown
 from .evaluate import EvalResult, Evaluator
-from .metrics import TrainerMetrics, peak_flops, registry, serve, step_flops
+from .metrics import TrainerMetrics, peak_flops, registry, serve_for, step_flops
 from .mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
 from .model import build_vlm, count_params, loss_sum
 from .policy import apply_trainable, param_groups
@@ -223,15 +223,11 @@ class Trainer:
         self.metrics.set_static(run=cfg.run.name, stage=self.stage.name, stage_index=self.stage_index,
                                 stage_steps=self.total_steps, world_size=self.ctx.world_size,
                                 device=self._device_name(), strategy=self.par.strategy)
-        self.metrics_port = None
-        self._metrics_server = None
-        if self.ctx.is_main and serve_metrics:
-            port = int(os.environ.get("VLM_METRICS_PORT", spec.metrics.port))
-            try:
-                self._metrics_server, self.metrics_port = serve(port, self.metrics.registry)
-            except OSError as exc:  # metrics must never stop training: take any free port
-                log.warning("metrics port %d unavailable (%s); serving on a free port instead", port, exc)
-                self._metrics_server, self.metrics_port = serve(0, self.metrics.registry)
+        self._metrics_server, self.metrics_port = None, None
+        if serve_metrics:
+            self._metrics_server, self.metrics_port = serve_for(
+                rank=self.ctx.rank, local_rank=self.ctx.local_rank,
+                port=int(os.environ.get("VLM_METRICS_PORT", spec.metrics.port)), reg=self.metrics.registry)
         self.progress_file = ProgressFile.from_env(run=cfg.run.name, stage=self.stage.name, enabled=self.ctx.is_main)
         self.peak_flops = peak_flops(self._device_name(), self.par.compute_dtype is not None)
         self.log_every = max(1, int(os.environ.get("VLM_LOG_EVERY", "10")))
