@@ -175,7 +175,10 @@ def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
     assert env["PET_MAX_RESTARTS"] == str(min(int(ref.env["PET_MAX_RESTARTS"]), L.LOCAL_MAX_RESTARTS)) == "3"
     assert env["PET_RDZV_CONF"] == ref.env["PET_RDZV_CONF"]
     assert env["VLM_PROGRESS_FILE"].endswith("progress.jsonl") and env["VLM_METRICS_PORT"] == "9999"
-    same = {k for k in ref.env if k not in ("PET_RDZV_ENDPOINT", "PET_NPROC_PER_NODE", "PET_MAX_RESTARTS")}
+    # local agents share one host (and its metrics port): only rank 0 serves
+    assert env["VLM_METRICS_EVERY_NODE"] == "0" and ref.env["VLM_METRICS_EVERY_NODE"] == "1"
+    same = {k for k in ref.env
+            if k not in ("PET_RDZV_ENDPOINT", "PET_NPROC_PER_NODE", "PET_MAX_RESTARTS", "VLM_METRICS_EVERY_NODE")}
     assert all(env[k] == ref.env[k] for k in same)
 
 

@@ -210,5 +210,7 @@ def test_every_node_answers_the_scrape_but_only_rank0_has_training_series(monkey
         for s in servers:
             s.shutdown()
             s.server_close()
-    with socket.socket() as probe:  # the servers are gone with their ports
+    with socket.socket() as probe:  # the servers are gone with their ports (TIME_WAIT aside)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+        probe.listen()
