@@ -13,6 +13,7 @@ finished.
 from __future__ import annotations
 
 import copy
+import json
 import datetime
 import functools
 
@@ -343,6 +344,18 @@ def test_day2_job_patch():
     patch = day2.job_patch(live, paused)
     assert patch == {"spec": {"runPolicy": {"suspend": True}}}
     assert day2.describe(patch, paused) == [("Suspended", "job suspended")]
+    # The watch cache keeps a cut-down job: the same day-2 decisions, a fraction of the body.
+    from vlm_operator.registry import slim_job
+
+    live["status"] = {"conditions": [{"type": "Running", "status": "True"}]}
+    live["metadata"].update(uid="job-uid", resourceVersion="7", managedFields=[{"manager": "kubectl"}],
+                            ownerReferences=[{"kind": "VLMPretrainRun", "name": "r", "uid": "u"}])
+    cached = slim_job(live)
+    for desired in (live, bigger, paused):
+        assert day2.job_patch(cached, desired) == day2.job_patch(live, desired)
+    assert st.job_state(cached) == st.job_state(live) and cached["metadata"]["ownerReferences"]
+    assert "template" not in str(cached) and "managedFields" not in cached["metadata"]
+    assert len(json.dumps(cached)) < len(json.dumps(live)) / 3
 
 
 def test_status_patch_sets_and_removes():

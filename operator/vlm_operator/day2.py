@@ -18,7 +18,7 @@ SUSPEND_PATH = ("spec", "runPolicy", "suspend")
 LIVE_PATHS = (*SCALE_PATHS, SUSPEND_PATH)
 
 
-def _get(obj: dict | None, *path: str):
+def get_path(obj: dict | None, *path: str):
     for key in path:
         if not isinstance(obj, dict):
             return None
@@ -26,7 +26,7 @@ def _get(obj: dict | None, *path: str):
     return obj
 
 
-def _set(obj: dict, path: tuple[str, ...], value) -> None:
+def set_path(obj: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         obj = obj.setdefault(key, {})
     obj[path[-1]] = value
@@ -36,12 +36,12 @@ def job_patch(live: dict, desired: dict) -> dict | None:
     """A merge patch that brings the live job's scale and suspension to the desired ones."""
     patch: dict = {}
     for path in SCALE_PATHS:
-        want = _get(desired, *path)
-        if want is not None and _get(live, *path) != want:
-            _set(patch, path, want)
-    want = bool(_get(desired, *SUSPEND_PATH))
-    if bool(_get(live, *SUSPEND_PATH)) != want:
-        _set(patch, SUSPEND_PATH, want)
+        want = get_path(desired, *path)
+        if want is not None and get_path(live, *path) != want:
+            set_path(patch, path, want)
+    want = bool(get_path(desired, *SUSPEND_PATH))
+    if bool(get_path(live, *SUSPEND_PATH)) != want:
+        set_path(patch, SUSPEND_PATH, want)
     return patch or None
 
 
@@ -50,8 +50,8 @@ def describe(patch: dict, desired: dict) -> list[tuple[str, str]]:
     out = []
     spec = patch.get("spec", {})
     if "elasticPolicy" in spec or "pytorchReplicaSpecs" in spec:
-        ep = _get(desired, "spec", "elasticPolicy") or {}
-        replicas = _get(desired, "spec", "pytorchReplicaSpecs", "Worker", "replicas")
+        ep = get_path(desired, "spec", "elasticPolicy") or {}
+        replicas = get_path(desired, "spec", "pytorchReplicaSpecs", "Worker", "replicas")
         out.append(("Rescaled", f"nodes {ep.get('minReplicas')}..{ep.get('maxReplicas')}, Worker replicas {replicas} (in place)"))
     if "runPolicy" in spec:
         out.append(("Suspended", "job suspended") if spec["runPolicy"]["suspend"] else ("Resumed", "job resumed"))
