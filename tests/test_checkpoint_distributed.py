@@ -146,3 +146,27 @@ def test_async_save_returned_quickly(two_ranks):
     blocking = two_ranks["results"][0]["blocking"]
     print(f"\nasync save call, 2 ranks: ddp {blocking['ddp']:.3f}s, fsdp {blocking['fsdp']:.3f}s")
     assert set(blocking) == {"ddp", "fsdp"}
+
+
+def test_each_node_fetches_only_what_its_ranks_read(moto_endpoint, aws_env, tmp_path):
+    """4 ranks as 4 nodes, FSDP2: the restore is exact, rank 0's node has the checkpoint it
+    verified while choosing it, and every other node downloads only `.metadata`, its own
+    shard file and rank 0's (every replicated entry is saved there), not the whole
+    checkpoint: 3 of 5 files."""
+    uri = f"s3://{new_bucket(moto_endpoint)}/nodes"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"scenario": "nodes", "uri": uri, "endpoint": moto_endpoint, "out": str(tmp_path),
+                               "local": str(tmp_path / "w")}))
+    results = launch_ranks(REPO / "tests/support/ckpt_worker.py", [str(cfg)], 4, dict(os.environ, **aws_env),
+                           timeout=240)
+    for rc, log in results:
+        assert rc == 0, log[-4000:]
+    res = [json.loads((tmp_path / f"nodes-{r}.json").read_text()) for r in range(4)]
+    assert all(r["saved"] and r["step"] == 3 and r["extra"] == 3 for r in res)
+    assert res[0]["diff"] == []
+    ref = open_store(uri, endpoint_url=moto_endpoint).latest_committed("nodes")
+    assert len(ref.files) == 5
+    assert res[0]["fetched"] == []
+    for r in res[1:]:
+        assert sorted(r["fetched"]) == sorted([".metadata", "__0_0.distcp", f"__{r['rank']}_0.distcp"]), r
+        assert 0 < r["fetched_bytes"] < ref.total_bytes

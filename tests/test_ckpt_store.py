@@ -140,6 +140,25 @@ def test_round_trip(store, tmp_path, caplog):
     assert FAKE_SECRET not in caplog.text and FAKE_SECRET not in repr(store)
 
 
+def test_download_of_some_files_places_only_verified_ones(store, tmp_path):
+    """A node fetches the files its ranks read (checkpoint._NodeFiles): only those arrive, each
+    under its name once its sha256 matched; a corrupt one leaves nothing behind (no temp
+    file, no partial file a later reader would take for complete); names outside the
+    manifest are refused."""
+    src = make_ckpt(tmp_path / "src")
+    ref = store.upload(src, "pretrain", 7, world_size=2).ref
+    dst = tmp_path / "dst"
+    stats = store.download(ref, dst, files=[".metadata", "__1_0.distcp"])
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__1_0.distcp"]
+    assert stats.files == 2 and (dst / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
+    corrupt(store, "pretrain", 7, "__0_0.distcp")
+    with pytest.raises(CheckpointVerifyError, match="sha256 mismatch __0_0.distcp"):
+        store.download(ref, dst, files=["__0_0.distcp"])
+    assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__1_0.distcp"]
+    with pytest.raises(CheckpointVerifyError, match="not in the manifest: __9_0.distcp"):
+        store.download(ref, dst, files=["__9_0.distcp"])
+
+
 @pytest.mark.parametrize("checksum", [None, "when_required"])
 def test_multipart_used_above_threshold(moto_endpoint, tmp_path, checksum):
     bucket = _new_bucket(moto_endpoint)

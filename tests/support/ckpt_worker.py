@@ -61,10 +61,40 @@ def save_once(cfg) -> None:
     print("saved", flush=True)
 
 
+def restore_per_node(cfg) -> None:
+    """Scenario ``nodes`` (any world size, one rank per "node"): FSDP2 saves 3 steps, then
+    a fresh FSDP2 model restores them, each rank recording the files its node fetched."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    module, opt = T.build("fsdp", seed=11)
+    box, get, load = T.extra_state_holder()
+    for step in (1, 2, 3):
+        T.train_step(module, opt, step)
+        box["step"] = step
+    ref3 = T.full_state(module, opt)
+    mgr = manager(cfg, "nodes", "save", node=f"n{rank}")
+    outcome = mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), 3, blocking=True)
+    mgr.close()
+    m2, o2 = T.build("fsdp", seed=99)
+    box2, get2, load2 = T.extra_state_holder()
+    mgr2 = manager(cfg, "nodes", "load", node=f"n{rank}")
+    r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
+    st3 = T.full_state(m2, o2)
+    mgr2.close()
+    res = {"rank": rank, "saved": outcome.ok, "step": r.step if r else None, "fetched": r.fetched_files if r else None,
+           "fetched_bytes": r.fetched_bytes if r else None, "extra": box2["step"],
+           "diff": T.diff(ref3, st3) if rank == 0 else []}
+    (Path(cfg["out"]) / f"nodes-{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     if cfg.get("scenario") == "save":
         return save_once(cfg)
+    if cfg.get("scenario") == "nodes":
+        return restore_per_node(cfg)
     out = Path(cfg["out"])
     dist.init_process_group("gloo")
     rank = dist.get_rank()

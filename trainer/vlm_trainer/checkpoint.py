@@ -53,8 +53,11 @@ steps on a second gloo group, so all ranks save at the same step.
 
 Resume (``restore``): global rank 0 picks and downloads (verifying sha256) the newest valid
 committed checkpoint of the stage, else ``init_from`` (a step-directory URI), else the
-previous stage's final one; other nodes' leaders download the same one; every rank loads
-with ``dcp.load`` (resharding to the current world size / wrapper). Same stage: model,
+previous stage's final one; every rank loads with ``dcp.load`` (resharding to the current
+world size / wrapper) through a reader that fetches, once per node and verified, only the
+files the rank's load plan reads: with FSDP a node downloads its ranks' shard files plus
+rank 0's (which holds every replicated entry, ``dedup_save_to_lowest_rank``), not the whole
+checkpoint as every node did before (64 nodes: ~2/64 of it each instead of all of it). Same stage: model,
 optimizer, trainer state, RNG. Another stage ("init"): model weights only; with
 ``continueSchedule`` also the optimizer moments of the parameters present in both stages
 (others start fresh) and the trainer decides what else carries over (``mode="init"``).
@@ -178,6 +181,8 @@ class Restored:
     optimizer_loaded: bool
     missing_model_keys: list[str] = dataclasses.field(default_factory=list)
     fresh_optimizer_params: list[str] = dataclasses.field(default_factory=list)
+    fetched_files: list[str] = dataclasses.field(default_factory=list)  # downloaded by this rank
+    fetched_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -380,7 +385,6 @@ class CheckpointManager:
         self.node_ranks = [r for r, n in enumerate(nodes) if n == self.node]
         self.is_node_leader = self.rank == min(self.node_ranks)
         self.num_nodes = len(set(nodes))
-        self.rank0_node = nodes[0]
         root = settings.local_dir or os.environ.get("VLM_CKPT_LOCAL_DIR") or os.path.join(
             tempfile.gettempdir(), "vlm-ckpt", run_name)
         self.node_root = Path(root) / _safe(self.node)
@@ -481,7 +485,7 @@ class CheckpointManager:
         """Checkpoint the state after ``step`` steps. Asynchronous unless ``blocking`` (or
         async saves are off): then the outcome is returned once committed (or failed)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 
         blocking = (not self.settings.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
@@ -506,11 +510,15 @@ class CheckpointManager:
         if p.error is None:
             try:
                 writer = FileSystemWriter(str(node_dir), single_file_per_rank=True, sync_files=False, overwrite=True)
+                # Replicated entries (DDP weights, buffers, the trainer blob) all in rank 0's file, not
+                # spread over every rank's: a restoring node then needs its own ranks' files + rank 0's.
+                planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
                 if blocking:
-                    dcp.save(sd, storage_writer=writer, process_group=self._pg, no_dist=not self.distributed)
+                    dcp.save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
+                             no_dist=not self.distributed)
                     p.t_written = time.perf_counter()
                 else:
-                    p.future = dcp.async_save(sd, storage_writer=writer, process_group=self._pg,
+                    p.future = dcp.async_save(sd, storage_writer=writer, planner=planner, process_group=self._pg,
                                               async_stager=_AlreadyStaged(), no_dist=not self.distributed)
             except Exception as e:  # noqa: BLE001
                 log.warning("checkpoint %s step %d: write failed: %s", self.stage, step, _short(e))
@@ -767,22 +775,22 @@ class CheckpointManager:
                 log.info("no checkpoint to start from in %s: fresh start of stage %s", self.store.uri, self.stage)
             return None
         ref = CheckpointRef(stage=choice["stage"], step=choice["step"], uri=choice["uri"], manifest=choice["manifest"])
-        local = self._download_root() / ref.stage / step_dirname(ref.step)  # rank 0 downloaded here
+        local = self._download_root() / ref.stage / step_dirname(ref.step)  # rank 0 downloaded it all here
+        source = self.store if choice["source"] == "store" else None
+        files = _NodeFiles(lambda: source if source is not None else open_step_uri(ref.uri, **self._store_kwargs())[0],
+                           ref, local)
         status = ""
-        if self.is_node_leader and self.node != self.rank0_node:
-            try:
-                store = self.store if choice["source"] == "store" else open_step_uri(ref.uri, **self._store_kwargs())[0]
-                if local.exists():
-                    shutil.rmtree(local)
-                store.download(ref, local)
-            except Exception as e:  # noqa: BLE001
-                status = f"{self.node}: {_short(e)}"
+        try:
+            files.ensure([METADATA])  # here, not inside DCP: a failure stops every rank alike
+        except Exception as e:  # noqa: BLE001
+            status = f"{self.node}: {_short(e)}"
         statuses = [s for s in self._all_gather(status) if s]
         if statuses:
             self.metrics.failures.labels(phase="load").inc()
             raise CheckpointError(f"downloading {ref.uri} failed: {'; '.join(statuses)}")
         try:
-            restored = self._load(target, local, ref, choice["mode"])
+            restored = self._load(target, files, ref, choice["mode"])
+            fetched = self._all_gather((self.node, files.fetched, files.bytes))
         except Exception:
             self.metrics.failures.labels(phase="load").inc()
             raise
@@ -791,6 +799,7 @@ class CheckpointManager:
             if self.is_node_leader:
                 shutil.rmtree(self._download_root(), ignore_errors=True)
         restored.seconds = time.perf_counter() - t0
+        restored.fetched_files, restored.fetched_bytes = list(files.fetched), files.bytes
         self.metrics.load.observe(restored.seconds)
         if restored.mode == "resume":
             self.last_committed = ref
@@ -805,6 +814,14 @@ class CheckpointManager:
             self._progress("restore", step=ref.step, uri=ref.uri, mode=restored.mode,
                            load_s=round(restored.seconds, 3), world_size=self.world_size,
                            checkpoint_world_size=ref.world_size)
+            per_node: dict[str, tuple[set, int]] = {}
+            for node, names, nbytes in fetched:
+                seen, total = per_node.get(node, (set(), 0))
+                per_node[node] = (seen | set(names), total + nbytes)
+            for node, (names, nbytes) in sorted(per_node.items()):
+                if names:
+                    log.info("node %s fetched %d of %d checkpoint files (%.1f of %.1f MB)", node, len(names),
+                             len(ref.files), nbytes / 1e6, ref.total_bytes / 1e6)
         return restored
 
     def _store_kwargs(self) -> dict:
@@ -849,9 +866,8 @@ class CheckpointManager:
         return {"stage": ref.stage, "step": ref.step, "uri": ref.uri, "manifest": ref.manifest, "mode": mode,
                 "local": ref.local_dir, "source": source}
 
-    def _load(self, target: TrainState, local: Path, ref: CheckpointRef, mode: str) -> Restored:
+    def _load(self, target: TrainState, files: _NodeFiles, ref: CheckpointRef, mode: str) -> Restored:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -860,7 +876,7 @@ class CheckpointManager:
             set_optimizer_state_dict,
         )
 
-        reader = FileSystemReader(str(local))
+        reader = _fetching_reader(files)
         keys = set(reader.read_metadata().state_dict_metadata)
         msd = get_model_state_dict(target.module)
         present = [k for k in msd if f"model.{k}" in keys]
@@ -962,6 +978,61 @@ class _AlreadyStaged:
 
     def close(self) -> None:
         pass
+
+
+METADATA = ".metadata"  # DCP's checkpoint metadata file (every rank reads it)
+
+
+class _NodeFiles:
+    """The files of one checkpoint in this node's download directory, fetched on demand.
+
+    Each rank asks for the files its part of the load reads (DCP's plan names them); a file
+    is downloaded and verified against the manifest once per node, under a per-file lock
+    (the node's ranks are processes), and appears under its name only when complete. On
+    global rank 0's node the whole checkpoint is already there (it was verified while
+    choosing it), so nothing more is fetched."""
+
+    def __init__(self, open_store: Callable[[], CheckpointStore], ref: CheckpointRef, local: Path):
+        self._open_store = open_store
+        self._store: Optional[CheckpointStore] = None
+        self.ref = ref
+        self.local = local
+        self.fetched: list[str] = []  # by this rank
+        self.bytes = 0
+
+    def ensure(self, names: list[str]) -> None:
+        import fcntl
+
+        for name in names:
+            dest = self.local / name
+            if dest.exists():
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest.with_name(f".{dest.name}.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if dest.exists():  # another rank of this node fetched it meanwhile
+                    continue
+                if self._store is None:
+                    self._store = self._open_store()
+                self.bytes += self._store.download(self.ref, self.local, files=[name]).bytes
+                self.fetched.append(name)
+
+
+def _fetching_reader(files: _NodeFiles):
+    """DCP's FileSystemReader over the node's download directory, fetching what it reads."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class FetchingReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            files.ensure([METADATA if rank is None else f"__{rank}{METADATA}"])
+            return super().read_metadata(*args, **kwargs)
+
+        def read_data(self, plan, planner):
+            files.ensure(sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}))
+            return super().read_data(plan, planner)
+
+    return FetchingReader(str(files.local))
 
 
 def _short(e: BaseException) -> str:

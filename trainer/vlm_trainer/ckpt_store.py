@@ -757,11 +757,15 @@ class CheckpointStore(abc.ABC):
         with ThreadPoolExecutor(max_workers=max(1, self.transfer.file_concurrency)) as pool:
             return [p for p in pool.map(check, m["files"]) if p]
 
-    def download(self, ref: CheckpointRef, local_dir: str | os.PathLike) -> TransferStats:
-        """Download the manifest's files into local_dir and verify sizes and sha256.
+    def download(self, ref: CheckpointRef, local_dir: str | os.PathLike,
+                 files: Optional[list[str]] = None) -> TransferStats:
+        """Download the manifest's files (or only ``files``, manifest paths) into local_dir
+        and verify sizes and sha256.
 
-        Raises :class:`CheckpointVerifyError` on any mismatch (files already written
-        stay; the caller removes the directory).
+        A file appears under its name only once verified (written to a temp name, then
+        renamed), so a present file is a complete one. Raises
+        :class:`CheckpointVerifyError` on any mismatch (verified files stay; the caller
+        removes the directory).
         """
         t0 = time.perf_counter()
         sdk0 = self._sdk_retry_count()
@@ -783,31 +787,44 @@ class CheckpointStore(abc.ABC):
         def one(f) -> Optional[str]:
             dest = root / f["path"]
             dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex}")
             try:
-                _retry(lambda: self._get_file(prefix + f["path"], dest), f"download {ref.uri}{f['path']}",
-                       self.retry, bump)
-            except FileNotFoundError:
-                return f"missing file {f['path']}"
-            except Exception as e:  # noqa: BLE001
-                if _is_not_found(e):
+                try:
+                    _retry(lambda: self._get_file(prefix + f["path"], part), f"download {ref.uri}{f['path']}",
+                           self.retry, bump)
+                except FileNotFoundError:
                     return f"missing file {f['path']}"
-                raise
-            th = time.perf_counter()
-            size = dest.stat().st_size
-            if size != f["size"]:
-                return f"size mismatch {f['path']}: {size} != {f['size']}"
-            digest = sha256_file(dest)
-            with lock:
-                stats.hash_seconds += time.perf_counter() - th
-                stats.files += 1
-                stats.bytes += size
-            if digest != f["sha256"]:
-                return f"sha256 mismatch {f['path']}"
-            return None
+                except Exception as e:  # noqa: BLE001
+                    if _is_not_found(e):
+                        return f"missing file {f['path']}"
+                    raise
+                th = time.perf_counter()
+                size = part.stat().st_size
+                if size != f["size"]:
+                    return f"size mismatch {f['path']}: {size} != {f['size']}"
+                digest = sha256_file(part)
+                with lock:
+                    stats.hash_seconds += time.perf_counter() - th
+                    stats.files += 1
+                    stats.bytes += size
+                if digest != f["sha256"]:
+                    return f"sha256 mismatch {f['path']}"
+                os.replace(part, dest)
+                return None
+            finally:
+                part.unlink(missing_ok=True)
 
+        entries = m["files"]
+        if files is not None:
+            by_path = {f["path"]: f for f in entries}
+            unknown = [name for name in files if name not in by_path]
+            if unknown:
+                raise CheckpointVerifyError(f"{ref.uri}: not in the manifest: {', '.join(unknown)}",
+                                            [f"not in the manifest: {name}" for name in unknown])
+            entries = [by_path[name] for name in files]
         with ThreadPoolExecutor(max_workers=max(1, self.transfer.file_concurrency),
                                 thread_name_prefix="ckpt-download") as pool:
-            problems = [p for p in pool.map(one, m["files"]) if p]
+            problems = [p for p in pool.map(one, entries) if p]
         stats.download_seconds = stats.total_seconds = time.perf_counter() - t0
         stats.sdk_retries = self._sdk_retry_count() - sdk0
         if problems:
