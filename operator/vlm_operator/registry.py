@@ -42,8 +42,7 @@ def _rv(body: dict | None) -> int:
 
 # Metadata the operator reads: identity, ordering, ownership, and labels (kopf.adopt copies
 # the owner's labels onto its children).
-_META = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "ownerReferences",
-         "creationTimestamp", "deletionTimestamp")
+_META = ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "ownerReferences")
 
 
 def _slim_meta(body: dict) -> dict:
