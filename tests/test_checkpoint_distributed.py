@@ -149,10 +149,11 @@ def test_async_save_returned_quickly(two_ranks):
 
 
 def test_each_node_fetches_only_what_its_ranks_read(moto_endpoint, aws_env, tmp_path):
-    """4 ranks as 4 nodes, FSDP2: the restore is exact, rank 0's node has the checkpoint it
-    verified while choosing it, and every other node downloads only `.metadata`, its own
-    shard file and rank 0's (every replicated entry is saved there), not the whole
-    checkpoint: 3 of 5 files."""
+    """4 ranks as 4 nodes, FSDP2: the restore is exact, and every node, rank 0's included,
+    downloads only `.metadata`, its own shard file and rank 0's (every replicated entry is
+    saved there), not the whole checkpoint: 3 of 5 files (rank 0: 2). Then a same-size
+    corruption of the file only the last node reads: that node's sha256 check fails the
+    load on every rank, and all of them restore the checkpoint before it, exactly."""
     uri = f"s3://{new_bucket(moto_endpoint)}/nodes"
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"scenario": "nodes", "uri": uri, "endpoint": moto_endpoint, "out": str(tmp_path),
@@ -166,7 +167,10 @@ def test_each_node_fetches_only_what_its_ranks_read(moto_endpoint, aws_env, tmp_
     assert res[0]["diff"] == []
     ref = open_store(uri, endpoint_url=moto_endpoint).latest_committed("nodes")
     assert len(ref.files) == 5
-    assert res[0]["fetched"] == []
-    for r in res[1:]:
-        assert sorted(r["fetched"]) == sorted([".metadata", "__0_0.distcp", f"__{r['rank']}_0.distcp"]), r
+    for r in res:
+        assert sorted(r["fetched"]) == sorted({".metadata", "__0_0.distcp", f"__{r['rank']}_0.distcp"}), r
         assert 0 < r["fetched_bytes"] < ref.total_bytes
+    assert [r["fallback"]["step"] for r in res] == [2, 2, 2, 2]
+    assert [r["fallback"]["extra"] for r in res] == [2, 2, 2, 2]
+    assert res[0]["fallback"]["diff"] == []
+    assert "skipping " + ref.uri in results[0][1] and "sha256 mismatch __3_0.distcp" in results[0][1]

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from tests.support import ckpt_tiny as T  # noqa: E402
 from tests.support.s3 import FaultProxy, new_bucket  # noqa: E402
+from tests.test_ckpt_store import corrupt  # noqa: E402
 from vlm_trainer.checkpoint import (  # noqa: E402
     CheckpointError,
     CheckpointManager,
@@ -163,6 +164,32 @@ def test_resume_continues_exactly(s3, tmp_path):
     assert resumed == losses[3:]  # bit-exact
     assert T.diff(ref.state(), b.state()) == []
     mgr.close()
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_one_before_restored(s3, tmp_path, caplog):
+    """Choosing reads no checkpoint bytes (one listing), so a same-size corruption is found
+    by the sha256 check of the node that fetches the file; the restore then goes back to
+    the checkpoint before it, exactly, and says which file failed."""
+    uri, endpoint = s3
+    a = Run(seed=2)
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1))
+    a.train(1, mgr)
+    mgr.wait()
+    at1 = a.state()
+    a.train(1, mgr)
+    mgr.close()
+    store = open_store(uri, endpoint_url=endpoint)
+    corrupt(store, "pretrain", 2, "__0_0.distcp")
+    b = Run(seed=9)
+    reg = CollectorRegistry()
+    mgr = manager(make_settings(uri, tmp_path / "b", endpoint, interval=1), registry=reg)
+    with caplog.at_level(logging.WARNING):
+        r = mgr.restore(b.target)
+    mgr.close()
+    assert r.step == 1 and T.diff(at1, b.state()) == [] and b.box["step"] == 1
+    assert "step-000000002" in caplog.text and "sha256 mismatch __0_0.distcp" in caplog.text
+    assert sample(reg, "vlmtrain_checkpoint_failures_total", {"phase": "load"}) == 1
+    assert not (tmp_path / "b" / "local").exists() or not any((tmp_path / "b" / "local").rglob("*.distcp"))
 
 
 # --------------------------------------------------------------------------- retention, interval

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import pickle
 import time
 import uuid
 from pathlib import Path
@@ -152,9 +153,11 @@ def test_download_of_some_files_places_only_verified_ones(store, tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__1_0.distcp"]
     assert stats.files == 2 and (dst / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
     corrupt(store, "pretrain", 7, "__0_0.distcp")
-    with pytest.raises(CheckpointVerifyError, match="sha256 mismatch __0_0.distcp"):
+    with pytest.raises(CheckpointVerifyError, match="sha256 mismatch __0_0.distcp") as err:
         store.download(ref, dst, files=["__0_0.distcp"])
     assert sorted(p.name for p in dst.iterdir()) == [".metadata", "__1_0.distcp"]
+    sent = pickle.loads(pickle.dumps(err.value))  # as DCP sends a rank's read error to the others
+    assert (str(sent), sent.problems) == (str(err.value), ["sha256 mismatch __0_0.distcp"])
     with pytest.raises(CheckpointVerifyError, match="not in the manifest: __9_0.distcp"):
         store.download(ref, dst, files=["__9_0.distcp"])
 

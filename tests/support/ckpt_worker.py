@@ -62,28 +62,45 @@ def save_once(cfg) -> None:
 
 
 def restore_per_node(cfg) -> None:
-    """Scenario ``nodes`` (any world size, one rank per "node"): FSDP2 saves 3 steps, then
-    a fresh FSDP2 model restores them, each rank recording the files its node fetched."""
+    """Scenario ``nodes`` (any world size, one rank per "node"): FSDP2 saves steps 2 and 3;
+    a fresh FSDP2 model restores step 3, each rank recording the files its node fetched;
+    then rank 0 flips a byte of the shard file only the last node reads (same size: only
+    its sha256 tells) and fresh models restore again: every rank falls back to step 2."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     module, opt = T.build("fsdp", seed=11)
     box, get, load = T.extra_state_holder()
+    mgr = manager(cfg, "nodes", "save", node=f"n{rank}")
+    states, saved = {}, []
     for step in (1, 2, 3):
         T.train_step(module, opt, step)
         box["step"] = step
-    ref3 = T.full_state(module, opt)
-    mgr = manager(cfg, "nodes", "save", node=f"n{rank}")
-    outcome = mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), 3, blocking=True)
+        if step >= 2:
+            states[step] = T.full_state(module, opt)
+            saved.append(mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), step,
+                                  blocking=True).ok)
     mgr.close()
-    m2, o2 = T.build("fsdp", seed=99)
-    box2, get2, load2 = T.extra_state_holder()
-    mgr2 = manager(cfg, "nodes", "load", node=f"n{rank}")
-    r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
-    st3 = T.full_state(m2, o2)
-    mgr2.close()
-    res = {"rank": rank, "saved": outcome.ok, "step": r.step if r else None, "fetched": r.fetched_files if r else None,
-           "fetched_bytes": r.fetched_bytes if r else None, "extra": box2["step"],
-           "diff": T.diff(ref3, st3) if rank == 0 else []}
+
+    def restore(suffix: str):
+        m2, o2 = T.build("fsdp", seed=99)
+        box2, get2, load2 = T.extra_state_holder()
+        mgr2 = manager(cfg, "nodes", suffix, node=f"n{rank}")
+        r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
+        mgr2.close()
+        return r, box2["step"], T.full_state(m2, o2)
+
+    r, extra, st = restore("load")
+    res = {"rank": rank, "saved": all(saved), "step": r.step, "fetched": r.fetched_files,
+           "fetched_bytes": r.fetched_bytes, "extra": extra, "diff": T.diff(states[3], st) if rank == 0 else []}
+    dist.barrier()
+    if rank == 0:
+        store = mgr.store
+        key = store.prefix + store.step_key("nodes", 3) + f"__{world - 1}_0.distcp"
+        data = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes([data[0] ^ 0xFF]) + data[1:])
+    dist.barrier()
+    r, extra, st = restore("fallback")
+    res["fallback"] = {"step": r.step, "extra": extra, "diff": T.diff(states[2], st) if rank == 0 else []}
     (Path(cfg["out"]) / f"nodes-{rank}.json").write_text(json.dumps(res))
     dist.barrier()
     dist.destroy_process_group()

@@ -51,13 +51,16 @@ Interval: an integer = every N steps; a duration = the first step at which rank 
 says the interval passed, agreed with a tiny all-reduce (MAX) every ``decide_every``
 steps on a second gloo group, so all ranks save at the same step.
 
-Resume (``restore``): global rank 0 picks and downloads (verifying sha256) the newest valid
-committed checkpoint of the stage, else ``init_from`` (a step-directory URI), else the
-previous stage's final one; every rank loads with ``dcp.load`` (resharding to the current
-world size / wrapper) through a reader that fetches, once per node and verified, only the
-files the rank's load plan reads: with FSDP a node downloads its ranks' shard files plus
-rank 0's (which holds every replicated entry, ``dedup_save_to_lowest_rank``), not the whole
-checkpoint as every node did before (64 nodes: ~2/64 of it each instead of all of it). Same stage: model,
+Resume (``restore``): global rank 0 picks the newest committed checkpoint of the stage whose
+files are all present at their manifest sizes (one listing, no download), else ``init_from``
+(a step-directory URI), else the previous stage's final one; every rank loads with
+``dcp.load`` (resharding to the current world size / wrapper) through a reader that fetches,
+once per node and verified against the manifest's sha256, only the files the rank's load
+plan reads: with FSDP a node downloads its ranks' shard files plus rank 0's (which holds
+every replicated entry, ``dedup_save_to_lowest_rank``), rank 0's node included, not the whole
+checkpoint (64 nodes: ~2/64 of it each instead of all of it). A file that fails
+verification on any node fails the load on every rank alike (DCP gathers read errors), and
+all ranks go back to the next older candidate. Same stage: model,
 optimizer, trainer state, RNG. Another stage ("init"): model weights only; with
 ``continueSchedule`` also the optimizer moments of the parameters present in both stages
 (others start fresh) and the trainer decides what else carries over (``mode="init"``).
@@ -86,6 +89,7 @@ from .ckpt_store import (
     CheckpointCommitConflict,
     CheckpointRef,
     CheckpointStore,
+    CheckpointVerifyError,
     RetrySettings,
     TransferSettings,
     open_step_uri,
@@ -758,48 +762,48 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restore
     def restore(self, target: TrainState) -> Optional[Restored]:
-        """Load the checkpoint to start from (see module doc); None = fresh start."""
+        """Load the checkpoint to start from (see module doc); None = fresh start.
+
+        A checkpoint whose files fail verification on any node (sha256, size, gone) is
+        skipped by every rank alike and the next older candidate is tried."""
         t0 = time.perf_counter()
-        choice: dict[str, Any] = {}
-        if self.rank == 0:
-            try:
-                choice = self._choose()
-            except Exception as e:  # noqa: BLE001
-                choice = {"error": _short(e)}
-        choice = self._broadcast(choice)
-        if choice.get("error"):
-            self.metrics.failures.labels(phase="load").inc()
-            raise CheckpointError(f"choosing a checkpoint in {self.store.uri} failed: {choice['error']}")
-        if not choice:
+        skip: list[str] = []  # URIs found corrupt by some node during this restore
+        fetched_files: list[str] = []
+        fetched_bytes = 0
+        while True:
+            choice: dict[str, Any] = {}
             if self.rank == 0:
-                log.info("no checkpoint to start from in %s: fresh start of stage %s", self.store.uri, self.stage)
-            return None
-        ref = CheckpointRef(stage=choice["stage"], step=choice["step"], uri=choice["uri"], manifest=choice["manifest"])
-        local = self._download_root() / ref.stage / step_dirname(ref.step)  # rank 0 downloaded it all here
-        source = self.store if choice["source"] == "store" else None
-        files = _NodeFiles(lambda: source if source is not None else open_step_uri(ref.uri, **self._store_kwargs())[0],
-                           ref, local)
-        status = ""
-        try:
-            files.ensure([METADATA])  # here, not inside DCP: a failure stops every rank alike
-        except Exception as e:  # noqa: BLE001
-            status = f"{self.node}: {_short(e)}"
-        statuses = [s for s in self._all_gather(status) if s]
-        if statuses:
+                try:
+                    choice = self._choose(skip)
+                except Exception as e:  # noqa: BLE001
+                    choice = {"error": _short(e)}
+            choice = self._broadcast(choice)
+            if choice.get("error"):
+                self.metrics.failures.labels(phase="load").inc()
+                raise CheckpointError(f"choosing a checkpoint in {self.store.uri} failed: {choice['error']}")
+            if not choice:
+                if self.rank == 0:
+                    log.info("no checkpoint to start from in %s: fresh start of stage %s", self.store.uri, self.stage)
+                return None
+            ref = CheckpointRef(stage=choice["stage"], step=choice["step"], uri=choice["uri"],
+                                manifest=choice["manifest"])
+            store = self.store if choice["source"] == "store" else None
+            files = _NodeFiles(lambda: store if store is not None else open_step_uri(ref.uri, **self._store_kwargs())[0],
+                               ref, self._download_root() / ref.stage / step_dirname(ref.step))
+            restored, failure = self._try_load(target, files, ref, choice["mode"])
+            fetched_files += files.fetched
+            fetched_bytes += files.bytes
+            if failure is None:
+                break
             self.metrics.failures.labels(phase="load").inc()
-            raise CheckpointError(f"downloading {ref.uri} failed: {'; '.join(statuses)}")
-        try:
-            restored = self._load(target, files, ref, choice["mode"])
-            fetched = self._all_gather((self.node, files.fetched, files.bytes))
-        except Exception:
-            self.metrics.failures.labels(phase="load").inc()
-            raise
-        finally:
-            self._barrier(self._pg)
-            if self.is_node_leader:
-                shutil.rmtree(self._download_root(), ignore_errors=True)
+            corrupt = [c for c in self._all_gather(files.corrupt) if c]
+            if not corrupt:
+                raise failure
+            if self.rank == 0:
+                log.warning("skipping %s: %s", ref.uri, "; ".join(sorted(set(corrupt))))
+            skip.append(ref.uri)
         restored.seconds = time.perf_counter() - t0
-        restored.fetched_files, restored.fetched_bytes = list(files.fetched), files.bytes
+        restored.fetched_files, restored.fetched_bytes = fetched_files, fetched_bytes
         self.metrics.load.observe(restored.seconds)
         if restored.mode == "resume":
             self.last_committed = ref
@@ -814,15 +818,43 @@ class CheckpointManager:
             self._progress("restore", step=ref.step, uri=ref.uri, mode=restored.mode,
                            load_s=round(restored.seconds, 3), world_size=self.world_size,
                            checkpoint_world_size=ref.world_size)
-            per_node: dict[str, tuple[set, int]] = {}
-            for node, names, nbytes in fetched:
-                seen, total = per_node.get(node, (set(), 0))
-                per_node[node] = (seen | set(names), total + nbytes)
-            for node, (names, nbytes) in sorted(per_node.items()):
-                if names:
-                    log.info("node %s fetched %d of %d checkpoint files (%.1f of %.1f MB)", node, len(names),
-                             len(ref.files), nbytes / 1e6, ref.total_bytes / 1e6)
         return restored
+
+    def _try_load(self, target: TrainState, files: "_NodeFiles", ref: CheckpointRef, mode: str
+                  ) -> tuple[Optional[Restored], Optional[BaseException]]:
+        """One collective load attempt: (restored, None), or (None, the error) on every rank
+        alike (DCP raises on all ranks when any rank's read fails)."""
+        import torch.distributed.checkpoint as dcp
+
+        status = ""
+        try:
+            files.ensure([METADATA])  # here, not inside DCP: a failure stops every rank alike
+        except Exception as e:  # noqa: BLE001
+            status = f"{self.node}: {_short(e)}"
+        statuses = [s for s in self._all_gather(status) if s]
+        try:
+            if statuses:
+                return None, CheckpointError(f"downloading {ref.uri} failed: {'; '.join(statuses)}")
+            try:
+                restored = self._load(target, files, ref, mode)
+            except (Exception, dcp.CheckpointException) as e:  # DCP's error is a BaseException
+                return None, e
+            fetched = self._all_gather((self.node, files.fetched, files.bytes))
+            if self.rank == 0:
+                per_node: dict[str, tuple[set, int]] = {}
+                for node, names, nbytes in fetched:
+                    seen, total = per_node.get(node, (set(), 0))
+                    per_node[node] = (seen | set(names), total + nbytes)
+                for node, (names, nbytes) in sorted(per_node.items()):
+                    if names:
+                        log.info("node %s fetched %d of %d checkpoint files (%.1f of %.1f MB)", node, len(names),
+                                 len(ref.files), nbytes / 1e6, ref.total_bytes / 1e6)
+            return restored, None
+        finally:
+            self._barrier(self._pg)
+            if self.is_node_leader:
+                shutil.rmtree(self._download_root(), ignore_errors=True)
+            self._barrier(self._pg)  # nobody fetches into the directory while it is removed
 
     def _store_kwargs(self) -> dict:
         kw: dict[str, Any] = {"transfer": self.settings.transfer, "retry": self.settings.retry}
@@ -833,10 +865,10 @@ class CheckpointManager:
                 kw["region"] = self.settings.region
         return kw
 
-    def _choose(self) -> dict:
-        """Rank 0: pick the checkpoint and download it (verified) onto this node."""
-        dl = self._download_root()
-        ref = self.store.resolve_resume(self.stage, local_dir=dl)
+    def _choose(self, skip: list[str]) -> dict:
+        """Rank 0: pick the checkpoint (manifest, marker, every file present at its size: one
+        listing; the bytes are verified by the nodes that fetch them), skipping ``skip``."""
+        ref = self.store.resolve_resume(self.stage, deep=False, skip=skip)
         source, mode = "store", "resume"
         if ref is None and self.init_from:
             # a step directory (that checkpoint), or a stage prefix (its newest final one)
@@ -845,26 +877,26 @@ class CheckpointManager:
             if root != self.store.uri:
                 store, source = open_store(root, **self._store_kwargs()), "init_from"
             if step is None:
-                ref = store.resolve_final(stage, local_dir=dl)
+                ref = store.resolve_final(stage, deep=False, skip=skip)
                 if ref is None:
                     raise CheckpointError(f"init_from {self.init_from}: no valid final checkpoint of stage {stage}")
             else:
-                r = store.ref_from_uri(store.step_uri(stage, step))
-                if r is None or not r.committed:
+                ref = store.ref_from_uri(store.step_uri(stage, step))
+                if ref is None or not ref.committed:
                     raise CheckpointError(f"init_from {self.init_from} is not a committed checkpoint")
-                dest = dl / r.stage / step_dirname(r.step)
-                store.download(r, dest)
-                ref = dataclasses.replace(r, local_dir=str(dest))
+                problems = ["failed verification on a node"] if ref.uri in skip else store.verify(ref, deep=False)
+                if problems:
+                    raise CheckpointError(f"init_from {self.init_from}: {'; '.join(problems)}")
             mode = "init"
         elif ref is None and self.prev_stage:
-            ref = self.store.resolve_resume(self.stage, prev_stage=self.prev_stage, local_dir=dl)
+            ref = self.store.resolve_resume(self.stage, prev_stage=self.prev_stage, deep=False, skip=skip)
             mode = "init"
         if ref is None:
             return {}
         if ref.stage != self.stage:
             mode = "init"
         return {"stage": ref.stage, "step": ref.step, "uri": ref.uri, "manifest": ref.manifest, "mode": mode,
-                "local": ref.local_dir, "source": source}
+                "source": source}
 
     def _load(self, target: TrainState, files: _NodeFiles, ref: CheckpointRef, mode: str) -> Restored:
         import torch.distributed.checkpoint as dcp
@@ -988,9 +1020,8 @@ class _NodeFiles:
 
     Each rank asks for the files its part of the load reads (DCP's plan names them); a file
     is downloaded and verified against the manifest once per node, under a per-file lock
-    (the node's ranks are processes), and appears under its name only when complete. On
-    global rank 0's node the whole checkpoint is already there (it was verified while
-    choosing it), so nothing more is fetched."""
+    (the node's ranks are processes), and appears under its name only when complete. A file
+    that fails verification sets ``corrupt`` (the restore then skips this checkpoint)."""
 
     def __init__(self, open_store: Callable[[], CheckpointStore], ref: CheckpointRef, local: Path):
         self._open_store = open_store
@@ -999,6 +1030,7 @@ class _NodeFiles:
         self.local = local
         self.fetched: list[str] = []  # by this rank
         self.bytes = 0
+        self.corrupt = ""  # what failed verification, if anything did
 
     def ensure(self, names: list[str]) -> None:
         import fcntl
@@ -1014,7 +1046,11 @@ class _NodeFiles:
                     continue
                 if self._store is None:
                     self._store = self._open_store()
-                self.bytes += self._store.download(self.ref, self.local, files=[name]).bytes
+                try:
+                    self.bytes += self._store.download(self.ref, self.local, files=[name]).bytes
+                except CheckpointVerifyError as e:
+                    self.corrupt = "; ".join(e.problems)
+                    raise
                 self.fetched.append(name)
 
 

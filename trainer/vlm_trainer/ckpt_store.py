@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class CheckpointVerifyError(CheckpointStoreError):
     def __init__(self, message: str, problems: list[str]):
         super().__init__(message)
         self.problems = problems
+
+    def __reduce__(self):  # picklable: DCP sends a rank's read error to every rank
+        return type(self), (str(self), self.problems)
 
 
 # --------------------------------------------------------------------------- settings
@@ -833,8 +836,8 @@ class CheckpointStore(abc.ABC):
 
     # ---- resume
     def resolve_resume(self, stage: str, prev_stage: Optional[str] = None, *,
-                       local_dir: str | os.PathLike | None = None, deep: bool = True
-                       ) -> Optional[CheckpointRef]:
+                       local_dir: str | os.PathLike | None = None, deep: bool = True,
+                       skip: Collection[str] = ()) -> Optional[CheckpointRef]:
         """The checkpoint to resume from, or None for a fresh start.
 
         The newest valid committed checkpoint of ``stage``; else the newest valid
@@ -842,19 +845,20 @@ class CheckpointStore(abc.ABC):
         size/sha256 mismatch) are skipped with a warning. With ``local_dir`` the chosen
         checkpoint is downloaded (and verified while downloading) into
         ``local_dir/<stage>/step-<N>/`` and ``ref.local_dir`` says where; otherwise
-        ``deep`` verification streams every object once.
+        ``deep`` verification streams every object once. URIs in ``skip`` (found corrupt by
+        whoever read them) are passed over.
         """
-        found = self._first_valid(stage, self.checkpoints(stage), local_dir, deep, want_final=False)
+        found = self._first_valid(stage, self.checkpoints(stage), local_dir, deep, skip)
         if found is not None or not prev_stage:
             return found
-        found = self.resolve_final(prev_stage, local_dir=local_dir, deep=deep)
+        found = self.resolve_final(prev_stage, local_dir=local_dir, deep=deep, skip=skip)
         if found is None:
             log.warning("no valid checkpoint in stage %s and no final checkpoint of stage %s in %s",
                         stage, prev_stage, self.uri)
         return found
 
-    def resolve_final(self, stage: str, *, local_dir: str | os.PathLike | None = None, deep: bool = True
-                      ) -> Optional[CheckpointRef]:
+    def resolve_final(self, stage: str, *, local_dir: str | os.PathLike | None = None, deep: bool = True,
+                      skip: Collection[str] = ()) -> Optional[CheckpointRef]:
         """The newest valid stage-final checkpoint of ``stage`` (to initialise the next
         stage), downloaded into ``local_dir`` like :meth:`resolve_resume`; None if none."""
         cands = []
@@ -865,10 +869,12 @@ class CheckpointStore(abc.ABC):
                 log.debug("skipping %s: not a stage-final checkpoint", r.uri)
             else:
                 cands.append(r)
-        return self._first_valid(stage, cands, local_dir, deep, want_final=True)
+        return self._first_valid(stage, cands, local_dir, deep, skip)
 
-    def _first_valid(self, stage, refs, local_dir, deep, want_final) -> Optional[CheckpointRef]:
+    def _first_valid(self, stage, refs, local_dir, deep, skip) -> Optional[CheckpointRef]:
         for r in refs:
+            if r.uri in skip:
+                continue
             if not r.committed:
                 log.warning("skipping %s: no valid COMMITTED marker (incomplete upload?)", r.uri)
                 continue
