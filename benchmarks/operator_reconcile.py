@@ -19,6 +19,9 @@ Method (benchmarks/harness.py: paired, alternating A B A B after a discarded war
   operator's API writes for a new run (its children rendered once at start-up and renamed,
   one status patch, one Event) through the operator's own client, and nothing else: the
   floor of this design, whatever the operator's own logic costs.
+- D, run right after C: the same, cut to what issue #3 itself requires of any operator: the
+  ConfigMap, PyTorchJob and PodMonitor and one status patch (no rendezvous store, no Event).
+  `issue_minimum_vs_noop_*` (D/B) is the ratio no implementation of #3 can go below.
 - Figures: `time_to_all_children_ratio` (wall time, A/B per pair), `per_run_cost_ratio`
   (CPU seconds of the operator process per run, A/B per pair), `cpu_vs_same_writes_ratio`
   (A/C: what the operator's own logic adds to its API calls), the absolute times and
@@ -205,11 +208,16 @@ def _noop() -> None:
     kopf.run(registry=registry, standalone=True, clusterwide=True)
 
 
-def _same_writes() -> None:
-    """`operator_reconcile.py writes`: kopf with a handler that makes the operator's API
-    writes for a new run and nothing else: the stage's children (rendered once at start-up
-    for a template run, renamed per run), one status patch and one Event, through the
-    operator's own client. What no implementation of this design can avoid."""
+# Issue #3's own minimum: the stage's ConfigMap, PyTorchJob and PodMonitor, and a status.
+ISSUE_MINIMUM = ("ConfigMap", "PyTorchJob", "PodMonitor")
+
+
+def _same_writes(minimum: bool) -> None:
+    """`operator_reconcile.py writes|minimum`: kopf with a handler that makes the operator's
+    API writes for a new run and nothing else: the stage's children (rendered once at
+    start-up for a template run, renamed per run), one status patch and one Event, through
+    the operator's own client. What no implementation of this design can avoid. `minimum`:
+    only the children issue #3 names and the status (what no implementation of #3 can avoid)."""
     import kopf
 
     from tests.support.operator_harness import SPEC
@@ -217,7 +225,8 @@ def _same_writes() -> None:
     from vlm_operator import handlers, kube
 
     spec = s.VLMPretrainRunSpec.model_validate(SPEC)
-    template = json.dumps(render.build_children({"name": "tmpl", "namespace": "tmpl-ns", "uid": ""}, spec, "pretrain"))
+    children = render.build_children({"name": "tmpl", "namespace": "tmpl-ns", "uid": ""}, spec, "pretrain")
+    template = json.dumps([c for c in children if not minimum or c["kind"] in ISSUE_MINIMUM])
     registry = kopf.OperatorRegistry()
     kopf.on.startup(registry=registry)(lambda settings, **_: handlers.apply_settings(settings))
     kopf.on.login(registry=registry)(handlers.login)
@@ -229,7 +238,8 @@ def _same_writes() -> None:
             kopf.adopt(obj, owner=run)
             await client.create(obj)
         await client.patch_status("VLMPretrainRun", namespace, name, {"phase": "Pending", "stage": "pretrain"})
-        await client.post_event(run, "Normal", "StageStarted", f"created {name}-pretrain")
+        if not minimum:
+            await client.post_event(run, "Normal", "StageStarted", f"created {name}-pretrain")
 
     kopf.configure(log_format=kopf.LogFormat.JSON)
     kopf.run(registry=registry, standalone=True, clusterwide=True)
@@ -239,7 +249,7 @@ def _operator_cmd(kind: str) -> list[str]:
     if kind == "A":
         return [sys.executable, "-c", "from vlm_api.cli import main; raise SystemExit(main())", "operator",
                 "--all-namespaces", "--log-format=json"]
-    return [sys.executable, __file__, "noop" if kind == "B" else "writes"]
+    return [sys.executable, __file__, {"B": "noop", "C": "writes", "D": "minimum"}[kind]]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -276,7 +286,7 @@ def _round(kind: str, n: int, workdir: Path, timeout: float, *, rss: bool = Fals
         idle_rss = _vmrss(proc.pid)
         cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
         emu.ask(op="create_runs", n=n)
-        if kind in ("A", "C"):
+        if kind in ("A", "C", "D"):
             done = lambda c: c["jobs"] >= n and c["podmonitors"] >= n and c["configmaps"] >= n and c["status"] >= n  # noqa: E731
         else:
             done = lambda c: c["handled"] >= n  # noqa: E731
@@ -314,19 +324,22 @@ def run(quick: bool) -> dict:
             return r["wall_s"]
         return one
 
-    rounds["C"] = []
+    rounds["C"], rounds["D"] = [], []
 
-    def a_then_c():  # A's sample; the same-writes handler C runs right after it, same round
+    def a_then_c():  # A's sample; the floors C and D run right after it, same round
         wall = measured("A")()
         measured("C")()
+        measured("D")()
         return wall
 
     paired = harness.paired(a_then_c, measured("B"), repeats=repeats, warmup=1, collect=False)
-    a, b, c = rounds["A"][-repeats:], rounds["B"][-repeats:], rounds["C"][-repeats:]  # warm-up rounds come first
+    a, b, c, d = (rounds[k][-repeats:] for k in "ABCD")  # warm-up rounds come first
     cpu_ratios = [x["cpu_s"] / max(y["cpu_s"], 1e-9) for x, y in zip(a, b)]
     writes_ratios = [x["cpu_s"] / max(z["cpu_s"], 1e-9) for x, z in zip(a, c)]
     floor_cpu = [z["cpu_s"] / max(y["cpu_s"], 1e-9) for z, y in zip(c, b)]
     floor_wall = [z["wall_s"] / max(y["wall_s"], 1e-9) for z, y in zip(c, b)]
+    minimum_cpu = [z["cpu_s"] / max(y["cpu_s"], 1e-9) for z, y in zip(d, b)]
+    minimum_wall = [z["wall_s"] / max(y["wall_s"], 1e-9) for z, y in zip(d, b)]
     big = _round("A", rss_runs, workdir, timeout * 3, rss=True)
     figures = [
         harness.Figure.from_paired(
@@ -358,9 +371,18 @@ def run(quick: bool) -> dict:
             "same_writes_vs_noop_time_ratio", floor_wall, unit="ratio", baseline="no-op kopf on.create handler",
             description=f"wall time until all {n} runs have their children, writes-only handler / the no-op (C/B)"),
         harness.Figure.from_samples(
+            "issue_minimum_vs_noop_cpu_ratio", minimum_cpu, unit="ratio", baseline="no-op kopf on.create handler",
+            description="CPU per run of a handler making only what issue #3 requires (ConfigMap, PyTorchJob, "
+                        "PodMonitor, status) / the no-op (D/B, same round): no implementation of #3 goes below it"),
+        harness.Figure.from_samples(
+            "issue_minimum_vs_noop_time_ratio", minimum_wall, unit="ratio", baseline="no-op kopf on.create handler",
+            description=f"wall time until all {n} runs have those children, issue-minimum handler / the no-op (D/B)"),
+        harness.Figure.from_samples("issue_minimum_cpu_ms_per_run", [1000 * z["cpu_s"] / n for z in d], unit="ms",
+                                    description="operator process CPU per run (handler making only #3's writes)"),
+        harness.Figure.from_samples(
             "api_requests_per_run", [x["requests"] / n for x in a], unit="requests",
             description="requests the emulated API server answered per run (real operator; the no-op's and the "
-                        "writes-only handler's are in raw.B / raw.C)"),
+                        "floor handlers' are in raw.B / raw.C / raw.D)"),
         harness.Figure(f"rss_{rss_runs}_runs_mib", big["rss_bytes"] / 2**20, "MiB",
                        description=f"VmRSS of `vlmpretrain operator` with {rss_runs} runs and their children",
                        extra={"idle_rss_mib": big["idle_rss_bytes"] / 2**20, "seconds_to_all_children": big["wall_s"],
@@ -369,7 +391,7 @@ def run(quick: bool) -> dict:
     return {
         "figures": [f.as_dict() for f in figures],
         "params": {"runs": n, "repeats": repeats, "warmup": 1, "rss_runs": rss_runs},
-        "raw": {"A": a, "B": b, "C": c, "paired": paired.as_dict(), "rss_round": big},
+        "raw": {"A": a, "B": b, "C": c, "D": d, "paired": paired.as_dict(), "rss_round": big},
     }
 
 
@@ -378,7 +400,7 @@ if __name__ == "__main__":
         _serve()
     elif sys.argv[1:2] == ["noop"]:
         _noop()
-    elif sys.argv[1:2] == ["writes"]:
-        _same_writes()
+    elif sys.argv[1:2] in (["writes"], ["minimum"]):
+        _same_writes(minimum=sys.argv[1] == "minimum")
     else:
         print(json.dumps(run("--quick" in sys.argv), indent=2))
