@@ -214,8 +214,10 @@ def test_resume_skips_incomplete(store, tmp_path, caplog):
     assert "step-000000050" in text and "no valid COMMITTED" in text
     assert "missing file __1_0.distcp" in text and "sha256 mismatch __0_0.distcp" in text
 
-    # shallow verification cannot see a same-size corruption
-    assert store.resolve_resume("pretrain", deep=False).step == 30
+    # shallow verification cannot see a same-size corruption; whoever reads it says so (skip)
+    shallow = store.resolve_resume("pretrain", deep=False)
+    assert shallow.step == 30
+    assert store.resolve_resume("pretrain", deep=False, skip=[shallow.uri]).step == 20
     # downloading variant: verified while downloading, bad candidates cleaned up
     ref = store.resolve_resume("pretrain", local_dir=tmp_path / "resume")
     assert ref.step == 20 and Path(ref.local_dir) == tmp_path / "resume" / "pretrain" / "step-000000020"
