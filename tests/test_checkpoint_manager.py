@@ -22,8 +22,8 @@ pytest.importorskip("moto.server")
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from tests.support import ckpt_tiny as T  # noqa: E402
+from tests.support.ckpt_faults import corrupt  # noqa: E402
 from tests.support.s3 import FaultProxy, new_bucket  # noqa: E402
-from tests.test_ckpt_store import corrupt  # noqa: E402
 from vlm_trainer.checkpoint import (  # noqa: E402
     CheckpointError,
     CheckpointManager,

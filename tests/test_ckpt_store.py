@@ -17,6 +17,7 @@ import pytest
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
+from tests.support.ckpt_faults import corrupt, raw_key, remove  # noqa: E402
 from tests.support.s3 import FAKE_SECRET, FaultProxy  # noqa: E402
 from tests.support.s3 import new_bucket as _new_bucket  # noqa: E402
 from vlm_trainer.ckpt_store import (  # noqa: E402
@@ -63,30 +64,6 @@ def make_ckpt(path: Path, *, world_size: int = 2, shard_bytes: int = 100_000, se
     (path / "extra").mkdir(exist_ok=True)
     (path / "extra" / "trainer_state.json").write_text('{"data_pos": {"a": 1}}')
     return path
-
-
-def _raw_key(store, stage, step, rel) -> str:
-    return store.prefix + store.step_key(stage, step) + rel
-
-
-def corrupt(store, stage, step, rel, *, same_size=True):
-    """Overwrite one stored file (same size, different bytes) or truncate it."""
-    if store.uri.startswith("s3://"):
-        key = _raw_key(store, stage, step, rel)
-        data = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
-        new = bytes([data[0] ^ 0xFF]) + data[1:] if same_size else data[:-1]
-        store.client.put_object(Bucket=store.bucket, Key=key, Body=new)
-    else:
-        p = store.root / store.step_key(stage, step) / rel
-        data = p.read_bytes()
-        p.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:] if same_size else data[:-1])
-
-
-def remove(store, stage, step, rel):
-    if store.uri.startswith("s3://"):
-        store.client.delete_object(Bucket=store.bucket, Key=_raw_key(store, stage, step, rel))
-    else:
-        (store.root / store.step_key(stage, step) / rel).unlink()
 
 
 def upload_uncommitted(store, src: Path, stage: str, step: int):
@@ -169,8 +146,8 @@ def test_multipart_used_above_threshold(moto_endpoint, tmp_path, checksum):
                        retry=FAST_RETRY, request_checksum=checksum)
     src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=11 * MiB)
     store.upload(src, "s", 1, world_size=1)
-    big = store.client.head_object(Bucket=bucket, Key=_raw_key(store, "s", 1, "__0_0.distcp"))
-    small = store.client.head_object(Bucket=bucket, Key=_raw_key(store, "s", 1, ".metadata"))
+    big = store.client.head_object(Bucket=bucket, Key=raw_key(store, "s", 1, "__0_0.distcp"))
+    small = store.client.head_object(Bucket=bucket, Key=raw_key(store, "s", 1, ".metadata"))
     assert big["ETag"].strip('"').endswith("-3")  # 5 + 5 + 1 MiB parts
     assert "-" not in small["ETag"]
     store.download(store.latest_committed("s"), tmp_path / "dst")
@@ -191,7 +168,7 @@ def test_second_commit_of_a_step_fails_cleanly(store, tmp_path):
         from botocore.exceptions import ClientError
 
         with pytest.raises(ClientError) as ei:
-            store.client.put_object(Bucket=store.bucket, Key=_raw_key(store, "pretrain", 7, MANIFEST_NAME),
+            store.client.put_object(Bucket=store.bucket, Key=raw_key(store, "pretrain", 7, MANIFEST_NAME),
                                     Body=b"{}", IfNoneMatch="*")
         assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
 

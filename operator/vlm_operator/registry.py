@@ -8,8 +8,9 @@ the cache is empty and the status read from the API server takes over.
 The PyTorchJob and rendezvous-store Deployment bodies delivered by the watches serve as
 informer caches (no GET per reconcile). Every cached body is cut down to what the operator
 reads (`slim_*`): a job's pod template, a run's managedFields and kopf's annotation (a second
-copy of its spec) are never read; a cached PyTorchJob is ~3 KB of Python objects, not ~17 KB. Per-run locks serialise every reconcile of a run, whatever triggered it
-(kopf handler, job event, scrape/resync loop, backoff wake-up).
+copy of its spec) are never read; a cached PyTorchJob is ~3 KB of Python objects, not ~17 KB.
+Per-run locks serialise every reconcile of a run, whatever triggered it (kopf handler, job
+event, scrape/resync loop, backoff wake-up).
 """
 
 from __future__ import annotations

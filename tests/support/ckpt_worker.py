@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ckpt_tiny as T  # noqa: E402
+from ckpt_faults import corrupt  # noqa: E402
 from vlm_trainer.checkpoint import CheckpointManager, CheckpointSettings, TrainState  # noqa: E402
 from vlm_trainer.ckpt_store import RetrySettings  # noqa: E402
 
@@ -94,10 +95,7 @@ def restore_per_node(cfg) -> None:
            "fetched_bytes": r.fetched_bytes, "extra": extra, "diff": T.diff(states[3], st) if rank == 0 else []}
     dist.barrier()
     if rank == 0:
-        store = mgr.store
-        key = store.prefix + store.step_key("nodes", 3) + f"__{world - 1}_0.distcp"
-        data = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
-        store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes([data[0] ^ 0xFF]) + data[1:])
+        corrupt(mgr.store, "nodes", 3, f"__{world - 1}_0.distcp")
     dist.barrier()
     r, extra, st = restore("fallback")
     res["fallback"] = {"step": r.step, "extra": extra, "diff": T.diff(states[2], st) if rank == 0 else []}
