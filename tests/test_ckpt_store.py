@@ -185,26 +185,23 @@ def test_resume_skips_incomplete(store, tmp_path, caplog):
     assert [r.step for r in store.committed("pretrain")] == [40, 30, 20, 10]
 
     caplog.set_level(logging.WARNING, logger="vlm_trainer.ckpt_store")
-    ref = store.resolve_resume("pretrain")
-    assert ref.step == 20
+    # one listing: the killed upload and the missing shard are seen; a same-size corruption is not
+    chosen = store.resolve_resume("pretrain")
+    assert chosen.step == 30
     text = caplog.text
-    assert "step-000000050" in text and "no valid COMMITTED" in text
-    assert "missing file __1_0.distcp" in text and "sha256 mismatch __0_0.distcp" in text
-
-    # shallow verification cannot see a same-size corruption; whoever reads it says so (skip)
-    shallow = store.resolve_resume("pretrain", deep=False)
-    assert shallow.step == 30
-    assert store.resolve_resume("pretrain", deep=False, skip=[shallow.uri]).step == 20
-    # downloading variant: verified while downloading, bad candidates cleaned up
-    ref = store.resolve_resume("pretrain", local_dir=tmp_path / "resume")
-    assert ref.step == 20 and Path(ref.local_dir) == tmp_path / "resume" / "pretrain" / "step-000000020"
-    assert (Path(ref.local_dir) / "__0_0.distcp").read_bytes() == (tmp_path / "c20" / "__0_0.distcp").read_bytes()
-    assert not (tmp_path / "resume" / "pretrain" / "step-000000030").exists()
+    assert "step-000000050" in text and "no valid COMMITTED" in text and "missing file __1_0.distcp" in text
+    # ...its reader finds it (sha256 while downloading) and names it: the next one is chosen
+    with pytest.raises(CheckpointVerifyError, match="sha256 mismatch __0_0.distcp"):
+        store.download(chosen, tmp_path / "resume")
+    ref = store.resolve_resume("pretrain", skip=[chosen.uri])
+    assert ref.step == 20
+    store.download(ref, tmp_path / "resume20")
+    assert (tmp_path / "resume20" / "__0_0.distcp").read_bytes() == (tmp_path / "c20" / "__0_0.distcp").read_bytes()
 
     # a truncated marker does not count
     corrupt(store, "pretrain", 20, MANIFEST_NAME, same_size=False)
     corrupt(store, "pretrain", 10, "__0_0.distcp", same_size=False)
-    assert store.resolve_resume("pretrain") is None
+    assert store.resolve_resume("pretrain", skip=[chosen.uri]) is None
 
 
 def test_prev_stage_final_fallback(store, tmp_path):
@@ -216,9 +213,9 @@ def test_prev_stage_final_fallback(store, tmp_path):
     assert (ref.stage, ref.step, ref.final) == ("pretrain", 100, True)
     store.upload(make_ckpt(tmp_path / "c", seed=3), "sft", 5, world_size=1)
     assert (store.resolve_resume("sft", "pretrain").stage, store.resolve_resume("sft", "pretrain").step) == ("sft", 5)
-    # the final one corrupted and sft empty -> nothing valid
+    # the final one damaged and sft empty -> nothing valid
     remove(store, "sft", 5, MANIFEST_NAME)
-    corrupt(store, "pretrain", 100, ".metadata")
+    corrupt(store, "pretrain", 100, ".metadata", same_size=False)
     assert store.resolve_resume("sft", "pretrain") is None
 
 
@@ -389,8 +386,10 @@ def test_upload_files_by_several_uploaders_then_one_commit(store, tmp_path):
     res = store.commit("pretrain", 5, e0 + e1 + e0[:1], world_size=2, extra={"nodes": 2})
     assert res.ref.committed and res.ref.world_size == 2 and res.ref.extra == {"nodes": 2}
     assert sorted(f["path"] for f in res.ref.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    got = store.resolve_resume("pretrain", local_dir=tmp_path / "dl")
-    assert got.step == 5 and (Path(got.local_dir) / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
+    got = store.resolve_resume("pretrain")
+    assert got.step == 5
+    store.download(got, tmp_path / "dl")
+    assert (tmp_path / "dl" / "__1_0.distcp").read_bytes() == (src / "__1_0.distcp").read_bytes()
 
 
 def test_mark_final_and_refs_from_uris(store, tmp_path):

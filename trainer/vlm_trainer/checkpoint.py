@@ -868,7 +868,7 @@ class CheckpointManager:
     def _choose(self, skip: list[str]) -> dict:
         """Rank 0: pick the checkpoint (manifest, marker, every file present at its size: one
         listing; the bytes are verified by the nodes that fetch them), skipping ``skip``."""
-        ref = self.store.resolve_resume(self.stage, deep=False, skip=skip)
+        ref = self.store.resolve_resume(self.stage, skip=skip)
         source, mode = "store", "resume"
         if ref is None and self.init_from:
             # a step directory (that checkpoint), or a stage prefix (its newest final one)
@@ -877,7 +877,7 @@ class CheckpointManager:
             if root != self.store.uri:
                 store, source = open_store(root, **self._store_kwargs()), "init_from"
             if step is None:
-                ref = store.resolve_final(stage, deep=False, skip=skip)
+                ref = store.resolve_final(stage, skip=skip)
                 if ref is None:
                     raise CheckpointError(f"init_from {self.init_from}: no valid final checkpoint of stage {stage}")
             else:
@@ -889,7 +889,7 @@ class CheckpointManager:
                     raise CheckpointError(f"init_from {self.init_from}: {'; '.join(problems)}")
             mode = "init"
         elif ref is None and self.prev_stage:
-            ref = self.store.resolve_resume(self.stage, prev_stage=self.prev_stage, deep=False, skip=skip)
+            ref = self.store.resolve_resume(self.stage, prev_stage=self.prev_stage, skip=skip)
             mode = "init"
         if ref is None:
             return {}

@@ -35,7 +35,6 @@ never accepted as arguments, stored on the object, or logged.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import hashlib
 import json
 import logging
@@ -182,7 +181,6 @@ class CheckpointRef:
     step: int
     uri: str  # of the directory, with a trailing '/'
     manifest: Optional[dict] = None  # parsed COMMITTED manifest, None if uncommitted
-    local_dir: Optional[str] = None  # set when downloaded by resolve_resume
 
     @property
     def committed(self) -> bool:
@@ -836,31 +834,27 @@ class CheckpointStore(abc.ABC):
 
     # ---- resume
     def resolve_resume(self, stage: str, prev_stage: Optional[str] = None, *,
-                       local_dir: str | os.PathLike | None = None, deep: bool = True,
                        skip: Collection[str] = ()) -> Optional[CheckpointRef]:
         """The checkpoint to resume from, or None for a fresh start.
 
         The newest valid committed checkpoint of ``stage``; else the newest valid
-        ``final`` checkpoint of ``prev_stage``. Invalid ones (no marker, missing file,
-        size/sha256 mismatch) are skipped with a warning. With ``local_dir`` the chosen
-        checkpoint is downloaded (and verified while downloading) into
-        ``local_dir/<stage>/step-<N>/`` and ``ref.local_dir`` says where; otherwise
-        ``deep`` verification streams every object once. URIs in ``skip`` (found corrupt by
-        whoever read them) are passed over.
+        ``final`` checkpoint of ``prev_stage``. Valid is what one listing can tell (the
+        marker, every file present at its size: :meth:`verify` shallow); invalid ones are
+        skipped with a warning. Bytes are checked by whoever reads them (sha256 in
+        :meth:`download`), and a reader that found a corrupt file names its URI in ``skip``.
         """
-        found = self._first_valid(stage, self.checkpoints(stage), local_dir, deep, skip)
+        found = self._first_valid(self.checkpoints(stage), skip)
         if found is not None or not prev_stage:
             return found
-        found = self.resolve_final(prev_stage, local_dir=local_dir, deep=deep, skip=skip)
+        found = self.resolve_final(prev_stage, skip=skip)
         if found is None:
             log.warning("no valid checkpoint in stage %s and no final checkpoint of stage %s in %s",
                         stage, prev_stage, self.uri)
         return found
 
-    def resolve_final(self, stage: str, *, local_dir: str | os.PathLike | None = None, deep: bool = True,
-                      skip: Collection[str] = ()) -> Optional[CheckpointRef]:
+    def resolve_final(self, stage: str, *, skip: Collection[str] = ()) -> Optional[CheckpointRef]:
         """The newest valid stage-final checkpoint of ``stage`` (to initialise the next
-        stage), downloaded into ``local_dir`` like :meth:`resolve_resume`; None if none."""
+        stage), valid as in :meth:`resolve_resume`; None if none."""
         cands = []
         for r in self.checkpoints(stage):
             if not r.committed:
@@ -869,27 +863,16 @@ class CheckpointStore(abc.ABC):
                 log.debug("skipping %s: not a stage-final checkpoint", r.uri)
             else:
                 cands.append(r)
-        return self._first_valid(stage, cands, local_dir, deep, skip)
+        return self._first_valid(cands, skip)
 
-    def _first_valid(self, stage, refs, local_dir, deep, skip) -> Optional[CheckpointRef]:
+    def _first_valid(self, refs, skip) -> Optional[CheckpointRef]:
         for r in refs:
             if r.uri in skip:
                 continue
             if not r.committed:
                 log.warning("skipping %s: no valid COMMITTED marker (incomplete upload?)", r.uri)
                 continue
-            if local_dir is not None:
-                dest = Path(local_dir) / stage / step_dirname(r.step)
-                if dest.exists():
-                    shutil.rmtree(dest)
-                try:
-                    self.download(r, dest)
-                except CheckpointVerifyError as e:
-                    log.warning("skipping %s: %s", r.uri, "; ".join(e.problems))
-                    shutil.rmtree(dest, ignore_errors=True)
-                    continue
-                return dataclasses.replace(r, local_dir=str(dest))
-            problems = self.verify(r, deep=deep)
+            problems = self.verify(r, deep=False)
             if problems:
                 log.warning("skipping %s: %s", r.uri, "; ".join(problems))
                 continue
