@@ -27,7 +27,6 @@ import gc
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -607,10 +606,6 @@ def status_word(row: dict) -> str:
     if status == "skipped":
         return "skipped"
     return "not measured yet"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def iter_figures(areas: dict[str, dict]) -> Iterable[tuple[str, dict]]:

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -241,16 +240,6 @@ def write_dcp_tree(tree: dict, dcp_dir: str | os.PathLike) -> None:
     import torch.distributed.checkpoint as dcp
 
     dcp.save(tree, checkpoint_id=str(dcp_dir), no_dist=True)
-
-
-def dcp_layer_depth(dcp_dir: str | os.PathLike, layers_prefix: str, *, key: str = "model") -> int | None:
-    """Number of decoder layers the DCP checkpoint holds under ``<key>.<layers_prefix>.N.``."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(str(dcp_dir)).read_metadata()
-    rx = re.compile(rf"^{re.escape(key)}\.{re.escape(layers_prefix)}\.(\d+)\.")
-    idx = {int(m.group(1)) for k in meta.state_dict_metadata if (m := rx.match(k))}
-    return max(idx) + 1 if idx else None
 
 
 def layers_prefix_of(vlm) -> str:

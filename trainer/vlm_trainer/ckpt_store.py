@@ -167,11 +167,6 @@ class TransferStats:
     file_retries: int = 0  # whole-file retries done here
     sdk_retries: int = 0  # request retries done by botocore (S3 only)
 
-    @property
-    def throughput_bytes_per_second(self) -> float:
-        t = self.upload_seconds or self.download_seconds
-        return self.bytes / t if t > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class CheckpointRef:

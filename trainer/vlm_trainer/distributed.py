@@ -61,11 +61,6 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.initialized and self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
     def barrier(self) -> None:
         if self.initialized and self.world_size > 1:
             dist.barrier()

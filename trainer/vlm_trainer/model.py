@@ -103,10 +103,6 @@ class VLM(nn.Module):
         self.drop_cls = drop_cls
 
     # ---- structure (used by policies and parallelisation)
-    @property
-    def has_vision(self) -> bool:
-        return self.vision is not None
-
     def decoder_layers(self) -> nn.ModuleList:
         return find_layer_list(self.llm, _num_layers(self.llm.config))
 
