@@ -193,22 +193,40 @@ class Emulator:
 # --------------------------------------------------------------------------- B: the no-op baseline
 
 
+def _kopf_registry(*, apply_settings: bool = True):
+    """A kopf registry with the operator's login and (unless the arm's own startup handler
+    applies them) the operator's kopf settings: what every arm shares with A."""
+    import kopf
+
+    from vlm_operator import handlers
+
+    registry = kopf.OperatorRegistry()
+    if apply_settings:
+        kopf.on.startup(registry=registry)(lambda settings, **_: handlers.apply_settings(settings))
+    kopf.on.login(registry=registry)(handlers.login)
+    return registry
+
+
+def _run_kopf(registry) -> None:
+    import kopf
+
+    kopf.configure(log_format=kopf.LogFormat.JSON)
+    kopf.run(registry=registry, standalone=True, clusterwide=True)
+
+
 def _noop() -> None:
     """`operator_reconcile.py noop`: kopf with a no-op handler, our settings and login."""
     import kopf
 
     from vlm_operator import handlers
 
-    registry = kopf.OperatorRegistry()
-    kopf.on.startup(registry=registry)(lambda settings, **_: handlers.apply_settings(settings))
-    kopf.on.login(registry=registry)(handlers.login)
+    registry = _kopf_registry()
 
-    @kopf.on.create("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns", registry=registry)
+    @kopf.on.create(*handlers.RUN, registry=registry)
     async def noop(**_):
         return None
 
-    kopf.configure(log_format=kopf.LogFormat.JSON)
-    kopf.run(registry=registry, standalone=True, clusterwide=True)
+    _run_kopf(registry)
 
 
 # Issue #3's own minimum: the stage's ConfigMap, PyTorchJob and PodMonitor, and a status.
@@ -246,11 +264,9 @@ def _same_writes() -> None:
     from vlm_operator import handlers, kube
 
     template = _template()
-    registry = kopf.OperatorRegistry()
-    kopf.on.startup(registry=registry)(lambda settings, **_: handlers.apply_settings(settings))
-    kopf.on.login(registry=registry)(handlers.login)
+    registry = _kopf_registry()
 
-    @kopf.on.create("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns", registry=registry)
+    @kopf.on.create(*handlers.RUN, registry=registry)
     async def writes(body, name, namespace, **_):
         client = kube.client()
         for obj in _for_run(template, body):
@@ -258,8 +274,7 @@ def _same_writes() -> None:
         await client.patch_status("VLMPretrainRun", namespace, name, {"phase": "Pending", "stage": "pretrain"})
         await client.post_event(dict(body), "Normal", "StageStarted", f"created {name}-pretrain")
 
-    kopf.configure(log_format=kopf.LogFormat.JSON)
-    kopf.run(registry=registry, standalone=True, clusterwide=True)
+    _run_kopf(registry)
 
 
 def _minimum() -> None:
@@ -275,7 +290,7 @@ def _minimum() -> None:
     from vlm_operator import handlers, kube
 
     template = _template(ISSUE_MINIMUM)
-    registry = kopf.OperatorRegistry()
+    registry = _kopf_registry(apply_settings=False)
     http: dict = {}
 
     @kopf.on.startup(registry=registry)
@@ -285,8 +300,6 @@ def _minimum() -> None:
         scheme, token = kube.bearer(cfg)
         http["host"] = cfg.host
         http["session"] = aiohttp.ClientSession(headers={"Authorization": f"{scheme or 'Bearer'} {token}"})
-
-    kopf.on.login(registry=registry)(handlers.login)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_):
@@ -298,18 +311,17 @@ def _minimum() -> None:
             resp.raise_for_status()
             await resp.read()
 
-    @kopf.on.create("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns", registry=registry)
+    @kopf.on.create(*handlers.RUN, registry=registry)
     async def minimum(body, patch, **_):
         await asyncio.gather(*(create(obj) for obj in _for_run(template, body)))
         patch.status["phase"] = "Pending"
         patch.status["stage"] = "pretrain"
 
-    @kopf.on.event("kubeflow.org", "v1", "pytorchjobs", registry=registry)
+    @kopf.on.event(*handlers.JOB, registry=registry)
     async def job_event(**_):
         return None
 
-    kopf.configure(log_format=kopf.LogFormat.JSON)
-    kopf.run(registry=registry, standalone=True, clusterwide=True)
+    _run_kopf(registry)
 
 
 def _operator_cmd(kind: str) -> list[str]:
