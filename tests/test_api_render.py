@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.support.schemas import core_errors, crd_errors
-from vlm_api import crd, launch, render, schema
+from vlm_api import crd, launch, render, schema, stage_policy
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
@@ -84,9 +84,9 @@ def test_rendered_objects_validate_against_real_schemas(name):
         for attempt in (0, 2):
             objs = render.build_children(run, spec, stage.name, attempt=attempt, podmonitor=True)
             kinds = [o["kind"] for o in objs]
-            assert kinds == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
+            assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob", "PodMonitor"]
             for obj in objs:
-                errors = core_errors(obj) if obj["apiVersion"] in ("v1", "apps/v1") else crd_errors(obj)
+                errors = core_errors(obj) if obj["apiVersion"] in ("v1", "apps/v1", "policy/v1") else crd_errors(obj)
                 assert errors == [], (obj["kind"], errors)
 
 
@@ -104,7 +104,7 @@ def test_pytorchjob_follows_the_webhook_rules_and_the_rendezvous_contract():
     ep, worker = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
     assert (ep["minReplicas"], ep["maxReplicas"], worker["replicas"]) == (2, 8, 8)
-    assert ep["rdzvId"] == "uid-123" and ep["rdzvBackend"] == "c10d"
+    assert ep["rdzvId"] == stage_policy.rdzv_id("uid-123", "pretrain", 0) and ep["rdzvBackend"] == "c10d"
     assert job["spec"]["nprocPerNode"] == "8" and "nProcPerNode" not in ep
     container = worker["template"]["spec"]["containers"][0]
     assert container["name"] == "pytorch"
@@ -180,10 +180,13 @@ def test_external_rendezvous_store_objects():
     obj = _load("run.yaml")
     obj["spec"]["elastic"] = {"externalStore": True, "lastCallTimeout": 5}
     spec = schema.parse_spec(obj["spec"])
+    obj["spec"]["resources"].update(nodeSelector={"pool": "gpu"}, priorityClassName="research-high",
+                                    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    spec = schema.parse_spec(obj["spec"])
     objs = render.build_children({"name": "llama", "namespace": "ns", "uid": "u"}, spec, "sft", attempt=1)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
-    deploy, svc, job = objs[1], objs[2], objs[3]
-    for o in (deploy, svc):
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob", "PodMonitor"]
+    deploy, svc, pdb, job = objs[1], objs[2], objs[3], objs[4]
+    for o in (deploy, svc, pdb):
         assert core_errors(o) == []
     assert crd_errors(job) == []
     # The Service selects exactly the store's pods, and the job's agents meet there without hosting.
@@ -199,5 +202,44 @@ def test_external_rendezvous_store_objects():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["securityContext"]["runAsNonRoot"] and "limits" in container["resources"]
     assert deploy["spec"]["strategy"]["type"] == "Recreate" and deploy["spec"]["replicas"] == 1
-    # A retry attempt keeps the stage's store: agents of the new job join the same rendezvous address.
-    assert svc["metadata"]["name"] == render.store_name("llama", "sft")
+    # Every attempt has its own store and rendezvous id: a retry never meets a closed rendezvous.
+    assert deploy["metadata"]["name"] == svc["metadata"]["name"] == pdb["metadata"]["name"] == render.store_name("llama", "sft", 1)
+    assert render.store_name("llama", "sft", 1) != render.store_name("llama", "sft", 0)
+    assert ep["rdzvId"] == stage_policy.rdzv_id("u", "sft", 1)
+    # A drain or preemption does not take the store before its workers: PDB, their priority and placement.
+    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]
+    pod = deploy["spec"]["template"]["spec"]
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations", "priorityClassName"):
+        assert pod[key] == worker[key], key
+    assert "nvidia.com/gpu" not in str(container["resources"])
+
+
+def test_worker_failures_are_elastic_events_and_stop_grace_covers_torchrun_s():
+    """Kubeflow v1.9 rules (tests/support/kubeflow_controller.py): ExitCode replicas run pods with
+    restartPolicy Never, recreate a pod whose exit code is >= 128 (signal, OOM kill, lost node) and
+    fail the job on 1-127 (torchrun's own restarts spent); PastBackoffLimit counts only in-place
+    container restarts, which such pods never have."""
+    spec = schema.parse_spec(_load("run.yaml")["spec"])
+    job = render.build_pytorchjob({"name": "llama", "uid": "u"}, spec, "pretrain")
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["restartPolicy"] == "ExitCode"
+    assert job["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    pod = worker["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    shutdown = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    assert shutdown == spec.elastic.shutdown_timeout
+    assert pod["terminationGracePeriodSeconds"] >= shutdown + 10
+    assert container["terminationMessagePath"] == stage_policy.TERMINATION_LOG
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_render_of_a_later_stage_needs_its_start():
+    obj = _load("run.yaml")
+    with pytest.raises(ValueError, match="--init-from"):
+        render.render_manifest(obj, "sft")
+    objs = render.render_manifest(obj, "sft", init_from="s3://ckpt/runs/llama1b-intro80/pretrain/step-000020000/", attempt=2)
+    cfg = yaml.safe_load(objs[0]["data"]["config.yaml"])
+    assert cfg["initFrom"].endswith("step-000020000/")
+    assert next(o for o in objs if o["kind"] == "PyTorchJob")["metadata"]["name"].endswith("-sft-r2")

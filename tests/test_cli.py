@@ -47,11 +47,19 @@ def test_validate_reports_a_missing_file_without_traceback():
 
 
 def test_render_prints_the_children_as_multi_document_yaml():
-    out = vlm("render", "examples/run.yaml", "--stage", "sft")
+    start = "s3://ckpt/runs/llama1b-intro80/pretrain/step-000024000/"
+    out = vlm("render", "examples/run.yaml", "--stage", "sft", "--init-from", start)
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor"]
-    assert docs[3]["metadata"]["name"] == "llama1b-intro80-sft"
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob",
+                                         "PodMonitor"]
+    assert docs[4]["metadata"]["name"] == "llama1b-intro80-sft"
+    assert yaml.safe_load(docs[0]["data"]["config.yaml"])["initFrom"] == start  # as the operator sets it
+
+
+def test_render_of_a_later_stage_without_its_start_says_what_to_give():
+    out = vlm("render", "examples/run.yaml", "--stage", "sft")
+    assert out.returncode == 1 and "--init-from" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_render_refuses_an_invalid_manifest():

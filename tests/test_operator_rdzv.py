@@ -1,9 +1,10 @@
-"""The rendezvous store per stage (issue 10) with the real operator against the emulator:
+"""The rendezvous store per attempt with the real operator against the emulator:
 with ``spec.elastic.externalStore`` the operator creates the store Deployment + Service
 (owned by the run, valid against the Kubernetes schemas), the PyTorchJob rendezvouses
 through the Service with ``is_host=false``, and ``RendezvousReady`` follows the
 Deployment's ``status.readyReplicas`` (written here as the kubelet / deployment controller
-would). Cleanup with the stage is garbage collection through the owner references."""
+would). Every attempt has its own store (and rendezvous id); the operator removes a store
+when its attempt or stage ends, and every store when the run ends."""
 
 from __future__ import annotations
 
@@ -88,14 +89,31 @@ def test_store_deployment_and_service_per_stage(cluster):
         wait(lambda: cluster.condition("llama", "RendezvousReady").get("status") == "False",
              what="RendezvousReady=False")
 
-        # The next stage gets its own store; the first stage's objects are owned by the run,
-        # so they go with it (garbage collection by owner reference).
+        # The next stage gets its own store; the finished stage's store, Service and PDB go.
+        assert cluster.get("policy/v1/poddisruptionbudgets", store) is not None
         cluster.set_job("llama-pretrain", "Succeeded")
         wait(lambda: cluster.job("llama-sft"), what="next stage job")
         sft_store = render.store_name("llama", "sft")
         wait(lambda: cluster.get("apps/v1/deployments", sft_store), what="sft store")
         assert cluster.get("v1/services", sft_store)["metadata"]["ownerReferences"][0]["uid"] == uid
         assert cluster.job("llama-sft")["spec"]["elasticPolicy"]["rdzvHost"] == sft_store
+        for resource in ("apps/v1/deployments", "v1/services", "policy/v1/poddisruptionbudgets"):
+            wait(lambda: cluster.get(resource, store) is None, what=f"the finished stage's {resource} removed")
+
+        # A failed attempt's store goes once its retry (with a store and rendezvous id of its own) exists.
+        cluster.set_job("llama-sft", "Failed", "PyTorchJobFailed", "torchrun's restarts are spent")
+        retry = wait(lambda: cluster.job("llama-sft-r1"), what="retry job")
+        retry_store = render.store_name("llama", "sft", 1)
+        assert retry["spec"]["elasticPolicy"]["rdzvHost"] == retry_store != sft_store
+        assert retry["spec"]["elasticPolicy"]["rdzvId"] != cluster.job("llama-sft")["spec"]["elasticPolicy"]["rdzvId"]
+        assert cluster.get("apps/v1/deployments", retry_store) is not None
+        wait(lambda: cluster.get("apps/v1/deployments", sft_store) is None, what="the failed attempt's store removed")
+
+        # The run ends: no store is left running.
+        cluster.set_job("llama-sft-r1", "Succeeded")
+        cluster.wait_phase("llama", "Succeeded")
+        wait(lambda: cluster.names("apps/v1/deployments") == [], what="every store removed")
+        assert cluster.names("v1/services") == [] and cluster.names("policy/v1/poddisruptionbudgets") == []
 
 
 def test_no_store_without_external_store(cluster):

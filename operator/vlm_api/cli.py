@@ -67,7 +67,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"{args.file}: {p}", file=sys.stderr)
         return 1
-    objs = [o for doc in load_documents(text) for o in render_manifest(doc, args.stage)]
+    try:
+        objs = [o for doc in load_documents(text) for o in render_manifest(doc, args.stage, args.init_from, args.attempt)]
+    except ValueError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
     return 0
 
@@ -114,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="print the objects the operator creates for a stage")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--stage", help="stage to render (default: the first)")
+    p.add_argument("--init-from", metavar="URI",
+                   help="a later stage's start: the previous stage's confirmed final checkpoint "
+                        "(status.finalCheckpoints.<previous>.uri), as the operator sets it")
+    p.add_argument("--attempt", type=int, default=0, metavar="N",
+                   help="the N-th retry of the stage (own job name and rendezvous; default 0)")
     p.set_defaults(func=_cmd_render)
 
     p = sub.add_parser("demo", help="generate demo data, run examples/demo.yaml locally, prove the image is used")

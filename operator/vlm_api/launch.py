@@ -32,7 +32,7 @@ CONTROLLER_PET = (
 class Rendezvous:
     """Where and how the torchrun agents of a stage meet."""
 
-    run_id: str                      # the run uid: one rendezvous per run, across restarts
+    run_id: str                      # one per operator attempt (stage_policy.rdzv_id)
     endpoint: str                    # host:port of the c10d store
     conf: dict[str, str]             # rdzv_conf key/values (timeouts, is_host)
 
@@ -71,6 +71,9 @@ def build_appdef(
         # (shared/notes: connectFullMesh refused + hang after a worker SIGKILL).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "VLM_PG_TIMEOUT_SECONDS": str(spec.elastic.process_group_timeout),
+        # On SIGTERM torchrun gives its workers this long to commit a stop checkpoint; the
+        # pod's grace period (render.py) is longer, so the kubelet does not cut it off.
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(spec.elastic.shutdown_timeout),
         # Every node answers on the metrics port (one pod = one scrape target of the
         # PodMonitor); global rank 0 alone serves the training series.
         "VLM_METRICS_EVERY_NODE": "1",

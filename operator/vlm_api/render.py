@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from . import launch, schema as s
+from . import launch, schema as s, stage_policy
 
 LABEL_RUN = f"{s.GROUP}/run"
 LABEL_STAGE = f"{s.GROUP}/stage"
@@ -39,8 +39,9 @@ def config_name(run: str, stage: str) -> str:
     return _fit(f"{run}-{stage}", MAX_JOB_NAME) + "-config"
 
 
-def store_name(run: str, stage: str) -> str:
-    return _fit(f"{run}-{stage}", MAX_JOB_NAME) + "-rdzv"
+def store_name(run: str, stage: str, attempt: int = 0) -> str:
+    """The rendezvous store of one attempt (a retry never reuses a store its predecessor closed)."""
+    return job_name(run, stage, attempt) + "-rdzv"
 
 
 def labels(run: dict, stage: str, attempt: int | None = None) -> dict[str, str]:
@@ -76,9 +77,9 @@ def build_configmap(run: dict, spec: s.VLMPretrainRunSpec, stage: str, init_from
 
 def rendezvous(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> launch.Rendezvous:
     external = spec.elastic.external_store
-    host = store_name(run["name"], stage) if external else f"{job_name(run['name'], stage, attempt)}-worker-0"
+    host = store_name(run["name"], stage, attempt) if external else f"{job_name(run['name'], stage, attempt)}-worker-0"
     return launch.Rendezvous(
-        run_id=run.get("uid") or run["name"],
+        run_id=stage_policy.rdzv_id(run.get("uid") or run["name"], stage, attempt),
         endpoint=f"{host}:{launch.DEFAULT_RDZV_PORT}",
         conf=launch.rdzv_conf(spec, external_store=external),
     )
@@ -133,6 +134,10 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         },
+        # Global rank 0 confirms the stage's final checkpoint here (stage_policy.confirmation);
+        # a crash leaves its log tail instead, which never parses as a confirmation.
+        "terminationMessagePath": stage_policy.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
@@ -143,7 +148,8 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             {"name": "scratch", "emptyDir": {}},
         ],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "terminationGracePeriodSeconds": 120,  # time to finish an in-flight checkpoint commit
+        # torchrun's own SIGTERM budget for its workers (stop checkpoint), then its teardown.
+        "terminationGracePeriodSeconds": spec.elastic.shutdown_timeout + SHUTDOWN_MARGIN,
     }
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
@@ -180,15 +186,21 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             "nprocPerNode": str(spec.resources.procs_per_node),
             "runPolicy": {
                 "suspend": spec.suspend,
-                # Pod failures are torchrun's to handle (elastic restarts); the operator
-                # owns job-level retries (a new attempt resumes from the last checkpoint).
-                "backoffLimit": 0,
-                "cleanPodPolicy": "None",
+                # ExitCode pods run with restartPolicy Never, so no container restart is
+                # ever counted against this (Kubeflow's PastBackoffLimit); it bounds nothing
+                # unless someone changes the policy, and then bounds it tightly.
+                "backoffLimit": spec.elastic.max_restarts,
+                # Once the job is done, a replica still waiting in the rendezvous holds its
+                # GPUs for nothing; finished pods stay for their termination messages.
+                "cleanPodPolicy": "Running",
             },
             "pytorchReplicaSpecs": {
                 "Worker": {
                     "replicas": nodes.max,
-                    "restartPolicy": "OnFailure",
+                    # Signals and OOM kills (exit >= 128) and lost nodes replace the pod: an
+                    # elastic event. torchrun exits 1 once its own restarts are spent: the job
+                    # fails and the operator retries it as a new attempt (README: faults).
+                    "restartPolicy": "ExitCode",
                     "template": _worker_template(run, spec, stage, attempt, role),
                 }
             },
@@ -256,12 +268,24 @@ def build_podmonitor(run: dict, spec: s.VLMPretrainRunSpec, extra_labels: dict[s
 
 STORE_COMPONENT = {"app.kubernetes.io/component": "rendezvous-store"}
 STORE_HEALTH_PORT = 8081
+SHUTDOWN_MARGIN = 30  # seconds of pod grace beyond torchrun's shutdown timeout
+STORE_KINDS = ("Deployment", "Service", "PodDisruptionBudget")  # an attempt's store objects, one name
 
 
-def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str) -> dict:
-    """The stage's c10d rendezvous store (`vlmpretrain rendezvous-store`), outside the workers."""
-    name = store_name(run["name"], stage)
-    selector = {LABEL_RUN: run["name"], LABEL_STAGE: stage, **STORE_COMPONENT}
+def _store_labels(run: dict, stage: str, attempt: int) -> dict[str, str]:
+    return {**labels(run, stage, attempt), **STORE_COMPONENT}
+
+
+def _store_selector(run: dict, stage: str, attempt: int) -> dict[str, str]:
+    return {LABEL_RUN: run["name"], LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt), **STORE_COMPONENT}
+
+
+def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
+    """The attempt's c10d rendezvous store (`vlmpretrain rendezvous-store`), outside the
+    workers. It runs where the workers may run (their nodeSelector and tolerations) and
+    with their priority, so a preemption that spares the job spares its store too."""
+    name = store_name(run["name"], stage, attempt)
+    selector = _store_selector(run, stage, attempt)
     probe = lambda path, period: {  # noqa: E731 - two probes differ only in path and period
         "httpGet": {"path": path, "port": "health"},
         "periodSeconds": period,
@@ -288,36 +312,54 @@ def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str) ->
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "enableServiceLinks": False,
+    }
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {**_meta(name, run, stage), "labels": {**labels(run, stage), **STORE_COMPONENT}},
+        "metadata": {**_meta(name, run, stage), "labels": _store_labels(run, stage, attempt)},
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # never two stores for one rendezvous
             "selector": {"matchLabels": selector},
-            "template": {
-                "metadata": {"labels": {**labels(run, stage), **STORE_COMPONENT}},
-                "spec": {
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "enableServiceLinks": False,
-                },
-            },
+            "template": {"metadata": {"labels": _store_labels(run, stage, attempt)}, "spec": pod_spec},
         },
     }
 
 
-def build_store_service(run: dict, spec: s.VLMPretrainRunSpec, stage: str) -> dict:
+def build_store_pdb(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
+    """A drain waits for the store (it would end the rendezvous of every node) until its
+    attempt ends and the operator removes it."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {**_meta(store_name(run["name"], stage, attempt), run, stage),
+                     "labels": _store_labels(run, stage, attempt)},
+        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": _store_selector(run, stage, attempt)}},
+    }
+
+
+def build_store_service(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
     """The stable address `elasticPolicy.rdzvHost` points at."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {**_meta(store_name(run["name"], stage), run, stage), "labels": {**labels(run, stage), **STORE_COMPONENT}},
+        "metadata": {**_meta(store_name(run["name"], stage, attempt), run, stage),
+                     "labels": _store_labels(run, stage, attempt)},
         "spec": {
             "type": "ClusterIP",
-            "selector": {LABEL_RUN: run["name"], LABEL_STAGE: stage, **STORE_COMPONENT},
+            "selector": _store_selector(run, stage, attempt),
             "ports": [{"name": "c10d", "port": launch.DEFAULT_RDZV_PORT, "targetPort": "c10d", "protocol": "TCP"}],
         },
     }
@@ -337,16 +379,25 @@ def build_children(
     whose agents connect to it)."""
     objs = [build_configmap(run, spec, stage, init_from)]
     if spec.elastic.external_store:
-        objs += [build_store_deployment(run, spec, stage), build_store_service(run, spec, stage)]
+        objs += [build_store_deployment(run, spec, stage, attempt), build_store_service(run, spec, stage, attempt),
+                 build_store_pdb(run, spec, stage, attempt)]
     objs.append(build_pytorchjob(run, spec, stage, attempt))
     if spec.metrics.pod_monitor if podmonitor is None else podmonitor:
         objs.append(build_podmonitor(run, spec, podmonitor_labels))
     return objs
 
 
-def render_manifest(obj: dict, stage: str | None = None) -> list[dict]:
-    """`vlmpretrain render`: the children of a manifest's first (or named) stage."""
+def render_manifest(obj: dict, stage: str | None = None, init_from: str | None = None, attempt: int = 0) -> list[dict]:
+    """`vlmpretrain render`: the children of a manifest's first (or named) stage, as the
+    operator creates them (a later stage starts from `init_from`, the previous stage's
+    confirmed final checkpoint)."""
     meta = obj.get("metadata") or {}
     run = {"name": meta["name"], "namespace": meta.get("namespace", "default"), "uid": meta.get("uid", "")}
     spec = s.parse_spec(obj["spec"])
-    return build_children(run, spec, stage or spec.stages[0].name)
+    name = stage or spec.stages[0].name
+    index = spec.stage_index(name)
+    if index > 0 and not init_from:
+        prev = spec.stages[index - 1].name
+        raise ValueError(f"stage {name!r} starts from stage {prev!r}'s confirmed final checkpoint: give it as "
+                         f"--init-from URI (the operator takes status.finalCheckpoints.{prev}.uri)")
+    return build_children(run, spec, name, attempt=attempt, init_from=init_from if index > 0 else None)

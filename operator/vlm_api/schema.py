@@ -470,6 +470,10 @@ class Elastic(Model):
     external_store: bool = Field(
         True, description="Run the rendezvous store as its own Deployment + Service so losing worker-0 does not end the job."
     )
+    shutdown_timeout: int = Field(
+        90, ge=10, le=3600,
+        description="Seconds torchrun gives its workers on SIGTERM (pod deletion, eviction, suspend) to finish the step and commit a stop checkpoint before SIGKILL (TORCH_ELASTIC_SHUTDOWN_TIMEOUT); the pod's termination grace period is this plus 30 s.",
+    )
 
 
 class Checkpoint(Model):
@@ -608,6 +612,10 @@ class CheckpointRef(Model):
     step: int = Field(description="Optimizer step.")
     time: str | None = Field(None, description="Commit time.")
     stage: str | None = Field(None, description="Stage it belongs to.")
+    tokens: int | None = Field(None, description="Tokens the stage had trained at this checkpoint (final checkpoints).")
+    validation_loss: dict[str, float] | None = Field(
+        None, description="Held-out loss per modality at this checkpoint (final checkpoints of evaluating stages)."
+    )
 
 
 class VLMPretrainRunStatus(Model):
@@ -623,9 +631,11 @@ class VLMPretrainRunStatus(Model):
     loss: float | None = Field(None, description="Latest training loss.")
     image_token_fraction: float | None = Field(None, description="Measured fraction of image tokens in recent steps.")
     world_size: int | None = Field(None, description="Worker processes in the current rendezvous.")
-    nodes: int | None = Field(None, description="Worker replicas requested now.")
+    nodes: int | None = Field(None, description="Nodes in the current rendezvous (from the trainer's metrics).")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest committed checkpoint.")
-    final_checkpoints: dict[str, CheckpointRef] | None = Field(None, description="Final checkpoint of each finished stage.")
+    final_checkpoints: dict[str, CheckpointRef] | None = Field(
+        None, description="Final checkpoint of each finished stage, as its trainer confirmed it (termination message)."
+    )
     restarts: int | None = Field(None, description="Elastic restarts reported by torchrun.")
     attempt: int | None = Field(None, description="Attempt number of the current stage job (0 = first).")
     job_name: str | None = Field(None, description="Current PyTorchJob.")

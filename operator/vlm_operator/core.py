@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from vlm_api import render, schema as s
+from vlm_api import render, schema as s, stage_policy
 
 from . import config, day2, pipeline, scrape
 from . import status as st
@@ -41,7 +41,9 @@ class Observed:
     sample: scrape.Sample | None = None
     scrape_error: str | None = None
     failed_seen: datetime.datetime | None = None  # when this process first saw the current job Failed
-    store: dict | None = None  # the current stage's rendezvous-store Deployment (spec.elastic.externalStore)
+    store: dict | None = None  # the current attempt's rendezvous-store Deployment (spec.elastic.externalStore)
+    stores: tuple[tuple[str, str, int], ...] = ()  # (name, stage, attempt) of every rendezvous store of this run
+    confirmation: dict | None = None  # the current job's confirmed final checkpoint (stage_policy.confirmed_final)
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class Decision:
     status: dict
     create: list[dict] = dataclasses.field(default_factory=list)
     patch: list[tuple[str, str, str, dict]] = dataclasses.field(default_factory=list)  # kind, ns, name, merge patch
+    delete: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # kind, ns, name
     events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # type, reason, message
     wait: float | None = None
     wait_reason: str = ""
@@ -177,9 +180,22 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     events: list[tuple[str, str, str]] = []
     rendezvous: list[st.Cond] = []  # RendezvousReady, once the spec asks for an external store
 
+    def ended_stores(order: list[str] | None) -> list[tuple[str, str, str]]:
+        """Stores of ended attempts and stages go: those before the current (stage, attempt)
+        in `order` (the stage names), all of them when the run is over (`order` None). A store
+        of a later attempt or stage stays: status may lag behind children after a crash."""
+        def ended(stage: str, attempt: int) -> bool:
+            if order is None or stage not in order:
+                return True
+            return (order.index(stage), attempt) < (order.index(new["stage"]), new["attempt"])
+        return [(kind, ns, d) for d, stage, attempt in sorted(obs.stores) if ended(stage, attempt)
+                for kind in render.STORE_KINDS]
+
     def finish(view: st.View, **kw: Any) -> Decision:
         new["phase"] = view.phase
         new["conditions"] = view.conditions(old.get("conditions"), gen, now)
+        live = view.phase not in st.TERMINAL and spec is not None and new.get("stage") and isinstance(new.get("attempt"), int)
+        kw.setdefault("delete", ended_stores([x.name for x in spec.stages] if live else None))
         created_store = next((o for o in kw.get("create") or () if o["kind"] == "Deployment"), None)
         if rendezvous and obs.store is None and created_store is not None:
             # created just now: "not ready yet", as its first watch event will say
@@ -191,13 +207,13 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     if old.get("phase") in st.TERMINAL:
         # A finished run stays finished: later edits (even invalid ones) change nothing.
         if old.get("conditions"):
-            return Decision(_normalize(new))
+            return Decision(_normalize(new), delete=ended_stores(None))
         if old["phase"] == "Succeeded":
             stages = run.get("spec", {}).get("stages") if isinstance(run.get("spec"), dict) else None
             return finish(st.succeeded(len(stages) if isinstance(stages, list) else 0))
         return finish(st.failed(st.JobState("Failed", "Unknown"), job=old.get("jobName", ""), retries=old.get("attempt", 0)))
 
-    spec = None
+    spec: s.VLMPretrainRunSpec | None = None
     if not problems:
         try:
             spec = s.VLMPretrainRunSpec.model_validate(run.get("spec"))
@@ -208,7 +224,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         msg = msg or "spec: invalid"
         if old.get("phase") != "Invalid" or old.get("observedGeneration") != gen:
             events.append(("Warning", "InvalidSpec", msg))
-        return finish(st.invalid(msg), invalid=msg)
+        return finish(st.invalid(msg), invalid=msg, delete=[])
 
     nstages = len(spec.stages)
     if spec.elastic.external_store:
@@ -221,11 +237,15 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     stage = spec.stages[idx]
     attempt = old.get("attempt") if isinstance(old.get("attempt"), int) and old["attempt"] >= 0 else 0
     job = render.job_name(name, stage.name, attempt)
-    new.update(stage=stage.name, stageIndex=idx, attempt=attempt, jobName=job, nodes=spec.resources.nodes.max)
+    new.update(stage=stage.name, stageIndex=idx, attempt=attempt, jobName=job)
     finals = dict(old.get("finalCheckpoints") or {})
-    prefix = pipeline.stage_prefix(spec, stage.name)
+    prefix = stage_policy.stage_prefix(spec, stage.name)
     if obs.sample is not None and obs.sample.job == job:
         scrape.apply(new, obs.sample, stage.name, prefix)
+    if isinstance(new.get("worldSize"), int) and new["worldSize"] > 0:  # nodes in the rendezvous, not requested
+        new["nodes"] = -(-new["worldSize"] // spec.resources.procs_per_node)
+    else:
+        new.pop("nodes", None)
     note = f"metrics: {obs.scrape_error}" if obs.scrape_error else ""
 
     def view_for(js: st.JobState, att: int, job_name: str, stage_name: str) -> st.View:
@@ -235,7 +255,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         msg = "the PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed: install the Kubeflow Training Operator"
         if condition(old, "Degraded").get("reason") != "PyTorchJobCRDMissing":
             events.append(("Warning", "PyTorchJobCRDMissing", msg))
-        return finish(st.crd_missing(msg), wait=cfg.crd_retry, wait_reason="PyTorchJob CRD missing")
+        return finish(st.crd_missing(msg), wait=cfg.crd_retry, wait_reason="PyTorchJob CRD missing", delete=[])
 
     js = st.job_state(obs.job)
     where = f"stage {stage.name} ({idx + 1}/{nstages})"
@@ -243,53 +263,56 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     if js.state == "Absent":
         created = pipeline.children(run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd)
         if old.get("jobName") != job:
-            start = pipeline.init_from(spec, idx, finals)
+            start = stage_policy.init_from(spec, idx, finals)
             events.append(("Normal", "StageStarted", f"{where}: created {job}" + (f", initialised from {start}" if start else "")))
         return finish(view_for(js, attempt, job, stage.name), create=created)
 
-    if js.state == "Succeeded":
-        finals[stage.name] = pipeline.final_checkpoint(spec, stage, new.get("lastCheckpoint"), st.fmt_time(now))
+    if js.state == "Succeeded" and obs.confirmation is not None:
+        finals[stage.name] = pipeline.final_record(obs.confirmation, st.fmt_time(now))
         new["finalCheckpoints"] = finals
-        events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[stage.name]['uri']}"))
+        events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[stage.name]['uri']} "
+                       f"(step {finals[stage.name]['step']}, confirmed by the trainer)"))
         if idx + 1 < nstages:
             nxt = spec.stages[idx + 1]
             nxt_job = render.job_name(name, nxt.name, 0)
-            for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts"):
+            for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts", "nodes"):
                 new.pop(key, None)
             new.update(stage=nxt.name, stageIndex=idx + 1, attempt=0, jobName=nxt_job)
             created = pipeline.children(run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd)
-            start = pipeline.init_from(spec, idx + 1, finals)
+            start = stage_policy.init_from(spec, idx + 1, finals)
             events.append(("Normal", "StageStarted", f"stage {nxt.name} ({idx + 2}/{nstages}): created {nxt_job}, initialised from {start}"))
             return finish(view_for(st.JobState("Absent"), 0, nxt_job, nxt.name), create=created)
         new["completionTime"] = st.fmt_time(now)
         events.append(("Normal", "RunSucceeded", f"all {nstages} stages succeeded"))
         return finish(st.succeeded(nstages))
 
-    if js.state == "Failed":
+    if js.state in ("Failed", "Succeeded"):  # Succeeded here: no pod confirmed the final checkpoint
+        reason, what = st.attempt_failure(js, job)
         if attempt < spec.max_retries:
             degraded = condition(old, "Degraded")
+            reported = degraded.get("reason") == reason and job in str(degraded.get("message"))
             # Backoff counts from the failure as precisely as known: when this process saw it,
             # else the job's condition time, else our own Degraded condition (after a restart).
             failed_at = obs.failed_seen or st.parse_time(js.since)
-            if failed_at is None and degraded.get("reason") == "JobFailed" and job in str(degraded.get("message")):
+            if failed_at is None and reported:
                 failed_at = st.parse_time(degraded.get("lastTransitionTime"))
             failed_at = min(failed_at or now, now)
-            delay = pipeline.retry_delay(attempt, cfg.retry_backoff, cfg.retry_backoff_max)
+            delay = stage_policy.retry_delay(attempt, cfg.retry_backoff, cfg.retry_backoff_max)
             remaining = delay - (now - failed_at).total_seconds()
             if remaining > 0:
                 retry_at = st.fmt_time(failed_at + datetime.timedelta(seconds=delay))
-                if not (degraded.get("reason") == "JobFailed" and job in str(degraded.get("message"))):
-                    events.append(("Warning", "JobFailed", f"{job} failed ({js.reason or 'Failed'}: {js.message}); "
-                                   f"retry {attempt + 1} of {spec.max_retries} at {retry_at}"))
+                if not reported:
+                    events.append(("Warning", reason, f"{what}; retry {attempt + 1} of {spec.max_retries} at {retry_at}"))
                 return finish(st.backoff(js, job=job, attempt=attempt, max_retries=spec.max_retries, at=retry_at),
                               wait=remaining, wait_reason=f"retry backoff after {job} failed")
             nxt_attempt = attempt + 1
             nxt_job = render.job_name(name, stage.name, nxt_attempt)
             new.update(attempt=nxt_attempt, jobName=nxt_job)
             created = pipeline.children(run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd)
-            resume = pipeline.resume_point(spec, stage.name, new.get("lastCheckpoint"), pipeline.init_from(spec, idx, finals))
-            events.append(("Warning", "StageRetry", f"{job} failed ({js.reason or 'Failed'}); retry {nxt_attempt} of "
-                           f"{spec.max_retries} as {nxt_job}, resuming from {resume}"))
+            resume = stage_policy.resume_point(spec, stage.name, new.get("lastCheckpoint"),
+                                               stage_policy.init_from(spec, idx, finals))
+            events.append(("Warning", "StageRetry", f"{job} ended without a confirmed final checkpoint ({reason}); "
+                           f"retry {nxt_attempt} of {spec.max_retries} as {nxt_job}, resuming from {resume}"))
             return finish(view_for(st.JobState("Absent"), nxt_attempt, nxt_job, stage.name), create=created)
         view = st.failed(js, job=job, retries=attempt)
         events.append(("Warning", "RunFailed", view.ready.message))
@@ -304,7 +327,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
             patches.append(("PyTorchJob", ns, job, jp))
             events.extend(("Normal", reason, f"{job}: {message}") for reason, message in day2.describe(jp, desired))
         if obs.configmap is not None:
-            want = render.build_configmap(pipeline.run_ref(run), spec, stage.name, pipeline.init_from(spec, idx, finals))
+            want = render.build_configmap(pipeline.run_ref(run), spec, stage.name, stage_policy.init_from(spec, idx, finals))
             cp = day2.configmap_patch(obs.configmap, want)
             if cp:
                 cm = want["metadata"]["name"]

@@ -80,6 +80,7 @@ KINDS: dict[str, Kind] = {
     "Pod": Kind("", "v1", "pods"),
     "Event": Kind("", "v1", "events"),
     "Deployment": Kind("apps", "v1", "deployments"),
+    "PodDisruptionBudget": Kind("policy", "v1", "poddisruptionbudgets"),
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
     "PodMonitor": Kind("monitoring.coreos.com", "v1", "podmonitors"),
     "VLMPretrainRun": Kind("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns"),
@@ -269,6 +270,17 @@ class Client:
             "patch", kind, "PATCH", kind.path(namespace, name, subresource), body=patch,
             content_type="application/merge-patch+json",
         )
+
+    async def delete(self, kind_name: str, namespace: str | None, name: str) -> bool:
+        """Delete with background propagation (its pods go too); already gone is success.
+        Returns whether this call deleted it."""
+        kind = KINDS[kind_name]
+        try:
+            await self.call("delete", kind, "DELETE", kind.path(namespace, name),
+                            body={"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"})
+        except (NotFound, ResourceMissing):
+            return False
+        return True
 
     async def patch_status(self, kind_name: str, namespace: str, name: str, status: dict) -> dict:
         """Writes only through the status subresource (never the main endpoint)."""

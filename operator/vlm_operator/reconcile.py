@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import kopf
 
-from vlm_api import render, schema as s
+from vlm_api import render, schema as s, stage_policy
 
 from . import config, core, kube, metrics
 from . import status as st
@@ -86,14 +86,37 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
             obs.job = REGISTRY.jobs.get((ns, job_name)) or await client.get("PyTorchJob", ns, job_name)
         if obs.job is not None and not _owned_by(obs.job, meta.get("uid")):
             raise kube.ApiError(409, "OwnedByAnother", f"PyTorchJob {job_name} exists but belongs to another object")
+    obs.stores = REGISTRY.stores_of(ns, meta["name"], meta.get("uid"))
+    if obs.job is not None and st.job_state(obs.job).state == "Succeeded":
+        obs.confirmation = await _confirmation(client, obs.job, status["stage"])
     if spec.elastic.external_store and status.get("stage") and status.get("phase") not in ("Succeeded", "Failed"):
-        store = render.store_name(meta["name"], status["stage"])
+        store = render.store_name(meta["name"], status["stage"], status.get("attempt") or 0)
         obs.store = REGISTRY.stores.get((ns, store)) or await client.get("Deployment", ns, store)
     if check_drift and job_name and status.get("stage"):
         cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
         obs.configmap = cm
         problems = problems + core.immutable_problems(spec, core.running_spec(cm))
     return obs, problems
+
+
+async def _confirmation(client: kube.Client, job: dict, stage: str) -> dict | None:
+    """The final checkpoint a pod of this job confirmed in its termination message. Only
+    pods the job owns count: a pod that merely carries the run's labels confirms nothing."""
+    meta = job["metadata"]
+    pods = await client.list("Pod", meta.get("namespace"), f"{JOB_NAME_LABEL}={meta['name']}")
+    messages = []
+    for pod in pods:
+        if not any(r.get("uid") == meta.get("uid") for r in (pod.get("metadata") or {}).get("ownerReferences") or []):
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") == "pytorch":
+                for state in (cs.get("state"), cs.get("lastState")):
+                    messages.append(((state or {}).get("terminated") or {}).get("message"))
+    return stage_policy.confirmed_final(messages, stage)
+
+
+# The Kubeflow training operator labels every pod of a job with the job's name.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 
 
 def _owned_by(obj: dict, uid: str | None) -> bool:
@@ -147,7 +170,7 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
             view = _with_status(run, before)
             obs, problems = await _observe(client, view, state, problems, job, drift)
             now = datetime.datetime.now(datetime.timezone.utc)
-            if obs.job is not None and st.job_state(obs.job).state == "Failed":
+            if obs.job is not None and st.job_state(obs.job).finished:
                 obs.failed_seen = state.failed_seen.setdefault(obs.job["metadata"]["name"], now)
             decision = core.decide(view, problems, obs, now)
 
@@ -167,6 +190,9 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                         await client.patch(kind, ns, name, patch)
                     except kube.NotFound:
                         rlog.info("%s %s vanished before it could be patched", kind, name)
+                for kind, ns, name in decision.delete:
+                    if await client.delete(kind, ns, name):
+                        rlog.info("removed %s %s (its attempt or stage ended)", kind, name)
             except kube.ApiError as exc:
                 reason = REFUSED.get(exc.status) or ("ChildOwnedByAnother" if exc.reason == "OwnedByAnother" else None)
                 if reason is None:

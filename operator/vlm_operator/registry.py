@@ -20,6 +20,8 @@ import dataclasses
 import logging
 from typing import Any, Awaitable, Callable, Iterator
 
+from vlm_api.render import LABEL_ATTEMPT, LABEL_RUN, LABEL_STAGE
+
 from . import day2
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,18 @@ class Registry:
 
     def observe_job(self, event_type: str | None, body: dict) -> None:
         _observe_child(self.jobs, event_type, body, slim_job)
+
+    def stores_of(self, namespace: str, run: str, uid: str | None) -> tuple[tuple[str, str, int], ...]:
+        """(name, stage, attempt) of the cached rendezvous-store Deployments a run owns."""
+        out = []
+        for (ns, name), body in self.stores.items():
+            meta = body.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            owned = any(r.get("uid") == uid for r in meta.get("ownerReferences") or [])
+            if ns == namespace and labels.get(LABEL_RUN) == run and uid and owned:
+                attempt = labels.get(LABEL_ATTEMPT, "")
+                out.append((name, labels.get(LABEL_STAGE, ""), int(attempt) if attempt.isdigit() else 0))
+        return tuple(sorted(out))
 
     def observe_store(self, event_type: str | None, body: dict) -> None:
         _observe_child(self.stores, event_type, body, slim_store)

@@ -175,19 +175,31 @@ def for_job(js: JobState, *, suspend: bool, stage: str, attempt: int, job: str, 
     return View("Pending", Cond("False", "JobPending", f"waiting for pods: {where}"), Cond("True", "JobCreated", f"{where}{suffix}"))
 
 
+def attempt_failure(js: JobState, job: str) -> tuple[str, str]:
+    """(reason, message) of an attempt that ended without a confirmed final checkpoint."""
+    if js.state == "Succeeded":
+        return UNCONFIRMED, (f"job {job} succeeded but no pod confirmed the stage's final checkpoint "
+                             "(the termination message of global rank 0)")
+    return "JobFailed", f"job {job} failed ({js.reason or 'Failed'}: {js.message or 'no message'})"
+
+
+UNCONFIRMED = "FinalCheckpointUnconfirmed"
+
+
 def backoff(js: JobState, *, job: str, attempt: int, max_retries: int, at: str) -> View:
-    msg = f"job {job} failed ({js.reason or 'Failed'}: {js.message or 'no message'})"
+    reason, msg = attempt_failure(js, job)
     return View(
         "Pending",
-        Cond("False", "JobFailed", msg),
+        Cond("False", reason, msg),
         Cond("True", "RetryBackoff", f"retry {attempt + 1} of {max_retries} at {at}, resuming from the last committed checkpoint"),
-        Cond("True", "JobFailed", msg),
+        Cond("True", reason, msg),
     )
 
 
 def failed(js: JobState, *, job: str, retries: int) -> View:
-    msg = f"job {job} failed ({js.reason or 'Failed'}: {js.message or 'no message'}) after {retries} retr{'y' if retries == 1 else 'ies'}"
-    return View("Failed", Cond("False", "RetriesExhausted", msg), Cond("False", "RetriesExhausted", msg), Cond("True", "JobFailed", msg))
+    reason, msg = attempt_failure(js, job)
+    msg = f"{msg} after {retries} retr{'y' if retries == 1 else 'ies'}"
+    return View("Failed", Cond("False", "RetriesExhausted", msg), Cond("False", "RetriesExhausted", msg), Cond("True", reason, msg))
 
 
 def succeeded(stages: int) -> View:

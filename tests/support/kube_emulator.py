@@ -55,6 +55,7 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'v1/events': resource_info('Event'),
     'v1/services': resource_info('Service', subresources={'status'}),
     'apps/v1/deployments': resource_info('Deployment', subresources={'status', 'scale'}),
+    'policy/v1/poddisruptionbudgets': resource_info('PodDisruptionBudget', subresources={'status'}),
     'apiextensions.k8s.io/v1/customresourcedefinitions':
         resource_info('CustomResourceDefinition', namespaced=False, subresources={'status'}),
     'kubeflow.org/v1/pytorchjobs': resource_info('PyTorchJob', subresources={'status', 'scale'}),

@@ -29,6 +29,7 @@ import yaml
 from kopf.testing import KopfRunner
 
 from tests.support.kube_emulator import KubeServer
+from vlm_api import stage_policy
 from tests.support.schemas import _strict, upstream_crds_dir
 
 NS = "ns1"
@@ -179,11 +180,15 @@ class Cluster:
     # ------------------------------------------------------------------ the Kubeflow training operator
 
     def set_job(self, name: str, state: str, reason: str = "", message: str = "", ns: str = NS,
-                since: str | None = None) -> dict:
+                since: str | None = None, confirm: bool = True) -> dict:
         """Write a PyTorchJob condition the way the Kubeflow controller does: Created stays
-        True, Running/Restarting/Suspended exclude each other, a terminal state ends Running."""
+        True, Running/Restarting/Suspended exclude each other, a terminal state ends Running.
+        A Succeeded job comes with what its trainer leaves on a cluster: a finished worker pod
+        whose termination message confirms the stage's final checkpoint (`confirm=False`: none)."""
         job = self.get(JOBS, name, ns)
         assert job is not None, f"no PyTorchJob {name}"
+        if state == "Succeeded" and confirm:
+            self.confirm(name, ns=ns)
         when = since or now_iso()
         conds = [c for c in (job.get("status") or {}).get("conditions") or [] if c["type"] != state]
         if not any(c["type"] == "Created" for c in conds) and state != "Created":
@@ -210,6 +215,32 @@ class Cluster:
                                       "metadata": {"name": f"{job}-worker-{index}", "namespace": ns, "labels": labels},
                                       "spec": {"containers": [{"name": "pytorch", "image": "x"}]}}, ns)
         return self.merge("v1/pods", pod["metadata"]["name"], {"status": {"phase": "Running", "podIP": ip}}, ns, sub="status")
+
+    def confirm(self, job: str, step: int = 100, tokens: int = 409_600, ns: str = NS,
+                validation_loss: dict | None = None) -> str:
+        """The job's rank-0 pod exits 0 with the stage's final checkpoint as its termination
+        message (what the trainer writes). Returns the confirmed URI."""
+        body = self.get(JOBS, job, ns)
+        labels = body["metadata"]["labels"]
+        stage = labels["pretrain.vlm.dev/stage"]
+        spec_body = self.get(RUNS, labels["pretrain.vlm.dev/run"], ns)["spec"]
+        uri = f"{spec_body['checkpoint']['uri'].rstrip('/')}/{stage}/step-{step:09d}/"
+        name = f"{job}-worker-0"
+        pod_labels = {**labels, "training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type": "worker",
+                      "training.kubeflow.org/replica-index": "0"}
+        owner = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": job, "uid": body["metadata"]["uid"],
+                 "controller": True, "blockOwnerDeletion": True}
+        if self.get("v1/pods", name, ns) is None:
+            self.create("v1/pods", {"apiVersion": "v1", "kind": "Pod",
+                                    "metadata": {"name": name, "namespace": ns, "labels": pod_labels},
+                                    "spec": {"containers": [{"name": "pytorch", "image": "x"}]}}, ns)
+        self.merge("v1/pods", name, {"metadata": {"ownerReferences": [owner]}}, ns)  # the controller owns its pods
+        message = stage_policy.confirmation(stage, step, uri, tokens, validation_loss)
+        terminated = {"exitCode": 0, "reason": "Completed", "message": message}
+        self.merge("v1/pods", name, {"status": {"phase": "Succeeded", "podIP": "127.0.0.1", "containerStatuses": [
+            {"name": "pytorch", "ready": False, "restartCount": 0, "image": "x", "imageID": "", "started": False,
+             "state": {"terminated": terminated}}]}}, ns, sub="status")
+        return uri
 
     # ------------------------------------------------------------------ reading state (bypasses HTTP)
 
