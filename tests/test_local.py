@@ -175,6 +175,8 @@ def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
     assert env["PET_MAX_RESTARTS"] == str(min(int(ref.env["PET_MAX_RESTARTS"]), L.LOCAL_MAX_RESTARTS)) == "3"
     assert env["PET_RDZV_CONF"] == ref.env["PET_RDZV_CONF"]
     assert env["VLM_PROGRESS_FILE"].endswith("progress.jsonl") and env["VLM_METRICS_PORT"] == "9999"
+    # each replica's termination message (a pod's /dev/termination-log): torchx fills in the replica id
+    assert env["VLM_TERMINATION_LOG"] == str(tmp_path / "pretrain" / "termination-${replica_id}.json")
     # local agents share one host (and its metrics port): only rank 0 serves
     assert env["VLM_METRICS_EVERY_NODE"] == "0" and ref.env["VLM_METRICS_EVERY_NODE"] == "1"
     same = {k for k in ref.env

@@ -1097,6 +1097,7 @@ class TrainerCheckpointer:
             init_from=cfg.init_from, registry=trainer.metrics.registry, progress=trainer.progress_file,
             store=store, run_name=f"{cfg.run.namespace}-{cfg.run.name}")
         self.restored: Optional[Restored] = None
+        self.committed: Optional[SaveOutcome] = None  # what finalize committed (or found committed)
 
     @staticmethod
     def target(trainer) -> TrainState:
@@ -1118,11 +1119,20 @@ class TrainerCheckpointer:
     def finalize(self, trainer) -> bool:
         step = trainer.progress.step
         try:
-            self.manager.finalize(self.target(trainer), step, final=step >= trainer.total_steps)
+            self.committed = self.manager.finalize(self.target(trainer), step, final=step >= trainer.total_steps)
             return True
         except CheckpointError as e:
             log.error("%s", e)
             return False
+
+    def committed_checkpoint(self) -> Optional[dict]:
+        """{"step", "uri", "final"} of the checkpoint :meth:`finalize` committed: a new save, the
+        same step marked final, or the final checkpoint this process resumed (a node that
+        joins after the stage ended trains nothing and finds it committed). None before."""
+        out = self.committed
+        if out is None or not out.ok or not out.uri:
+            return None
+        return {"step": out.step, "uri": out.uri, "final": out.final}
 
     def on_stop(self, trainer) -> bool:
         """A signal stopped the run at a step boundary (suspend, preemption, scale-in):

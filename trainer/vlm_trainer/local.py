@@ -11,15 +11,24 @@ environment variables (progress file, metrics port, per-rank log tee, thread cou
 AppDef runs on torchx's ``local_cwd`` scheduler: one torchrun agent per replica, each in
 its own session, all logs under ``<run-dir>/logs/``.
 
-Stages run in order; stage k > 0 is initialised from stage k-1's final committed
-checkpoint (``init_from``). Re-running the same command resumes: a stage whose final
-checkpoint is committed is skipped, and a stage with committed checkpoints of its own
-resumes from the newest (the trainer's checkpointer decides that; the runner only passes
-``init_from``). ``--max-steps N`` caps the stage at step N (an absolute step of the stage,
-a resumable prefix: the LR schedule is the whole stage's). A stage that the cap cuts short
-has no final checkpoint, so later stages do not start (they would train on a prefix of
-their initialisation): the run stops there, and the same command without ``--max-steps``
-continues the stage from step N.
+Stages run in order; stage k > 0 is initialised from stage k-1's final checkpoint
+(``stage_policy.init_from``). A stage is done when its final checkpoint is confirmed, not
+when every replica exits 0 (DESIGN.md section 6): each replica gets a termination-log file,
+``<run-dir>/<stage>/termination-<replica>.json`` (``$VLM_TERMINATION_LOG``), where the
+trainer's global rank 0 writes ``stage_policy.confirmation`` once the stage's final
+checkpoint is committed. After the replicas end, the stage is completed when a replica
+confirmed it (``stage_policy.confirmed_final``) or the store holds its committed final
+checkpoint (``stage_policy.is_final``), whatever the exit codes: a lost replica (a killed
+agent) exits non-zero while the survivors finish the stage. It failed only when nothing
+confirms it. Re-running the same command resumes: a stage whose final checkpoint is
+committed is skipped, and a stage with committed checkpoints of its own resumes from the
+newest (the trainer's checkpointer decides that; the runner only passes ``init_from``).
+``--max-steps N`` caps the stage at step N (an absolute step of the stage, a resumable
+prefix: the LR schedule is the whole stage's). A stage that the cap cuts short has no final
+checkpoint, so later stages do not start (they would train on a prefix of their
+initialisation): the run stops there ("capped", once a checkpoint at step N is committed,
+also when a replica was lost), and the same command without ``--max-steps`` continues the
+stage from step N.
 
 Ctrl-C: the first SIGINT (or SIGTERM) sends SIGTERM to the torchrun agents, which pass it
 to their workers; the trainer stops at the next step boundary. After a grace period, or
@@ -54,7 +63,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from vlm_api import launch, render, schema
+from vlm_api import launch, render, schema, stage_policy
 from vlm_api.quantities import expand_braces
 from vlm_api.validate import load_documents, validate_text
 
@@ -292,7 +301,7 @@ class LocalResult:
     checkpoint_uri: str
     stages: list[StageState]
     interrupted: bool = False
-    final_checkpoints: dict[str, str] = dataclasses.field(default_factory=dict)
+    final_checkpoints: dict[str, str] = dataclasses.field(default_factory=dict)  # stage -> final checkpoint URI
 
 
 class LocalRunner:
@@ -407,7 +416,7 @@ class LocalRunner:
     def final_checkpoint(store, stage: schema.Stage):
         """The stage's committed final checkpoint (the stage is complete), or None."""
         for ref in store.committed(stage.name):
-            if ref.final or (stage.steps is not None and ref.step >= stage.steps):
+            if stage_policy.is_final(stage, ref.step, ref.final):
                 return ref
         return None
 
@@ -418,12 +427,19 @@ class LocalRunner:
         newest = store.latest_committed(stage.name)
         return newest if newest is not None and newest.step >= self.opts.max_steps else None
 
-    def init_source(self, store, prev: schema.Stage | None) -> str | None:
-        if prev is None:
+    def init_source(self, store, spec: schema.VLMPretrainRunSpec, index: int, finals: dict[str, dict]) -> str | None:
+        """`stage_policy.init_from` over the final checkpoints known so far (confirmed in this
+        invocation, else the store's committed final one of the previous stage)."""
+        if index <= 0:
             return None
-        ref = self.final_checkpoint(store, prev)
-        if ref is not None:
-            return ref.uri
+        prev = spec.stages[index - 1]
+        if prev.name not in finals:
+            ref = self.final_checkpoint(store, prev)
+            if ref is not None:
+                finals[prev.name] = {"stage": prev.name, "step": ref.step, "uri": ref.uri}
+        uri = stage_policy.init_from(spec, index, finals)
+        if uri is not None:
+            return uri
         raise LocalRunError(
             f"stage {prev.name!r} has no committed final checkpoint in {store.uri}: "
             f"run it first (vlmpretrain local {self.opts.file} --stage {prev.name})")
@@ -463,6 +479,8 @@ class LocalRunner:
     # ---- one stage
     def appdef(self, run: dict, spec: schema.VLMPretrainRunSpec, stage: str, *, config_path: Path,
                progress_path: Path, nproc: int, metrics_port: int):
+        from torchx import specs
+
         cluster = render.rendezvous(run, spec, stage)  # the operator's; only the endpoint is local
         store_port = getattr(self, "_store_port", None)
         endpoint = f"127.0.0.1:{store_port}" if store_port else f"localhost:{free_port()}"
@@ -479,6 +497,8 @@ class LocalRunner:
             "VLM_METRICS_PORT": str(metrics_port),
             "VLM_METRICS_EVERY_NODE": "0",  # local agents share one host and its port: rank 0 alone serves
             "VLM_CKPT_LOCAL_DIR": str(progress_path.parent.parent / "staging"),  # DCP staging, per node
+            # the replica's "termination message" (torchx substitutes the replica id)
+            stage_policy.TERMINATION_LOG_ENV: str(termination_log(progress_path.parent, specs.macros.replica_id)),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
             # the venv's torchrun, also when the venv is not activated
             "PATH": os.path.dirname(sys.executable),
@@ -486,17 +506,20 @@ class LocalRunner:
         env.update(self.opts.env)
         app = launch.build_appdef(spec, name=render.job_name(run["name"], stage), rdzv=rdzv,
                                   config_path=str(config_path), env=env)
-        from torchx import specs
-
         if _gpu_count() == 0:  # CPU workers: no GPU request (torchx would warn about CUDA_VISIBLE_DEVICES)
             for role in app.roles:
                 role.resource = specs.Resource(cpu=nproc, gpu=0, memMB=role.resource.memMB)
         return app
 
     def run_stage(self, runner, run: dict, spec: schema.VLMPretrainRunSpec, stage: schema.Stage, *,
-                  init_from: str | None, run_dir: Path, nproc: int, metrics_port: int) -> StageState:
+                  init_from: str | None, run_dir: Path, nproc: int, metrics_port: int,
+                  store=None) -> tuple[StageState, dict | None]:
+        """Run the stage's replicas to their end; (state, the stage's final checkpoint
+        {stage, step, uri, tokens[, validationLoss]} or None when nothing confirms it)."""
         stage_dir = run_dir / stage.name
         stage_dir.mkdir(parents=True, exist_ok=True)
+        for old in stage_dir.glob(TERMINATION_GLOB):  # an earlier invocation's: not this one's news
+            old.unlink(missing_ok=True)
         config = render.build_trainer_config(run, spec, stage.name, init_from)
         if self.opts.max_steps:
             config["maxSteps"] = self.opts.max_steps
@@ -551,19 +574,60 @@ class LocalRunner:
         if lingering:
             view.message(f"killed lingering trainer process(es) {sorted(lingering)}")
             _wait_gone(self.tracker, 10)
-        view.close()
         state.wall_s = time.monotonic() - t0
-        if self.interrupts:
+        state.note = _rel(app_log_dir, self.base)
+        succeeded = app_state is not None and app_state.name == "SUCCEEDED"
+        exits = self._replica_exit_codes(runner, app_id)
+        lost = {i: rc for i, rc in exits.items() if rc != 0}
+        # Done = confirmed by a replica (or the final checkpoint committed), whatever the exit codes.
+        messages = {p.name: _read_text(p) for p in sorted(stage_dir.glob(TERMINATION_GLOB))}
+        final = stage_policy.confirmed_final(list(messages.values()), stage.name)
+        by = [name for name, m in messages.items() if stage_policy.parse_confirmation(m, stage.name)]
+        committed = self.final_checkpoint(store, stage) if store is not None else None
+        if final is None and committed is not None:
+            tokens = ((committed.manifest or {}).get("extra") or {}).get("tokens")
+            final = {"stage": stage.name, "step": committed.step, "uri": committed.uri,
+                     "tokens": int(tokens) if isinstance(tokens, int) else None}
+            view.message(f"no replica confirmed the stage, but its final checkpoint (step {committed.step}) is "
+                         f"committed: {committed.uri}")
+        elif final is not None:
+            view.message(f"final checkpoint step {final['step']} confirmed ({', '.join(by)}): {final['uri']}")
+        capped = self.capped(store, stage) if final is None and store is not None and not self.interrupts else None
+        if final is not None or capped is not None:
+            state.status, state.error = ("completed", None) if final is not None else ("capped", None)
+            if final is not None:
+                state.final_checkpoint = final["uri"]
+            state.step = max(state.step, final["step"] if final is not None else capped.step)
+            if lost or not succeeded:
+                what = ", ".join(_replica_end(i, rc) for i, rc in sorted(lost.items())) or (
+                    f"torchx reports the app {app_state.name if app_state is not None else 'gone'}")
+                done = (f"the stage completed (final checkpoint step {final['step']})" if final is not None
+                        else f"--max-steps {self.opts.max_steps} was reached (committed checkpoint step {capped.step})")
+                note = f"{what}, but {done}"
+                view.message(note)
+                state.note = f"{note}; logs {state.note}"
+        elif self.interrupts:
             state.status = "stopped"
         elif state.status not in ("completed", "failed", "stopped"):
-            state.status = "completed" if app_state is not None and app_state.name == "SUCCEEDED" else "failed"
-        if app_state is not None and app_state.name != "SUCCEEDED" and state.status == "completed":
+            state.status = "completed" if succeeded else "failed"
+        if final is None and not succeeded and state.status == "completed":
             state.status = "failed"
-            state.error = state.error or f"torchx reports the app {app_state.name}"
+            state.error = state.error or f"torchx reports the app {app_state.name if app_state else 'gone'}"
+        view.close()
         if state.status == "failed":
+            if lost:
+                self.say(f"[{stage.name}] no replica confirmed the stage's final checkpoint; "
+                         + ", ".join(_replica_end(i, rc) for i, rc in sorted(lost.items())))
             self._show_failure(app_log_dir)
-        state.note = _rel(app_log_dir, self.base)
-        return state
+        return state, final
+
+    def _replica_exit_codes(self, runner, app_id: str) -> dict[int, int | None]:
+        """{replica id: exit code (negative: killed by that signal; None: unknown)}."""
+        try:  # torchx 0.7's local scheduler keeps the Popen objects of the replicas here
+            app = runner._scheduler("local_cwd")._apps[app_id]
+            return {r.replica_id: r.proc.poll() for reps in app.role_replicas.values() for r in reps}
+        except (AttributeError, KeyError):
+            return {}
 
     def _agent_pids(self, runner, app_id: str) -> list[int]:
         try:  # torchx 0.7's local scheduler keeps the Popen objects of the replicas here
@@ -627,7 +691,7 @@ class LocalRunner:
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # torchx replaces them
 
         states: list[StageState] = []
-        finals: dict[str, str] = {}
+        finals: dict[str, dict] = {}  # stage -> its final checkpoint {stage, step, uri, ...}
         exit_code = EXIT_OK
         runner = get_runner()
         try:
@@ -650,7 +714,7 @@ class LocalRunner:
                         st.note = f"complete: final checkpoint step {done.step} is committed"
                         self.say(f"[{stage.name}] already complete (final checkpoint step {done.step}): skipped")
                         states.append(st)
-                        finals[stage.name] = done.uri
+                        finals[stage.name] = {"stage": stage.name, "step": done.step, "uri": done.uri}
                         continue
                     capped = self.capped(store, stage)
                     if capped is not None:
@@ -663,36 +727,32 @@ class LocalRunner:
                         states.append(st)
                         self._say_capped(stage)
                         break
-                    init_from = self.init_source(store, spec.stages[i - 1] if i else None)
+                    init_from = self.init_source(store, spec, i, finals)
                     own = store.latest_committed(stage.name)
                     if own is not None:
                         self.say(f"[{stage.name}] resuming from committed checkpoint step {own.step}")
                     elif init_from:
                         self.say(f"[{stage.name}] initialised from {init_from}")
-                    st = self.run_stage(runner, run, spec, stage, init_from=init_from, run_dir=run_dir,
-                                        nproc=nproc, metrics_port=metrics_port)
+                    st, final = self.run_stage(runner, run, spec, stage, init_from=init_from, run_dir=run_dir,
+                                               nproc=nproc, metrics_port=metrics_port, store=store)
                     states.append(st)
+                    if final is not None:  # confirmed: the stage is done, whatever the exit codes
+                        finals[stage.name] = final
                     if st.status == "stopped" or self.interrupts:
                         removed = self.cleanup_uncommitted(store, stage.name)
                         if removed:
                             self.say(f"[{stage.name}] removed uncommitted checkpoint director(ies) at step(s) {removed}")
                         exit_code = EXIT_INTERRUPTED
                         break
-                    if st.status != "completed":
-                        exit_code = EXIT_FAILED
-                        break
-                    done = self.final_checkpoint(store, stage)
-                    if done is not None:
-                        st.final_checkpoint = done.uri
-                        finals[stage.name] = done.uri
+                    if final is not None:
                         continue
-                    if self.capped(store, stage) is not None:
-                        st.status = "capped"
+                    if st.status == "capped":
                         self._say_capped(stage)
                         break
-                    st.status = "failed"
-                    st.error = f"the trainer exited 0 but no committed checkpoint ends the stage in {store.uri}"
-                    self.say(f"[{stage.name}] {st.error}")
+                    if st.status == "completed":
+                        st.status = "failed"
+                        st.error = f"the trainer exited 0 but no committed checkpoint ends the stage in {store.uri}"
+                        self.say(f"[{stage.name}] {st.error}")
                     exit_code = EXIT_FAILED
                     break
         finally:
@@ -704,7 +764,8 @@ class LocalRunner:
                 runner.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-        result = LocalResult(exit_code, run_dir, spec.checkpoint.uri, states, bool(self.interrupts), finals)
+        result = LocalResult(exit_code, run_dir, spec.checkpoint.uri, states, bool(self.interrupts),
+                             {name: ref["uri"] for name, ref in finals.items()})
         self.report(result, run, metrics_port)
         return result
 
@@ -724,6 +785,35 @@ class LocalRunner:
         self.say(f"metrics: rank 0 serves Prometheus text on http://localhost:{metrics_port}/metrics while a stage trains")
         if result.interrupted:
             self.say("stopped: run the same command again to resume from the newest committed checkpoint")
+
+
+TERMINATION_GLOB = "termination-*.json"
+
+
+def termination_log(stage_dir: Path, replica) -> Path:
+    """A replica's termination-log file (its ``$VLM_TERMINATION_LOG``): what a pod's
+    ``/dev/termination-log`` is in a cluster."""
+    return Path(stage_dir) / f"termination-{replica}.json"
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _replica_end(replica: int, rc: int | None) -> str:
+    """'replica 0 was lost (killed by SIGKILL)', 'replica 1 exited 1'."""
+    if rc is None:
+        return f"replica {replica} ended with an unknown status"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"replica {replica} was lost (killed by {name})"
+    return f"replica {replica} exited {rc}"
 
 
 def _attempt_dirs(app_log_dir: Path) -> list[Path]:

@@ -65,6 +65,7 @@ import torch
 import yaml
 from torch import nn
 
+from vlm_api import stage_policy
 from vlm_api.schema import LayerSelection, TrainerConfig
 
 from .ckpt_model import (
@@ -495,8 +496,9 @@ def _print_summary(r: dict, log_fn) -> None:
 def final_checkpoint_ref(cfg: TrainerConfig, stage: str | None = None) -> CheckpointRef:
     store = open_store(cfg.spec.checkpoint.uri, endpoint_url=cfg.spec.checkpoint.endpoint or None)
     name = stage or cfg.stage
+    spec_stage = cfg.spec.stages[cfg.spec.stage_index(name)]
     for ref in store.committed(name):
-        if ref.final:
+        if stage_policy.is_final(spec_stage, ref.step, ref.final):
             return ref
     raise FileNotFoundError(f"no committed final checkpoint of stage {name!r} in {store.uri}")
 

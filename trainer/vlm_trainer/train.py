@@ -13,6 +13,7 @@ length) -> schedule -> metrics/progress. Then :meth:`Trainer.train`:
         evaluation every evalInterval steps
         checkpointer.after_step(trainer, step)   # the checkpointer decides (interval)
     final evaluation; checkpointer.finalize(trainer) -> committed?
+    rank 0: the stage's final checkpoint committed -> confirmation (termination message)
 
 Loss normalisation: every micro-step's summed token loss is divided by the GLOBAL number
 of label tokens of the optimizer step (all-reduced before the first forward) and
@@ -36,6 +37,14 @@ when that module exists. It reads and writes the whole training state through
 :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (DCP-ready: model and optimizer
 via ``torch.distributed.checkpoint.state_dict``) or the parts (:meth:`Trainer.extra_state`).
 
+Completion confirmed (DESIGN.md section 6): once the committed checkpoint of the end of
+the stage is known (``stage_policy.is_final`` of the checkpointer's committed one), global
+rank 0 writes ``stage_policy.confirmation(stage, step, uri, tokens, final validation loss)``
+to ``$VLM_TERMINATION_LOG``, else to ``/dev/termination-log`` when that exists and is
+writable (Kubernetes' termination message), else nowhere. Also when the stage had already
+ended and this process only resumed its final checkpoint (a node that joins late trains
+nothing). A capped (``max_steps``) or stopped run confirms nothing.
+
 RNG: reseeded every step from (seed, global step, rank), so the random state is a function
 of the step and needs no checkpointing beyond the seed (kept in ``extra_state`` and checked).
 """
@@ -58,6 +67,7 @@ from typing import Protocol
 import torch
 import yaml
 
+from vlm_api import stage_policy
 from vlm_api.quantities import parse_quantity
 from vlm_api.schema import TrainerConfig
 
@@ -96,6 +106,8 @@ class Checkpointer(Protocol):
         """Release resources (also called after failures)."""
 
     # optional: on_stop(trainer) -- called once when a signal stops the run at a step boundary
+    # optional: committed_checkpoint() -> {"step", "uri", "final"} of the checkpoint finalize
+    #           committed (or found committed), the stage's final one if the trainer confirms
 
 
 class NullCheckpointer:
@@ -449,6 +461,8 @@ class Trainer:
                 if self.evaluator.enabled:
                     self.evaluate()
                 committed = bool(self.checkpointer.finalize(self))
+                if committed and ctx.is_main:
+                    self.confirm_final()
             result = TrainResult(completed, self.progress.step >= self.total_steps, committed, stopped,
                                  self.progress.step, self.total_steps, last_loss, self.last_eval)
             status = "completed" if result.exit_code == EXIT_OK else ("stopped" if stopped else "failed")
@@ -465,6 +479,24 @@ class Trainer:
             raise
         finally:
             loader.close()
+
+    def confirm_final(self) -> str | None:
+        """Rank 0, after finalize committed: write the stage's confirmation when the committed
+        checkpoint ends the stage (`stage_policy.is_final`); returns the text written."""
+        get = getattr(self.checkpointer, "committed_checkpoint", None)
+        ref = get() if get is not None else None
+        if not ref or not stage_policy.is_final(self.stage, int(ref["step"]), bool(ref.get("final"))):
+            return None
+        losses = self.last_eval.by_modality if self.last_eval is not None else None
+        try:
+            text = stage_policy.confirmation(self.stage.name, int(ref["step"]), ref["uri"], self.progress.tokens, losses)
+            path = write_termination_log(text)
+        except (OSError, ValueError) as exc:  # the checkpoint stays committed; the operator reports it unconfirmed
+            log.error("could not write the stage's confirmation: %s", exc)
+            return None
+        if path is not None:
+            log.info("stage %s confirmed: final checkpoint step %s %s (%s)", self.stage.name, ref["step"], ref["uri"], path)
+        return text
 
     def _observe(self, rank_step, out: dict, dt: float, wait: float, window: dict) -> None:
         m, step = self.metrics, self.progress.step
@@ -518,6 +550,33 @@ class Trainer:
                 self._metrics_server.shutdown()
                 self._metrics_server.server_close()
                 self._metrics_server = None
+
+
+def termination_log_path() -> str | None:
+    """Where rank 0 confirms a finished stage: ``$VLM_TERMINATION_LOG``; else Kubernetes'
+    ``/dev/termination-log`` when it exists and is writable; else None (nowhere)."""
+    path = os.environ.get(stage_policy.TERMINATION_LOG_ENV)
+    if path:
+        return path
+    default = stage_policy.TERMINATION_LOG
+    if os.path.exists(default) and os.access(default, os.W_OK):
+        return default
+    return None
+
+
+def write_termination_log(text: str, path: str | None = None) -> str | None:
+    """Write the (small) termination message: truncate, write, flush, fsync. Returns the path,
+    or None when there is nowhere to write (no Kubernetes, no ``$VLM_TERMINATION_LOG``)."""
+    path = path or termination_log_path()
+    if path is None:
+        log.debug("no termination log (%s unset, %s absent or not writable): confirmation not written",
+                  stage_policy.TERMINATION_LOG_ENV, stage_policy.TERMINATION_LOG)
+        return None
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
