@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("vlm_operator.main:run"))
 
     p = sub.add_parser("rendezvous-store", help="serve a c10d rendezvous store outside the workers (one per stage)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    p.add_argument("--host", default="", help="the one address both ports bind to (default: every address, "
+                   "IPv4 and IPv6; e.g. 127.0.0.1 for a store only this machine may reach)")
     p.add_argument("--port", type=int, default=29400, help="store port (0: any free port; default 29400)")
     p.add_argument("--health-port", type=int, default=8081, help="/healthz and /readyz port (default 8081)")
     p.set_defaults(func=_lazy("vlm_trainer.rdzv_store:main"))

@@ -141,7 +141,8 @@ class RendezvousStore:
         self.n += 1
         log = self.root / f"store{self.n}.log"
         fh = open(log, "w")
-        self.proc = subprocess.Popen([VLMPRETRAIN, "rendezvous-store", "--port", str(self.port), "--health-port", "0"],
+        self.proc = subprocess.Popen([VLMPRETRAIN, "rendezvous-store", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--health-port", "0"],
                                      stdout=fh, stderr=subprocess.STDOUT, cwd=self.cwd)
         fh.close()
 

@@ -11,6 +11,11 @@ the last committed checkpoint (measured in tests/test_rdzv_store.py).
 
 Health: GET /healthz answers while the process lives; GET /readyz answers 200 only when
 a client round trip (set + get) through the store succeeds.
+
+Both ports bind to `--host` only (default every address, IPv4 and IPv6: a pod is reached
+on its pod IP; tests bind 127.0.0.1). Who may connect is the run's NetworkPolicy's business
+(README: trust model): only the run's own pods reach the store port; the kubelet's probes
+come from the node.
 """
 
 from __future__ import annotations
@@ -19,30 +24,86 @@ import argparse
 import http.server
 import logging
 import signal
+import socket
 import threading
 from datetime import timedelta
 
 log = logging.getLogger("vlm_trainer.rdzv_store")
 
 
-class StoreServer:
-    """A TCPStore server plus an HTTP health endpoint."""
+ALL = ""  # bind every address: IPv4 and IPv6 where the kernel has IPv6
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 29400, health_port: int = 8081):
+
+def _local_address(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    if host in (ALL, "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on exactly `host` (ALL: every address, dual-stack)."""
+    if host in (ALL, "::"):
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            addr: tuple = ("::", port)
+        except OSError:
+            if host == "::":
+                raise
+            sock, addr = socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", port)
+    else:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a restarted store takes its port back while the old connections sit in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _HealthServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer on a socket bound by `listen` (any family, exactly its address)."""
+
+    def __init__(self, sock: socket.socket, handler) -> None:
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+
+
+class StoreServer:
+    """A TCPStore server plus an HTTP health endpoint, both bound to `host` only.
+
+    TCPStore binds every address whatever host it is given (torch 2.x), so the store's
+    listening socket is made here, on `host`, and handed over (`master_listen_fd`)."""
+
+    def __init__(self, host: str = ALL, port: int = 29400, health_port: int = 8081):
         import torch.distributed as dist
 
         self._dist = dist
-        self.host, self.port = host, port
+        self.host = host
+        self._sock = listen(host, port)
+        self.port = self._sock.getsockname()[1]  # resolves port 0 to the bound port
         # wait_for_workers=False: the store serves any number of agents, joining at any time.
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-        self.port = self.store.port  # resolves port 0 to the bound port
-        self.health = http.server.ThreadingHTTPServer(("0.0.0.0", health_port), self._handler())
+        self.store = dist.TCPStore(_local_address(host), self.port, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=30), master_listen_fd=self._sock.fileno(),
+                                   use_libuv=True)
+        self.health = _HealthServer(listen(host, health_port), self._handler())
         self.health_port = self.health.server_address[1]
         self._thread = threading.Thread(target=self.health.serve_forever, name="health", daemon=True)
 
     def ready(self) -> bool:
         try:
-            client = self._dist.TCPStore("127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=2))
+            client = self._dist.TCPStore(_local_address(self.host), self.port, is_master=False,
+                                         timeout=timedelta(seconds=2))
             client.set("vlm/readyz", "1")
             return client.get("vlm/readyz") == b"1"
         except Exception:  # noqa: BLE001 - any failure means not ready
@@ -73,7 +134,8 @@ class StoreServer:
 
     def start(self) -> "StoreServer":
         self._thread.start()
-        log.info("rendezvous store on %s:%d, health on :%d", self.host, self.port, self.health_port)
+        log.info("rendezvous store on %s:%d, health on port %d (same address)", self.host or "*", self.port,
+                 self.health_port)
         return self
 
     def stop(self) -> None:
