@@ -306,6 +306,9 @@ def cmd_merge(args) -> int:
         latest = {"schema": harness.SCHEMA, "areas": {}, "machine": harness.machine_info(), "quick": False}
     for file in args.files:
         rec = json.loads(Path(file).read_text())
+        if rec.get("cpu_smoke"):
+            print(f"{file}: a CPU smoke run of the GPU benchmark, not merged", file=sys.stderr)
+            continue
         if "areas" in rec:  # a whole run
             for name, area in rec["areas"].items():
                 area.setdefault("machine", rec.get("machine"))
@@ -361,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=("vlm", "llm"), help="configurations to run")
     p.add_argument("--steps", type=int, help="measured steps per configuration")
     p.add_argument("--micro-batch", type=int, help="sequences per GPU and step (default 8)")
-    p.add_argument("--image-fraction", type=float, default=0.15, help="share of VLM positions that are image tokens")
+    p.add_argument("--peak-tflops", type=float,
+                   help="dense bf16 peak TFLOP/s per GPU, for a device the built-in table does not know")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="the same code path at toy size on CPU (the test suite runs this)")
     p.set_defaults(fn=cmd_gpu)
     p = sub.add_parser("merge", help="fold area/run JSON files into latest.json and the README")
     p.add_argument("files", nargs="+")
