@@ -84,9 +84,11 @@ def test_rendered_objects_validate_against_real_schemas(name):
         for attempt in (0, 2):
             objs = render.build_children(run, spec, stage.name, attempt=attempt, podmonitor=True)
             kinds = [o["kind"] for o in objs]
-            assert kinds == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob", "PodMonitor"]
+            assert kinds == ["NetworkPolicy", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob",
+                             "PodMonitor"]
             for obj in objs:
-                errors = core_errors(obj) if obj["apiVersion"] in ("v1", "apps/v1", "policy/v1") else crd_errors(obj)
+                core = obj["apiVersion"] in ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1")
+                errors = core_errors(obj) if core else crd_errors(obj)
                 assert errors == [], (obj["kind"], errors)
 
 
@@ -143,7 +145,8 @@ def test_no_secret_value_can_reach_rendered_output(monkeypatch):
     env = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["env"]
     creds = [e for e in env if e["name"].startswith("AWS_") and e["name"] != "AWS_ENDPOINT_URL"]
     assert creds and all("value" not in e and e["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials" for e in creds)
-    assert "AWS_" not in objs[0]["data"]["config.yaml"].replace("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "")
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert "AWS_" not in cm["data"]["config.yaml"].replace("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY", "")
 
 
 def test_long_names_stay_valid_dns_labels_and_deterministic():
@@ -184,8 +187,9 @@ def test_external_rendezvous_store_objects():
                                     tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     spec = schema.parse_spec(obj["spec"])
     objs = render.build_children({"name": "llama", "namespace": "ns", "uid": "u"}, spec, "sft", attempt=1)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob", "PodMonitor"]
-    deploy, svc, pdb, job = objs[1], objs[2], objs[3], objs[4]
+    assert [o["kind"] for o in objs] == ["NetworkPolicy", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+                                         "PyTorchJob", "PodMonitor"]
+    deploy, svc, pdb, job = objs[2], objs[3], objs[4], objs[5]
     for o in (deploy, svc, pdb):
         assert core_errors(o) == []
     assert crd_errors(job) == []
@@ -240,6 +244,128 @@ def test_render_of_a_later_stage_needs_its_start():
     with pytest.raises(ValueError, match="--init-from"):
         render.render_manifest(obj, "sft")
     objs = render.render_manifest(obj, "sft", init_from="s3://ckpt/runs/llama1b-intro80/pretrain/step-000020000/", attempt=2)
-    cfg = yaml.safe_load(objs[0]["data"]["config.yaml"])
+    cfg = yaml.safe_load(next(o for o in objs if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     assert cfg["initFrom"].endswith("step-000020000/")
     assert next(o for o in objs if o["kind"] == "PyTorchJob")["metadata"]["name"].endswith("-sft-r2")
+
+
+# --------------------------------------------------------------------------- network and pod security
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions In/NotIn/Exists/DoesNotExist) on labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_templates(objs: list[dict]) -> list[dict]:
+    out = []
+    for o in objs:
+        if o["kind"] == "Deployment":
+            out.append(o["spec"]["template"])
+        elif o["kind"] == "PyTorchJob":
+            out += [r["template"] for r in o["spec"]["pytorchReplicaSpecs"].values()]
+    return out
+
+
+def _worker_pod_labels(template: dict, job: str, index: int) -> dict:
+    """What the Kubeflow controller adds to the template's labels on each worker pod."""
+    return {**template["metadata"]["labels"], "training.kubeflow.org/job-name": job,
+            "training.kubeflow.org/replica-type": "worker", "training.kubeflow.org/replica-index": str(index),
+            "training.kubeflow.org/operator-name": "pytorchjob-controller"}
+
+
+def test_networkpolicy_isolates_exactly_the_runs_pods():
+    obj = _load("run.yaml")
+    obj["spec"]["elastic"] = {"externalStore": True}
+    spec = schema.parse_spec(obj["spec"])
+    run = {"name": "llama", "namespace": "team-a", "uid": "u"}
+    children = {(stage.name, a): render.build_children(run, spec, stage.name, attempt=a, metrics_namespaces=("prom", "ops"))
+                for stage in spec.stages for a in (0, 1)}
+    policies = [o for objs in children.values() for o in objs if o["kind"] == "NetworkPolicy"]
+    assert all(p == policies[0] for p in policies), "one policy per run, the same from every stage and attempt"
+    np_ = policies[0]
+    assert core_errors(np_) == []
+    assert np_["metadata"]["namespace"] == "team-a" and np_["spec"]["policyTypes"] == ["Ingress"]
+    selector = np_["spec"]["podSelector"]
+    peers, monitoring = np_["spec"]["ingress"]
+
+    # Selects every pod the run has: workers of every stage/attempt (with the controller's
+    # labels) and the rendezvous stores...
+    ours = []
+    for stage_objs in children.values():
+        for o in stage_objs:
+            if o["kind"] == "PyTorchJob":
+                ours += [_worker_pod_labels(t, o["metadata"]["name"], i) for t in _pod_templates([o]) for i in (0, 7)]
+            elif o["kind"] == "Deployment":
+                ours.append(o["spec"]["template"]["metadata"]["labels"])
+    assert len(ours) >= 8
+    for labels in ours:
+        assert _selects(selector, labels), labels
+        assert _selects(peers["from"][0]["podSelector"], labels), labels
+    # ...and no other: another run (a prefix of this one's name, or this one's as prefix), a
+    # user pod with only the run label, the operator.
+    other = render.build_children({"name": "llama-2", "namespace": "team-a", "uid": "v"}, spec, "pretrain")
+    strangers = [t["metadata"]["labels"] for t in _pod_templates(other)]
+    strangers += [{"pretrain.vlm.dev/run": "llama"}, {"pretrain.vlm.dev/run": "llam", **render.MANAGED_BY},
+                  {"app.kubernetes.io/name": "vlm-pretrain-operator", "app.kubernetes.io/component": "operator"}]
+    for labels in strangers:
+        assert not _selects(selector, labels), labels
+        assert not _selects(peers["from"][0]["podSelector"], labels), labels
+    # Peers: the run's own pods only (no namespaceSelector: this namespace only), every TCP port
+    # (the store, torchrun's MASTER_PORT and NCCL/gloo connections are dynamic).
+    assert peers == {"from": [{"podSelector": {"matchLabels": selector["matchLabels"]}}], "ports": [{"protocol": "TCP"}]}
+    # Monitoring: the configured namespaces, the port named `metrics` only (whatever its number).
+    ((expr,),) = [[e for e in f["namespaceSelector"]["matchExpressions"]] for f in monitoring["from"]]
+    assert expr == {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ops", "prom"]}
+    assert set(monitoring["from"][0]) == {"namespaceSelector"}
+    assert monitoring["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    for template in _pod_templates(children[("pretrain", 0)]):
+        for c in template["spec"]["containers"]:
+            named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+            if "metrics" in named:
+                assert named["metrics"] == spec.metrics.port
+                assert named["c10d"] == launch.DEFAULT_RDZV_PORT
+
+
+def test_networkpolicy_defaults_and_without_monitoring_namespaces():
+    spec = schema.parse_spec(_load("demo.yaml")["spec"])
+    default = render.build_networkpolicy({"name": "demo"})
+    assert default["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == \
+        sorted(render.DEFAULT_METRICS_NAMESPACES)
+    closed = render.build_networkpolicy({"name": "demo"}, ())
+    assert len(closed["spec"]["ingress"]) == 1 and core_errors(closed) == []
+    assert render.build_children({"name": "demo"}, spec, "pretrain")[0] == default
+
+
+def test_pods_mount_no_token_and_the_trainer_writes_only_to_scratch():
+    obj = _load("run.yaml")
+    obj["spec"]["elastic"] = {"externalStore": True}
+    spec = schema.parse_spec(obj["spec"])
+    objs = render.build_children({"name": "llama", "namespace": "ns", "uid": "u"}, spec, "pretrain")
+    for template in _pod_templates(objs):
+        assert template["spec"]["automountServiceAccountToken"] is False
+        for c in template["spec"]["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    job = next(o for o in objs if o["kind"] == "PyTorchJob")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [path for path, m in mounts.items() if not m.get("readOnly") and "emptyDir" in volumes[m["name"]]]
+    assert sorted(writable) == ["/dev/shm", render.SCRATCH]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for key in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "HF_HOME", "VLM_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                "TRITON_CACHE_DIR", "MPLCONFIGDIR"):
+        assert env[key] == render.SCRATCH or env[key].startswith(render.SCRATCH + "/"), key
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    # the termination message (rank 0's confirmation) is a file the kubelet mounts, writable on a read-only root
+    assert c["terminationMessagePath"] == stage_policy.TERMINATION_LOG

@@ -51,10 +51,10 @@ def test_render_prints_the_children_as_multi_document_yaml():
     out = vlm("render", "examples/run.yaml", "--stage", "sft", "--init-from", start)
     assert out.returncode == 0, out.stderr
     docs = list(yaml.safe_load_all(out.stdout))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PyTorchJob",
-                                         "PodMonitor"]
-    assert docs[4]["metadata"]["name"] == "llama1b-intro80-sft"
-    assert yaml.safe_load(docs[0]["data"]["config.yaml"])["initFrom"] == start  # as the operator sets it
+    assert [d["kind"] for d in docs] == ["NetworkPolicy", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget",
+                                         "PyTorchJob", "PodMonitor"]
+    assert docs[5]["metadata"]["name"] == "llama1b-intro80-sft"
+    assert yaml.safe_load(docs[1]["data"]["config.yaml"])["initFrom"] == start  # as the operator sets it
 
 
 def test_render_of_a_later_stage_without_its_start_says_what_to_give():

@@ -249,6 +249,7 @@ EXPECTED_PERMISSIONS = {
     ("", "services"): {"create", "get", "list", "watch", "patch", "delete"},
     ("apps", "deployments"): {"create", "get", "list", "watch", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"create", "get", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "get"},
     ("monitoring.coreos.com", "podmonitors"): {"create", "get", "list", "watch", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},

@@ -21,6 +21,26 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "vlm-pretrain-operator"}
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 # Job names leave room for the controller's `-worker-<i>` Services (DNS labels, 63 chars).
 MAX_JOB_NAME = 50
+# Who may read the workers' metrics port besides the run's own pods (NetworkPolicy): the
+# namespace Prometheus runs in, and the operator's own (it reads rank 0 for status). The
+# operator passes what it was installed with (VLM_OPERATOR_METRICS_NAMESPACES, POD_NAMESPACE);
+# `vlmpretrain render` shows these defaults.
+DEFAULT_METRICS_NAMESPACES = ("monitoring", "vlm-system")
+# The trainer's root filesystem is read-only; everything it writes goes to the scratch
+# emptyDir at /tmp (caches of Hugging Face, torch.compile/Triton, matplotlib, model
+# downloads, checkpoint staging) or /dev/shm.
+SCRATCH = "/tmp"
+SCRATCH_ENV = {
+    "HOME": SCRATCH,
+    "TMPDIR": SCRATCH,
+    "XDG_CACHE_HOME": f"{SCRATCH}/.cache",
+    "HF_HOME": f"{SCRATCH}/.cache/huggingface",
+    "VLM_CACHE_DIR": f"{SCRATCH}/.cache/vlm-trainer",
+    "TORCHINDUCTOR_CACHE_DIR": f"{SCRATCH}/.cache/torchinductor",
+    "TRITON_CACHE_DIR": f"{SCRATCH}/.cache/triton",
+    "MPLCONFIGDIR": f"{SCRATCH}/.config/matplotlib",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
 
 
 def _fit(name: str, limit: int) -> str:
@@ -37,6 +57,11 @@ def job_name(run: str, stage: str, attempt: int = 0) -> str:
 
 def config_name(run: str, stage: str) -> str:
     return _fit(f"{run}-{stage}", MAX_JOB_NAME) + "-config"
+
+
+def network_policy_name(run: str) -> str:
+    """The run's NetworkPolicy (one per run: it selects the pods of every stage and attempt)."""
+    return _fit(f"{run}-network", 253)
 
 
 def store_name(run: str, stage: str, attempt: int = 0) -> str:
@@ -131,6 +156,7 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
         ],
         "securityContext": {
             "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,  # writes go to /tmp (SCRATCH_ENV) and /dev/shm
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
         },
@@ -148,6 +174,8 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             {"name": "scratch", "emptyDir": {}},
         ],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # The trainer never calls the Kubernetes API: no token in a pod that runs user code.
+        "automountServiceAccountToken": False,
         # torchrun's own SIGTERM budget for its workers (stop checkpoint), then its teardown.
         "terminationGracePeriodSeconds": spec.elastic.shutdown_timeout + SHUTDOWN_MARGIN,
     }
@@ -163,7 +191,7 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
 def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
     name = job_name(run["name"], stage, attempt)
     rdzv = rendezvous(run, spec, stage, attempt)
-    role = launch.build_appdef(spec, name=name, rdzv=rdzv).roles[0]
+    role = launch.build_appdef(spec, name=name, rdzv=rdzv, env=SCRATCH_ENV).roles[0]
     host, port = rdzv.endpoint.rsplit(":", 1)
     nodes = spec.resources.nodes
     elastic: dict[str, Any] = {
@@ -316,6 +344,7 @@ def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, at
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
     res = spec.resources
@@ -365,6 +394,44 @@ def build_store_service(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attem
     }
 
 
+def pod_selector(run: dict) -> dict[str, str]:
+    """The labels every pod of the run carries (workers of every stage and attempt, and
+    rendezvous stores), and no pod the operator did not render."""
+    return {LABEL_RUN: run["name"], **MANAGED_BY}
+
+
+def build_networkpolicy(run: dict, metrics_namespaces: tuple[str, ...] | list[str] | None = None) -> dict:
+    """Ingress to the run's pods (README: trust model). Ranks exchange pickled objects over
+    the c10d store and the process group, so only the run's own pods may reach them:
+
+    - from the run's pods, all TCP: the rendezvous store (29400), the c10d/TCPStore port
+      torchrun picks (MASTER_PORT) and NCCL/gloo's data connections are dynamic ports;
+    - from the monitoring namespaces (Prometheus and the operator), the port named
+      `metrics` only (a named port: it follows spec.metrics.port);
+    - nothing else. The kubelet's probes of the store come from the node, which most CNIs
+      (Calico, Cilium, the kubelet's own) never subject to NetworkPolicy.
+
+    Egress stays open (S3, DNS)."""
+    namespaces = sorted(set(DEFAULT_METRICS_NAMESPACES if metrics_namespaces is None else metrics_namespaces))
+    ingress: list[dict] = [{"from": [{"podSelector": {"matchLabels": pod_selector(run)}}], "ports": [{"protocol": "TCP"}]}]
+    if namespaces:
+        ingress.append({
+            "from": [{"namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}]}}],
+            "ports": [{"protocol": "TCP", "port": "metrics"}],
+        })
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(run["name"]),
+            "namespace": run.get("namespace", "default"),
+            "labels": {LABEL_RUN: run["name"], **MANAGED_BY},
+        },
+        "spec": {"podSelector": {"matchLabels": pod_selector(run)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def build_children(
     run: dict,
     spec: s.VLMPretrainRunSpec,
@@ -374,10 +441,11 @@ def build_children(
     init_from: str | None = None,
     podmonitor: bool | None = None,
     podmonitor_labels: dict[str, str] | None = None,
+    metrics_namespaces: tuple[str, ...] | list[str] | None = None,
 ) -> list[dict]:
-    """Everything the operator creates for one stage, in creation order (the store before the job
-    whose agents connect to it)."""
-    objs = [build_configmap(run, spec, stage, init_from)]
+    """Everything the operator creates for one stage, in creation order: the NetworkPolicy
+    before any pod exists, the store before the job whose agents connect to it."""
+    objs = [build_networkpolicy(run, metrics_namespaces), build_configmap(run, spec, stage, init_from)]
     if spec.elastic.external_store:
         objs += [build_store_deployment(run, spec, stage, attempt), build_store_service(run, spec, stage, attempt),
                  build_store_pdb(run, spec, stage, attempt)]

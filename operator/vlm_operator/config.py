@@ -15,6 +15,8 @@ startup, so every KopfRunner picks up the test's environment).
 | `VLM_OPERATOR_API_RETRY` | 10 | seconds before a handler retries after the API server kept failing |
 | `VLM_OPERATOR_DISCOVERY_TTL` | 30 | seconds a discovery answer (is a CRD installed?) is cached |
 | `VLM_PODMONITOR_LABELS` | "" | `k=v,k2=v2` labels added to every PodMonitor (e.g. `release=kube-prometheus-stack`) |
+| `VLM_OPERATOR_METRICS_NAMESPACES` | `monitoring` | `ns1,ns2`: namespaces whose pods may reach the workers' metrics port (each run's NetworkPolicy); the operator's own namespace is always added |
+| `POD_NAMESPACE` | `vlm-system` | the operator's namespace (the Deployment sets it from the downward API) |
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ def _labels(raw: str) -> dict[str, str]:
     return out
 
 
+def _names(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """`a,b` -> ("a", "b"); unset -> default; set but empty -> () (only the operator's own)."""
+    if raw is None:
+        return default
+    return tuple(sorted({part.strip() for part in raw.split(",") if part.strip()}))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     metrics_port: int = 8080
@@ -52,6 +61,14 @@ class Config:
     api_retry: float = 10.0
     discovery_ttl: float = 30.0
     podmonitor_labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics_namespaces: tuple[str, ...] = ("monitoring",)
+    namespace: str = "vlm-system"
+
+    @property
+    def metrics_sources(self) -> tuple[str, ...]:
+        """Namespaces allowed to the workers' metrics port: Prometheus's and the operator's
+        own (it scrapes rank 0 for status)."""
+        return tuple(sorted({*self.metrics_namespaces, self.namespace} - {""}))
 
     @classmethod
     def from_env(cls) -> "Config":
@@ -67,6 +84,8 @@ class Config:
             api_retry=_float("VLM_OPERATOR_API_RETRY", d.api_retry),
             discovery_ttl=_float("VLM_OPERATOR_DISCOVERY_TTL", d.discovery_ttl),
             podmonitor_labels=_labels(os.environ.get("VLM_PODMONITOR_LABELS", "")),
+            metrics_namespaces=_names(os.environ.get("VLM_OPERATOR_METRICS_NAMESPACES"), d.metrics_namespaces),
+            namespace=os.environ.get("POD_NAMESPACE", "").strip() or d.namespace,
         )
 
 

@@ -261,7 +261,8 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     where = f"stage {stage.name} ({idx + 1}/{nstages})"
 
     if js.state == "Absent":
-        created = pipeline.children(run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd)
+        created = pipeline.children(run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd,
+                                    metrics_namespaces=cfg.metrics_sources)
         if old.get("jobName") != job:
             start = stage_policy.init_from(spec, idx, finals)
             events.append(("Normal", "StageStarted", f"{where}: created {job}" + (f", initialised from {start}" if start else "")))
@@ -278,7 +279,8 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
             for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts", "nodes"):
                 new.pop(key, None)
             new.update(stage=nxt.name, stageIndex=idx + 1, attempt=0, jobName=nxt_job)
-            created = pipeline.children(run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd)
+            created = pipeline.children(run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd,
+                                        metrics_namespaces=cfg.metrics_sources)
             start = stage_policy.init_from(spec, idx + 1, finals)
             events.append(("Normal", "StageStarted", f"stage {nxt.name} ({idx + 2}/{nstages}): created {nxt_job}, initialised from {start}"))
             return finish(view_for(st.JobState("Absent"), 0, nxt_job, nxt.name), create=created)
@@ -308,7 +310,8 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
             nxt_attempt = attempt + 1
             nxt_job = render.job_name(name, stage.name, nxt_attempt)
             new.update(attempt=nxt_attempt, jobName=nxt_job)
-            created = pipeline.children(run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd)
+            created = pipeline.children(run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd,
+                                        metrics_namespaces=cfg.metrics_sources)
             resume = stage_policy.resume_point(spec, stage.name, new.get("lastCheckpoint"),
                                                stage_policy.init_from(spec, idx, finals))
             events.append(("Warning", "StageRetry", f"{job} ended without a confirmed final checkpoint ({reason}); "

@@ -81,6 +81,7 @@ KINDS: dict[str, Kind] = {
     "Event": Kind("", "v1", "events"),
     "Deployment": Kind("apps", "v1", "deployments"),
     "PodDisruptionBudget": Kind("policy", "v1", "poddisruptionbudgets"),
+    "NetworkPolicy": Kind("networking.k8s.io", "v1", "networkpolicies"),
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
     "PodMonitor": Kind("monitoring.coreos.com", "v1", "podmonitors"),
     "VLMPretrainRun": Kind("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns"),

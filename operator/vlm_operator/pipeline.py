@@ -23,13 +23,13 @@ def run_ref(run: dict) -> dict[str, str]:
 
 
 def children(run: dict, spec: s.VLMPretrainRunSpec, index: int, attempt: int, finals: dict | None,
-             *, podmonitor: bool) -> list[dict[str, Any]]:
+             *, podmonitor: bool, metrics_namespaces: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """All objects of one stage attempt, in creation order (generic: the renderer decides
     what a stage needs, e.g. a rendezvous store Deployment + Service)."""
     stage = spec.stages[index].name
     return render.build_children(
         run_ref(run), spec, stage, attempt=attempt, init_from=stage_policy.init_from(spec, index, finals),
-        podmonitor=bool(spec.metrics.pod_monitor and podmonitor),
+        podmonitor=bool(spec.metrics.pod_monitor and podmonitor), metrics_namespaces=metrics_namespaces,
     )
 
 

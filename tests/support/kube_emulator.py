@@ -56,6 +56,7 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'v1/services': resource_info('Service', subresources={'status'}),
     'apps/v1/deployments': resource_info('Deployment', subresources={'status', 'scale'}),
     'policy/v1/poddisruptionbudgets': resource_info('PodDisruptionBudget', subresources={'status'}),
+    'networking.k8s.io/v1/networkpolicies': resource_info('NetworkPolicy'),
     'apiextensions.k8s.io/v1/customresourcedefinitions':
         resource_info('CustomResourceDefinition', namespaced=False, subresources={'status'}),
     'kubeflow.org/v1/pytorchjobs': resource_info('PyTorchJob', subresources={'status', 'scale'}),
