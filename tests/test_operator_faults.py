@@ -75,15 +75,19 @@ def test_injected_409_500_429_are_absorbed(cluster):
     errors_before = {code: metrics.value("vlmoperator_api_errors_total", {"verb": v, "resource": res, "code": code})
                      for code, v, res in (("500", "create", "pytorchjobs.kubeflow.org"),
                                           ("429", "patch", "vlmpretrainruns.pretrain.vlm.dev"))}
-    # 409: the ConfigMap is already there (e.g. created by an earlier operator before it died).
-    cluster.create("v1/configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
-                                     "metadata": {"name": "llama-pretrain-config", "namespace": "ns1"}, "data": {}})
+    # 409: the ConfigMap is already there (created by an earlier operator before it died:
+    # with the run as its owner, so it is ours).
+    run = cluster.create_run("llama")
+    owner = {"apiVersion": run["apiVersion"], "kind": run["kind"], "name": "llama", "uid": run["metadata"]["uid"],
+             "controller": True, "blockOwnerDeletion": True}
+    cluster.create("v1/configmaps", {"apiVersion": "v1", "kind": "ConfigMap", "data": {},
+                                     "metadata": {"name": "llama-pretrain-config", "namespace": "ns1",
+                                                  "ownerReferences": [owner]}})
     kube.fail("create", JOBS, 500, times=2)  # the API server fails the job creation twice
     kube.fail("patch", RUNS, 429, times=2, retry_after=0, subresource="status")  # throttled status writes
     kube.fail("patch", RUNS, 500, times=1, subresource=None)  # kopf's own annotation patch fails once
     kube.fail("create", "v1/events", 503, times=1)  # an event gets lost: no harm
     with cluster.operator() as runner:
-        cluster.create_run("llama")
         wait(lambda: cluster.job("llama-pretrain"), what="job despite 500s")
         wait(lambda: cluster.status("llama").get("phase") == "Pending", what="status despite 429s")
         cluster.set_job("llama-pretrain", "Running")

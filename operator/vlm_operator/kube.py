@@ -272,14 +272,17 @@ class Client:
             content_type="application/merge-patch+json",
         )
 
-    async def delete(self, kind_name: str, namespace: str | None, name: str) -> bool:
+    async def delete(self, kind_name: str, namespace: str | None, name: str, *, uid: str | None = None) -> bool:
         """Delete with background propagation (its pods go too); already gone is success.
-        Returns whether this call deleted it."""
+        `uid`: only that object (a precondition: 409 if the name now holds another, which
+        counts as gone). Returns whether this call deleted it."""
         kind = KINDS[kind_name]
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            await self.call("delete", kind, "DELETE", kind.path(namespace, name),
-                            body={"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"})
-        except (NotFound, ResourceMissing):
+            await self.call("delete", kind, "DELETE", kind.path(namespace, name), body=body)
+        except (NotFound, ResourceMissing, Conflict):
             return False
         return True
 

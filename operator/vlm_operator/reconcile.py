@@ -84,16 +84,20 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
             obs.job = job
         else:
             obs.job = REGISTRY.jobs.get((ns, job_name)) or await client.get("PyTorchJob", ns, job_name)
-        if obs.job is not None and not _owned_by(obs.job, meta.get("uid")):
-            raise kube.ApiError(409, "OwnedByAnother", f"PyTorchJob {job_name} exists but belongs to another object")
+        if obs.job is not None:
+            _ensure_ours(obs.job, meta.get("uid"))
     obs.stores = REGISTRY.stores_of(ns, meta["name"], meta.get("uid"))
     if obs.job is not None and st.job_state(obs.job).state == "Succeeded":
         obs.confirmation = await _confirmation(client, obs.job, status["stage"])
     if spec.elastic.external_store and status.get("stage") and status.get("phase") not in ("Succeeded", "Failed"):
         store = render.store_name(meta["name"], status["stage"], status.get("attempt") or 0)
         obs.store = REGISTRY.stores.get((ns, store)) or await client.get("Deployment", ns, store)
+        if obs.store is not None:
+            _ensure_ours(obs.store, meta.get("uid"))
     if check_drift and job_name and status.get("stage"):
         cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
+        if cm is not None:  # a day-2 patch never touches an object we do not own
+            _ensure_ours(cm, meta.get("uid"))
         obs.configmap = cm
         problems = problems + core.immutable_problems(spec, core.running_spec(cm))
     return obs, problems
@@ -120,8 +124,28 @@ JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 
 
 def _owned_by(obj: dict, uid: str | None) -> bool:
+    """Whether `obj` carries an ownerReference to the run with this uid. An object without
+    one is not ours, whatever its name and labels say: someone else made it."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    return not uid or not refs or any(r.get("uid") == uid for r in refs)
+    return bool(uid) and any(isinstance(r, dict) and r.get("uid") == uid for r in refs)
+
+
+class ChildConflict(kube.ApiError):
+    """A child's name is taken by an object this run does not own: never adopted, patched
+    or deleted; the run is Degraded (reason ChildConflict) until it is gone."""
+
+    def __init__(self, obj: dict):
+        meta = obj.get("metadata") or {}
+        owners = [f"{r.get('kind')}/{r.get('name')}" for r in meta.get("ownerReferences") or [] if isinstance(r, dict)]
+        whose = f"owned by {', '.join(owners)}" if owners else "with no ownerReference"
+        super().__init__(409, "ChildConflict",
+                         f"{obj.get('kind', 'object')} {meta.get('namespace', '')}/{meta.get('name')} already exists, {whose}: "
+                         "this run does not adopt or change it; delete or rename it and the run continues")
+
+
+def _ensure_ours(obj: dict, uid: str | None) -> None:
+    if not _owned_by(obj, uid):
+        raise ChildConflict(obj)
 
 
 async def _create(client: kube.Client, run: dict, obj: dict) -> None:
@@ -131,8 +155,22 @@ async def _create(client: kube.Client, run: dict, obj: dict) -> None:
         for k, v in config.CONFIG.podmonitor_labels.items():
             labels.setdefault(k, v)
     stored, created = await client.create(obj)
-    if not created and not _owned_by(stored, run["metadata"].get("uid")):
-        raise kube.ApiError(409, "OwnedByAnother", f"{obj['kind']} {obj['metadata']['name']} belongs to another object")
+    if not created:  # 409: ours from an earlier reconcile (names are deterministic), or someone else's
+        stored.setdefault("kind", obj["kind"])
+        _ensure_ours(stored, run["metadata"].get("uid"))
+
+
+async def _delete(client: kube.Client, uid: str | None, kind: str, ns: str, name: str) -> bool:
+    """Delete a child of ours, and only if it is ours (the name of an ended attempt's store
+    may since have been taken by someone else's object): the uid precondition makes the
+    check and the delete one step."""
+    live = await client.get(kind, ns, name)
+    if live is None:
+        return False
+    if not _owned_by(live, uid):
+        log.warning("not deleting %s %s/%s: it is not owned by the run", kind, ns, name)
+        return False
+    return await client.delete(kind, ns, name, uid=(live.get("metadata") or {}).get("uid"))
 
 
 async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = None, trigger: str = "event",
@@ -168,12 +206,17 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
             drift = check_drift or gen != before.get("observedGeneration") or before.get("phase") == "Invalid"
             problems = _problems(state, run.get("spec"))
             view = _with_status(run, before)
-            obs, problems = await _observe(client, view, state, problems, job, drift)
             now = datetime.datetime.now(datetime.timezone.utc)
-            if obs.job is not None and st.job_state(obs.job).finished:
-                obs.failed_seen = state.failed_seen.setdefault(obs.job["metadata"]["name"], now)
-            decision = core.decide(view, problems, obs, now)
+            try:
+                obs, problems = await _observe(client, view, state, problems, job, drift)
+            except ChildConflict as exc:
+                obs, decision = None, core.blocked(view, "ChildConflict", exc.message, now)
+            else:
+                if obs.job is not None and st.job_state(obs.job).finished:
+                    obs.failed_seen = state.failed_seen.setdefault(obs.job["metadata"]["name"], now)
+                decision = core.decide(view, problems, obs, now)
 
+            uid = (run.get("metadata") or {}).get("uid")
             try:
                 for obj in decision.create:
                     try:
@@ -191,10 +234,12 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                     except kube.NotFound:
                         rlog.info("%s %s vanished before it could be patched", kind, name)
                 for kind, ns, name in decision.delete:
-                    if await client.delete(kind, ns, name):
+                    if await _delete(client, uid, kind, ns, name):
                         rlog.info("removed %s %s (its attempt or stage ended)", kind, name)
+            except ChildConflict as exc:
+                decision = core.blocked(view, "ChildConflict", exc.message, now)
             except kube.ApiError as exc:
-                reason = REFUSED.get(exc.status) or ("ChildOwnedByAnother" if exc.reason == "OwnedByAnother" else None)
+                reason = REFUSED.get(exc.status)
                 if reason is None:
                     raise
                 decision = core.blocked(view, reason, f"the API server refused a child: {exc}", now)
@@ -209,7 +254,7 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
                 state.status = decision.status
             if decision.status.get("jobName") != before.get("jobName"):
                 state.sample, state.scrape_error = None, None
-            if obs.job is not None:
+            if obs is not None and obs.job is not None:
                 state.last_job = (obs.job["metadata"].get("name"), st.job_state(obs.job).state)
             elif decision.create:  # its ADDED event (no conditions yet) brings nothing new
                 state.last_job = (decision.status.get("jobName"), "Pending")

@@ -2,7 +2,8 @@
 
 The trainer's global rank 0 serves Prometheus text on `spec.metrics.port`. Every
 `VLM_OPERATOR_SCRAPE_INTERVAL` seconds the loop finds the current job's worker pods by
-their labels (`pretrain.vlm.dev/run|stage|attempt`), tries them in the order torchrun
+their labels (`pretrain.vlm.dev/run|stage|attempt`), keeps those the job owns (the run
+owns the job; see scrape_job), tries them in the order torchrun
 ranks nodes (sorted pod names: the first holds global rank 0; the other nodes answer with
 only `vlmtrain_node_info`, passed over), reads `http://<podIP>:<port>/metrics` in a thread
 and parses it with `prometheus_client.parser`. What it reads lands in status (step, tokens, loss,
@@ -150,8 +151,27 @@ def _pod_order(pod: dict) -> str:
     return (pod.get("metadata") or {}).get("name", "")
 
 
+def _owned_by(obj: dict, uid: str | None) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return bool(uid) and any(isinstance(r, dict) and r.get("uid") == uid for r in refs)
+
+
+async def _job_uid(client, namespace: str, job: str, run_uid: str | None) -> str:
+    """The uid of the run's current PyTorchJob (watch cache, else GET), if the run owns it."""
+    body = REGISTRY.jobs.get((namespace, job)) or await client.get("PyTorchJob", namespace, job)
+    if body is None:
+        raise ScrapeError(f"PyTorchJob {job} not found")
+    if not _owned_by(body, run_uid):
+        raise ScrapeError(f"PyTorchJob {job} is not owned by the run: not scraped")
+    return (body.get("metadata") or {}).get("uid") or ""
+
+
 async def scrape_job(client, namespace: str, run: str, stage: str, attempt: int, job: str, port: int,
-                     timeout: float) -> Sample:
+                     timeout: float, run_uid: str | None = None) -> Sample:
+    """Rank 0's metrics of the run's current job. Labels only find candidates: a pod counts
+    only when the job owns it (ownerReference to the job's uid, set by the Kubeflow
+    controller), since anyone who can create pods in the namespace can copy labels, and what
+    rank 0 reports lands in status (lastCheckpoint names where a retry resumes)."""
     wanted = render.labels({"name": run}, stage, attempt)
     selector = ",".join(f"{k}={wanted[k]}" for k in (render.LABEL_RUN, render.LABEL_STAGE, render.LABEL_ATTEMPT))
     pods = await client.list("Pod", namespace, selector)
@@ -163,6 +183,10 @@ async def scrape_job(client, namespace: str, run: str, stage: str, attempt: int,
     ]
     if not pods:
         raise ScrapeError(f"no worker pod of {job} has an IP yet")
+    job_uid = await _job_uid(client, namespace, job, run_uid)
+    pods = [p for p in pods if _owned_by(p, job_uid)]
+    if not pods:
+        raise ScrapeError(f"no pod owned by {job} has an IP yet (pods that only carry its labels are ignored)")
     errors = []
     for pod in sorted(pods, key=_pod_order)[:MAX_PODS_TRIED]:
         ip = pod["status"]["podIP"]
@@ -192,7 +216,7 @@ async def scrape_state(state: RunState, client) -> bool:
     attempt = status.get("attempt") if isinstance(status.get("attempt"), int) else 0
     try:
         sample = await scrape_job(client, state.namespace, state.name, stage, attempt, job, port,
-                                  config.CONFIG.scrape_timeout)
+                                  config.CONFIG.scrape_timeout, run_uid=state.uid)
     except Exception as exc:  # any failure is a message, never a crash
         metrics.SCRAPES.labels(result="error").inc()
         error = str(exc) or type(exc).__name__

@@ -294,6 +294,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             raise ApiError(404, f'{res.plural} "{request.name}" not found',
                            details={'name': request.name, 'group': res.group, 'kind': res.plural})
         if verb == 'delete':
+            want = ((data if isinstance(data, dict) else {}).get('preconditions') or {}).get('uid')
+            if want and want != old['metadata'].get('uid'):  # DeleteOptions.preconditions, as the API server
+                raise ApiError(409, f'Precondition failed: UID in precondition: {want}, '
+                                    f'UID in object meta: {old["metadata"].get("uid")}')
             if old['metadata'].get('finalizers'):  # graceful: mark it, finalizer owners clean up
                 if not old['metadata'].get('deletionTimestamp'):
                     old['metadata'].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)

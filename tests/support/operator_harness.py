@@ -206,13 +206,18 @@ class Cluster:
         return self.merge(JOBS, name, {"status": status}, ns, sub="status")
 
     def add_pod(self, job: str, run: str, stage: str, attempt: int, index: int = 0, ip: str = "127.0.0.1",
-                ns: str = NS) -> dict:
-        """A worker pod as the controller creates it: the template's labels plus its own."""
+                ns: str = NS, owned: bool = True, name: str | None = None) -> dict:
+        """A worker pod as the controller creates it: the template's labels plus its own, and
+        the job as its controller owner (`owned=False`: a stranger's pod with the same labels)."""
         labels = {"pretrain.vlm.dev/run": run, "pretrain.vlm.dev/stage": stage, "pretrain.vlm.dev/attempt": str(attempt),
                   "training.kubeflow.org/job-name": job, "training.kubeflow.org/replica-type": "worker",
                   "training.kubeflow.org/replica-index": str(index)}
-        pod = self.create("v1/pods", {"apiVersion": "v1", "kind": "Pod",
-                                      "metadata": {"name": f"{job}-worker-{index}", "namespace": ns, "labels": labels},
+        meta: dict = {"name": name or f"{job}-worker-{index}", "namespace": ns, "labels": labels}
+        if owned:
+            uid = self.get(JOBS, job, ns)["metadata"]["uid"]
+            meta["ownerReferences"] = [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": job, "uid": uid,
+                                        "controller": True, "blockOwnerDeletion": True}]
+        pod = self.create("v1/pods", {"apiVersion": "v1", "kind": "Pod", "metadata": meta,
                                       "spec": {"containers": [{"name": "pytorch", "image": "x"}]}}, ns)
         return self.merge("v1/pods", pod["metadata"]["name"], {"status": {"phase": "Running", "podIP": ip}}, ns, sub="status")
 
@@ -288,13 +293,17 @@ class Cluster:
     # ------------------------------------------------------------------ the operator
 
     @contextlib.contextmanager
-    def operator(self, **env: str) -> Iterator[KopfRunner]:
-        """The real operator in a thread: `kopf run -m vlm_operator.handlers -A --standalone`."""
+    def operator(self, *, namespaces: list[str] | None = None, **env: str) -> Iterator[KopfRunner]:
+        """The real operator in a thread: `kopf run -m vlm_operator.handlers -A --standalone`
+        (`namespaces`: `--namespace NS ...` instead of `-A`, as the namespaced install runs it)."""
         values = {**FAST_ENV, **env, "KUBECONFIG": str(self.kubeconfig)}
         saved = {k: os.environ.get(k) for k in values}
         os.environ.update(values)
+        args = OPERATOR_ARGS
+        if namespaces:
+            args = [a for a in OPERATOR_ARGS if a != "-A"] + [f"--namespace={ns}" for ns in namespaces]
         try:
-            with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
+            with KopfRunner(args, timeout=30) as runner:
                 yield runner
         finally:
             for k, v in saved.items():
