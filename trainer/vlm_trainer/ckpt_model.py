@@ -202,9 +202,10 @@ def read_dcp_model(vlm, dcp_dir: str | os.PathLike, *, key: str = "model") -> No
     Every parameter/buffer of ``vlm.state_dict()`` must be in the checkpoint, except the
     second name of a tied weight (loaded through the first)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
-    meta = FileSystemReader(str(dcp_dir)).read_metadata()
+    from .safe_load import SafeFileSystemReader, SafeLoadPlanner
+
+    meta = SafeFileSystemReader(str(dcp_dir)).read_metadata()
     have = {k[len(key) + 1:] for k in meta.state_dict_metadata if k.startswith(key + ".")}
     target = vlm.state_dict()
     wanted, missing = {}, []
@@ -221,17 +222,17 @@ def read_dcp_model(vlm, dcp_dir: str | os.PathLike, *, key: str = "model") -> No
     extra = sorted(have - set(target))
     if extra:
         raise KeyError(f"{dcp_dir}: checkpoint has tensors this model lacks, e.g. {extra[:3]} (architecture mismatch?)")
-    dcp.load({key: wanted}, checkpoint_id=str(dcp_dir), no_dist=True)
+    dcp.load({key: wanted}, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeLoadPlanner(), no_dist=True)
 
 
 def read_dcp_tree(dcp_dir: str | os.PathLike) -> dict:
     """Everything in a DCP checkpoint as a nested dict (model, optimizer, trainer state)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from .safe_load import SafeEmptyStateDictLoadPlanner, SafeFileSystemReader
+
     tree: dict = {}
-    _load_state_dict(tree, storage_reader=FileSystemReader(str(dcp_dir)), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(tree, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeEmptyStateDictLoadPlanner(),
                      no_dist=True)
     return tree
 
