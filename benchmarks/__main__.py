@@ -179,7 +179,8 @@ def combine(areas: dict[str, dict], *, quick: bool, command: str, started: float
             machine: dict) -> dict:
     for rec in areas.values():
         rec.setdefault("run_id", run_id)
-        rec.setdefault("git", machine.get("git"))
+        # the commit the area's own process saw (its tree may have changed since the harness started)
+        rec.setdefault("git", (rec.get("machine") or {}).get("git") or machine.get("git"))
         rec.setdefault("command", f"python -m benchmarks all --only {rec['area']}" + (" --quick" if quick else ""))
     return {
         "schema": harness.SCHEMA,
@@ -266,7 +267,9 @@ def cmd_all(args) -> int:
     (out / f"{prefix}.md").write_text(harness.markdown(latest))
     if default_out and not args.quick and not args.no_readme:
         harness.update_readme(latest)
-        print("README.md benchmark section regenerated", flush=True)
+        bad = harness.update_docs(latest)
+        print("README.md benchmark section and the figures quoted in README.md and docs/ regenerated"
+              + (f"; unresolved: {bad}" if bad else ""), flush=True)
     print(f"wrote {out / (run_id + ('-quick' if args.quick else '') + '.json')}, {latest_path}, {out / (prefix + '.md')} "
           f"in {time.time() - started:.0f}s", flush=True)
     print(harness.targets_text(latest), flush=True)
@@ -318,6 +321,9 @@ def cmd_merge(args) -> int:
     write_json(latest_path, latest)
     (RESULTS / "latest.md").write_text(harness.markdown(latest))
     harness.update_readme(latest)
+    bad = harness.update_docs(latest)
+    if bad:
+        print(f"unresolved figure references: {bad}", file=sys.stderr)
     print(harness.targets_text(latest))
     return 0
 
@@ -329,6 +335,9 @@ def cmd_readme(args) -> int:
                   "targets": harness.evaluate({})}
     (RESULTS / "latest.md").write_text(harness.markdown(latest))
     harness.update_readme(latest)
+    bad = harness.update_docs(latest)
+    if bad:
+        print(f"unresolved figure references: {bad}", file=sys.stderr)
     print(harness.targets_text(latest))
     return 0
 

@@ -104,10 +104,9 @@ class Scenario:
         if rc != 0 or not end or end[-1]["step"] != STEPS or starts[-1]["world_size"] != 1:
             logs = "\n".join(p.read_text()[-1500:] for p in sorted(self.root.glob("agent*.log")))
             raise RuntimeError(f"{self.root.name}: the survivor did not finish at world size 1 (rc {rc}):\n{logs}")
-        restarted = min(e["time"] for e in starts if e["time"] > t_kill)
-        first = min(e["time"] for e in events if e["event"] == "step" and e["time"] > restarted)
         resumed = [e for e in events if e["event"] == "restore"][-1]["step"]
-        return {"seconds": first - t_kill, "resumed_from": resumed, "world_sizes": [e["world_size"] for e in starts]}
+        return {"seconds": harness.recovery_seconds(events, t_kill), "resumed_from": resumed,
+                "world_sizes": [e["world_size"] for e in starts]}
 
 
 def run(quick: bool) -> dict:

@@ -22,11 +22,15 @@ trained on*, already in memory: forward, summed token loss / label tokens, backw
 
 The trainer drives: after warm-up, every ``chunk`` trainer steps the checkpoint seam
 (``after_step``) runs ``chunk`` bare steps over the batches of those trainer steps, so the
-schedule is A B A B ... in one process. A's sample is the mean wall time between
-consecutive ``after_step`` calls (the whole loop iteration) over the chunk, leaving out the
-first ``prefetch`` (2) steps after a B chunk (the data thread had the B chunk to fill its
-queue); B's sample is the mean bare step time over the same batches. The figure is the
-median over chunks of A/B with min-max.
+schedule is A B A B ... in one process. Cold steps are treated alike in both arms: the
+first ``PREFETCH_SKIP`` (2) steps of every chunk run but are not timed, in A (the data
+worker had the previous B chunk to fill its queue, and caches were B's) and in B (caches
+were A's); both samples are means over the *same* remaining batches of the chunk. A's
+sample is the mean wall time between consecutive ``after_step`` calls (the whole loop
+iteration); B's the mean bare step time. The figure is the median over chunks of A/B with
+its bootstrap 95% interval (``harness.bootstrap_ci``) and min-max. Rounds during which
+other processes (anything outside this process and its data worker) used more than 15%
+of the CPU are left out when enough clean ones remain.
 
 Also measured in the same run: data wait / step time (the trainer's own ``data_wait``
 accounting over the A steps) and RSS growth between the end of warm-up and 500 trainer
@@ -51,6 +55,12 @@ from . import harness
 PREFETCH_SKIP = 2
 DEMO_THREADS = 1  # `vlmpretrain demo` runs its worker with OMP_NUM_THREADS=1 (trainer/vlm_trainer/demo.py)
 MIN_CLEAN = 3  # rounds free of contention needed before contended ones are left out
+# Short chunks, many of them: A and B of a pair run within ~1 s of each other, so the drift of a
+# shared machine (seconds to minutes) cancels in the ratio; 6 steps a chunk, 4 of them timed
+# after the 2 cold ones. 80 clean pairs give a 95% interval of the median ratio of about
+# +-0.02 here (chunks of 25 and 20 pairs: about +-0.06).
+CHUNK = 6
+ROUNDS = 80  # clean pairs wanted (full run)
 
 
 # --------------------------------------------------------------------------- the demo setup (shared with data_loader)
@@ -142,21 +152,30 @@ def metric_series(reg) -> dict:
     manager's when it can be registered): the per-run Prometheus cardinality."""
     from prometheus_client import generate_latest
 
-    def count(text: str) -> tuple[int, int, int]:
+    def count(text: str) -> tuple[int, int, int, int]:
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
-        families = sum(1 for line in text.splitlines() if line.startswith("# TYPE"))
-        return families, len(lines), sum(1 for line in lines if "_created" not in line.split("{")[0].split(" ")[0])
+        types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
+        hist = {name for name, kind in types.items() if kind == "histogram"}
 
-    out = dict(zip(("trainer_families", "trainer_series", "trainer_series_without_created"),
-                   count(generate_latest(reg).decode())))
+        def family(line: str) -> str:
+            name = line.split("{")[0].split(" ")[0]
+            for suffix in ("_bucket", "_count", "_sum", "_created"):
+                if name.endswith(suffix) and name[: -len(suffix)] in hist:
+                    return name[: -len(suffix)]
+            return name
+
+        return (len(types), len(lines), sum(1 for line in lines if "_created" not in line.split("{")[0].split(" ")[0]),
+                sum(1 for line in lines if family(line) in hist))
+
+    keys = ("families", "series", "series_without_created", "histogram_series")
+    out = dict(zip(("trainer_" + k for k in keys), count(generate_latest(reg).decode())))
     try:
         from vlm_trainer.checkpoint import CheckpointMetrics
 
         CheckpointMetrics(reg)
-        out.update(zip(("families", "series", "series_without_created"), count(generate_latest(reg).decode())))
+        out.update(zip(keys, count(generate_latest(reg).decode())))
     except Exception as exc:  # the checkpoint module may be absent or refuse a second registration
-        out.update(families=out["trainer_families"], series=out["trainer_series"],
-                   series_without_created=out["trainer_series_without_created"], note=f"checkpoint metrics not counted: {exc}")
+        out.update({k: out["trainer_" + k] for k in keys}, note=f"checkpoint metrics not counted: {exc}")
     return out
 
 
@@ -167,11 +186,12 @@ class _Interleaver:
     """The checkpoint seam of the trainer, used as the A/B scheduler."""
 
     def __init__(self, trainer, model, optimizer, *, warmup: int, chunk: int, rounds: int, rss_steps: int,
-                 budget_s: float):
+                 budget_s: float, clean_wanted: int | None = None):
         self.deadline = time.monotonic() + budget_s
         self.out_of_time = False
         self.trainer, self.model, self.optimizer = trainer, model, optimizer
         self.warmup, self.chunk, self.rounds, self.rss_steps = warmup, chunk, rounds, rss_steps
+        self.clean_wanted = rounds if clean_wanted is None else clean_wanted
         self.batches: list = []  # micro-batches of the current A chunk
         self.intervals: list[float] = []  # current A chunk
         self.a: list[float] = []
@@ -229,6 +249,7 @@ class _Interleaver:
                 self._sample_rss(step)
                 self.rss_start_step = step
                 self.meter.start()
+                self.skip = PREFETCH_SKIP  # every chunk, the first one included, starts with untimed steps
             self.t_last = time.perf_counter()
             return
         if self.skip > 0:
@@ -245,17 +266,21 @@ class _Interleaver:
             self.chunk_train_step.append(sum(self.train_step_s) / max(1, len(self.train_step_s)))
             self.intervals, self.waits, self.train_step_s = [], [], []
             batches, self.batches = self.batches, []
-            t0 = time.perf_counter()
-            for micro in batches:
+            timed = []
+            for i, micro in enumerate(batches):
+                t0 = time.perf_counter()
                 bare_step(self.model, self.optimizer, micro)
-            self.b.append((time.perf_counter() - t0) / max(1, len(batches)))
+                if i >= PREFETCH_SKIP:  # the same steps A timed: its first PREFETCH_SKIP are untimed too
+                    timed.append(time.perf_counter() - t0)
+            self.b.append(sum(timed) / max(1, len(timed)))
             self.order.append(("B", rnd))
             self.foreign.append(self.meter.stop())
             self.meter.start()
             self.skip = PREFETCH_SKIP
             clean = sum(1 for f in self.foreign if f is not None and f <= harness.CONTENDED)
-            done = clean >= min(self.rounds, MIN_CLEAN) and len(self.a) >= self.rounds \
-                and step - self.warmup >= self.rss_steps
+            # go on until `rounds` pairs free of other processes' load exist (a contended
+            # machine takes longer), the RSS span is covered, or the time budget is spent
+            done = clean >= self.clean_wanted and len(self.a) >= self.rounds and step - self.warmup >= self.rss_steps
             if not done and len(self.a) >= 2 and time.monotonic() > self.deadline:
                 done = self.out_of_time = True  # a contended machine: report what was measured
             if done:
@@ -275,7 +300,7 @@ def run(quick: bool) -> dict:
     out = _measure(quick, threads=DEMO_THREADS)
     cores = os.cpu_count() or 1
     if not quick and cores > DEMO_THREADS:
-        other = _measure(quick, threads=cores, rounds=8, rss_steps=0)
+        other = _measure(quick, threads=cores, rounds=20, rss_steps=0, budget_s=90)
         for f in other["figures"]:
             if f["name"] in ("step_time_ratio", "data_wait_share"):
                 f.pop("target_id", None)
@@ -286,18 +311,20 @@ def run(quick: bool) -> dict:
     return out
 
 
-def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps: int | None = None) -> dict:
+def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps: int | None = None,
+             chunk: int | None = None, budget_s: float | None = None) -> dict:
     import torch
 
     from vlm_trainer import metrics as vmetrics
     from vlm_trainer.train import Trainer
 
     torch.set_num_threads(threads)
-    warmup, chunk = (10, 10) if quick else (30, 25)
-    rounds = rounds or (4 if quick else 20)
+    warmup = 10 if quick else 30
+    chunk = chunk or CHUNK
+    rounds = rounds or (4 if quick else ROUNDS)
     rss_steps = (40 if quick else 500) if rss_steps is None else rss_steps
-    budget_s = 60 if quick else 300
-    steps_needed = warmup + max(rounds * chunk, rss_steps) + chunk + 5
+    budget_s = budget_s or (40 if quick else 240)  # + the all-cores pass: under the 420 s area limit
+    steps_needed = warmup + 4 * max(rounds * chunk, rss_steps) + chunk + 5  # room for contended rounds
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         tmp = Path(tmp)
         os.environ.setdefault("VLM_METRICS_PORT", "0")
@@ -309,7 +336,7 @@ def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps:
         ctx = init_world_of_one()
         vmetrics.reset_registry()
         inter = _Interleaver(None, None, None, warmup=warmup, chunk=chunk, rounds=rounds, rss_steps=rss_steps,
-                             budget_s=budget_s)
+                             budget_s=budget_s, clean_wanted=min(rounds, MIN_CLEAN) if quick else rounds)
         trainer = Trainer(cfg, ctx=ctx, checkpointer=inter)
         model, optimizer, _ = bare_copy(trainer)
         inter.trainer, inter.model, inter.optimizer = trainer, model, optimizer
@@ -330,7 +357,6 @@ def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps:
     a = [inter.a[i] for i in used]
     b = [inter.b[i] for i in used]
     r = harness.ratios(a, b)
-    ratio = harness.Summary.of(r)
     cw = [inter.chunk_waits[i] for i in used]
     shares = [w / t for w, t, _ in cw if t > 0]
     total_wait = sum(w for w, _, _ in cw)
@@ -346,30 +372,33 @@ def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps:
     seqs = trainer.global_batch
     seq_len = trainer.spec.data.seq_length
     tokens_per_step = seqs * seq_len
-    a_med, b_med = harness.median(a), harness.median(b)
+    a_med = harness.median(a)
     ts_med = harness.median([inter.chunk_train_step[i] for i in used])
     clean_note = (f"{len(used)} of {len(inter.a)} rounds (those where other processes used <= "
                   f"{100 * harness.CONTENDED:.0f}% of the CPU)" if not contended else
                   f"all {len(inter.a)} rounds: too few were free of other processes' load")
     figures = [
-        harness.Figure("step_time_ratio", ratio.median, "ratio", ratio.min, ratio.max, ratio.n,
-                       baseline="bare fwd/bwd/AdamW loop, same model copy and batches, same process, A B A B",
-                       description="trainer step time / bare loop step time", target_id="trainer.step_overhead",
-                       extra={"chunk_steps": chunk, "warmup_steps": warmup, "rounds": clean_note}),
-        harness.Figure("data_wait_share", total_wait / total_time if total_time else math.nan, "share",
-                       min(shares) if shares else None, max(shares) if shares else None, n_steps,
-                       baseline="trainer's own data-wait accounting over the measured steps",
-                       description="data wait / step time (min-max over chunks)", target_id="trainer.data_wait_share"),
+        harness.Figure.from_samples(
+            "step_time_ratio", r, unit="ratio",
+            baseline="bare fwd/bwd/AdamW loop, same model copy and batches, same process, A B A B",
+            description="trainer step time / bare loop step time", target_id="trainer.step_overhead",
+            extra={"chunk_steps": chunk, "timed_steps_per_chunk": chunk - PREFETCH_SKIP, "warmup_steps": warmup,
+                   "rounds": clean_note}),
+        harness.Figure.from_samples(
+            "data_wait_share", shares, unit="share",
+            baseline=f"trainer's own data-wait accounting over the measured steps ({n_steps} steps)",
+            description="data wait / step time (median over chunks)", target_id="trainer.data_wait_share",
+            extra={"all_chunks_pooled": total_wait / total_time if total_time else math.nan, "steps": n_steps}),
         harness.Figure(rss_name, growth, "share", n=rss_span,
                        baseline=f"RSS at step {rss0_step} (after warm-up) vs. step {rss_end[0]}",
                        description=f"RSS growth over {rss_end[0] - rss0_step} trainer steps",
                        target_id="trainer.rss_growth" if rss_span >= 500 else None,
                        extra={"rss_start_mib": rss0 / 2**20, "rss_end_mib": rss_end[1] / 2**20,
                               "steps": rss_end[0] - rss0_step}),
-        harness.Figure("trainer_step_ms", 1000 * a_med, "ms", 1000 * min(a), 1000 * max(a), len(a),
-                       description="trainer loop iteration (median of chunk means)"),
-        harness.Figure("bare_step_ms", 1000 * b_med, "ms", 1000 * min(b), 1000 * max(b), len(b),
-                       description="bare fwd/bwd/AdamW step (median of chunk means)"),
+        harness.Figure.from_samples("trainer_step_ms", [1000 * x for x in a], unit="ms",
+                                    description="trainer loop iteration (median of chunk means)"),
+        harness.Figure.from_samples("bare_step_ms", [1000 * x for x in b], unit="ms",
+                                    description="bare fwd/bwd/AdamW step (median of chunk means)"),
         harness.Figure("train_step_call_ms", 1000 * ts_med, "ms", n=len(used),
                        description="Trainer.train_step alone (no data, no metrics): the compute part of A"),
         harness.Figure("prometheus_series_per_run", float(series["series"]), "series", baseline="rank-0 /metrics after the run",

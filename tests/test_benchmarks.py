@@ -82,25 +82,133 @@ def test_paired_times_callables_that_return_none():
     assert p.ratio.median == 1.0
 
 
-def test_met_and_evaluate_rows():
-    assert harness.met("<=", 1.0, 1.05) is True
-    assert harness.met(">=", 2.9, 3.0) is False
-    assert harness.met("<=", None, 1.0) is None
+def test_bootstrap_ci_of_the_median_is_deterministic_and_sane():
+    import random
+
+    rng = random.Random(1)
+    values = [1.0 + rng.gauss(0, 0.1) for _ in range(40)]
+    lo, hi = harness.bootstrap_ci(values)
+    assert harness.bootstrap_ci(values) == (lo, hi)  # seeded: same samples, same interval
+    assert lo < harness.median(values) < hi
+    assert 0.02 < hi - lo < 0.15  # ~ +-1.6 sigma/sqrt(n) for a median
+    assert harness.bootstrap_ci([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    assert harness.bootstrap_ci([2.0, 1.0, 3.0]) == (1.0, 3.0)  # n = 3: the interval is min - max
+    assert harness.bootstrap_ci([1.0]) is None and harness.bootstrap_ci([]) is None
+    wide = harness.bootstrap_ci([0.5, 1.5] * 10)
+    assert wide[1] - wide[0] > hi - lo
+
+
+def test_verdict_met_not_met_inconclusive():
+    assert harness.verdict("<=", 1.05, 1.0, (0.95, 1.04)) == "met"
+    assert harness.verdict("<=", 1.05, 1.1, (1.06, 1.2)) == "not met"
+    assert harness.verdict("<=", 1.05, 1.04, (0.95, 1.08)) == "inconclusive"  # the interval straddles the target
+    assert harness.verdict(">=", 3.0, 4.7, (4.4, 5.0)) == "met"
+    assert harness.verdict(">=", 3.0, 3.1, (2.9, 3.3)) == "inconclusive"
+    assert harness.verdict(">=", 3.0, 2.0, (1.5, 2.5)) == "not met"
+    assert harness.verdict("<=", 200, 168.0, None) == "met"  # one measurement: the value decides
+    assert harness.verdict("<=", 1.0, None, None) is None
+    with pytest.raises(ValueError):
+        harness.verdict("<", 1.0, 1.0, None)
+
+
+def test_synthetic_samples_straddling_the_target_are_inconclusive():
+    """The issue's example: pair ratios 0.82-1.37 with a median near 1.04 cannot say <= 1.05."""
+    ratios = [0.854, 0.986, 1.005, 1.048, 0.864, 1.142, 1.044, 0.991, 1.204, 1.04, 1.108, 1.036, 1.367, 0.897,
+              0.843, 1.266, 0.824, 0.918, 1.057, 1.13]
+    f = harness.Figure.from_samples("step_time_ratio", ratios, unit="ratio").as_dict()
+    assert f["ci95"][0] < 1.05 < f["ci95"][1] and f["ci_method"].startswith("percentile bootstrap")
+    rows = {r["target_id"]: r for r in harness.evaluate({"trainer_overhead": {"status": "ok", "figures": [f]}})}
+    assert rows["trainer.step_overhead"]["verdict"] == "inconclusive"
+    tight = harness.Figure.from_samples("step_time_ratio", [1.0 + 0.001 * i for i in range(20)]).as_dict()
+    rows = {r["target_id"]: r for r in harness.evaluate({"trainer_overhead": {"status": "ok", "figures": [tight]}})}
+    assert rows["trainer.step_overhead"]["verdict"] == "met"
+
+
+def test_evaluate_rows_carry_interval_verdict_and_provenance():
+    git = {"commit": "abc1234def", "short": "abc1234def", "dirty": True, "dirty_paths": ["x.py"]}
     areas = {
-        "trainer_overhead": {"status": "ok", "figures": [
-            {"name": "step_time_ratio", "value": 1.2, "min": 1.1, "max": 1.3, "unit": "ratio"},
+        "trainer_overhead": {"status": "ok", "run_id": "20260101T000000Z", "git": git, "figures": [
+            harness.Figure.from_samples("step_time_ratio", [1.1, 1.2, 1.3], unit="ratio").as_dict(),
             {"name": "data_wait_share", "value": 0.01, "unit": "share"},
             {"name": "custom", "value": 5.0, "target": {"op": ">=", "value": 4, "issue": 99}}]},
         "checkpoint": {"status": "error", "error": "boom", "figures": []},
     }
     rows = {r["target_id"]: r for r in harness.evaluate(areas)}
-    assert rows["trainer.step_overhead"]["met"] is False and rows["trainer.step_overhead"]["value"] == 1.2
-    assert rows["trainer.data_wait_share"]["met"] is True
-    assert rows["checkpoint.async_blocking"]["met"] is None and rows["checkpoint.async_blocking"]["status"] == "error"
-    assert rows["trainer_overhead.custom"]["met"] is True
+    r = rows["trainer.step_overhead"]
+    assert r["verdict"] == "not met" and r["value"] == 1.2 and r["ci95"] == [1.1, 1.3]
+    assert (r["run_id"], r["commit"], r["dirty"]) == ("20260101T000000Z", "abc1234def", True)
+    assert rows["trainer.data_wait_share"]["verdict"] == "met"
+    assert rows["trainer.data_wait_share"]["verdict_basis"] == "single measurement (no interval)"
+    assert rows["checkpoint.async_blocking"]["verdict"] is None and rows["checkpoint.async_blocking"]["status"] == "error"
+    assert rows["trainer_overhead.custom"]["verdict"] == "met"
     assert {t.id for t in harness.TARGETS} <= set(rows)
-    assert "not met" in harness.status_word(rows["trainer.step_overhead"])
+    assert "not met" in harness.status_word(r)
     assert harness.status_word(rows["gpu.vlm_mfu"]).startswith("not measured yet")
+    assert harness.status_word(rows["api.validation_worst_case"]) == "pending: needs #21"
+    assert harness.status_word(rows["data.padding_share"]) == "pending: needs #18"
+    # a pending target is picked up from whichever area measures it first
+    areas["api_validation"] = {"status": "ok", "figures": [
+        harness.Figure.from_samples("validation_worst_case_ms", [10.0, 12.0, 11.0], unit="ms").as_dict()]}
+    row = {r["target_id"]: r for r in harness.evaluate(areas)}["api.validation_worst_case"]
+    assert row["verdict"] == "met" and row["area"] == "api_validation"
+
+
+def test_targets_as_restated():
+    t = {x.id: x for x in harness.TARGETS}
+    assert (t["operator.cpu_vs_same_writes"].op, t["operator.cpu_vs_same_writes"].value) == ("<=", 1.5)
+    assert t["operator.cpu_vs_same_writes"].keys == ("cpu_vs_same_writes_ratio",)
+    assert not any("per_run_cost_ratio" in x.keys or "time_to_all_children_ratio" in x.keys for x in t.values())
+    assert t["checkpoint.async_blocking"].value == 0.02
+    assert t["api.validation_worst_case"].value == 50 and t["api.validation_worst_case"].pending == "needs #21"
+    assert (t["data.tokens_trained_vs_stated"].op, t["data.tokens_trained_vs_stated"].value) == (">=", 0.99)
+    assert t["data.padding_share"].value == 0.03 and t["data.padding_share"].pending == "needs #18"
+
+
+def test_recovery_ignores_a_step_logged_before_the_restart():
+    """A step the old group finished just after the kill must not end the measurement: the
+    figure needs a new `start` event first."""
+    kill = 100.0
+    events = [
+        {"event": "start", "time": 90.0, "world_size": 2},
+        {"event": "step", "step": 6, "time": 99.5},
+        {"event": "step", "step": 7, "time": 100.05},  # the old group, finishing a step after the kill
+        {"event": "start", "time": 104.0, "world_size": 2},
+        {"event": "restore", "step": 6, "time": 105.0},
+        {"event": "step", "step": 7, "time": 106.5},
+    ]
+    assert harness.recovery_seconds(events, kill) == pytest.approx(6.5)
+    with pytest.raises(ValueError, match="did not restart"):
+        harness.recovery_seconds(events[:3], kill)
+    with pytest.raises(ValueError, match="no step after"):
+        harness.recovery_seconds(events[:5], kill)
+
+
+def test_foreign_cpu_counts_live_descendants_as_ours(monkeypatch):
+    """A busy live child (a data worker, a moto server) is this process's own load, not
+    other processes': on a machine where nothing else runs, the foreign share is ~0 while
+    the child has burnt a second of CPU and is still alive (not reaped: os.times() would
+    not see it)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    clock = {"total": 0}
+
+    def machine_where_only_we_run():
+        clock["total"] += 10 * hz  # each reading: 10 s of machine time later
+        return int(harness.tree_cpu_seconds() * hz), clock["total"]
+
+    monkeypatch.setattr(harness, "_cpu_jiffies", machine_where_only_we_run)
+    code = ("import time, sys\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+            "print(1, flush=True)\ntime.sleep(60)")
+    meter = harness.ForeignCpu().start()
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()
+        assert child.pid in harness._process_tree(os.getpid())
+        foreign = meter.stop()
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert foreign is not None and foreign < 0.02  # the child's ~1 s would read as 0.1 if it were foreign
 
 
 def test_normalize_area_accepts_flat_results():
@@ -215,8 +323,13 @@ def test_quick_run_writes_valid_results(tmp_path):
     ids = {r["target_id"] for r in latest["targets"]}
     assert {t.id for t in harness.TARGETS} <= ids
     by_id = {r["target_id"]: r for r in latest["targets"]}
-    assert isinstance(by_id["trainer.step_overhead"]["value"], float)
-    assert by_id["trainer.step_overhead"]["met"] in (True, False)
+    row = by_id["trainer.step_overhead"]
+    assert isinstance(row["value"], float)
+    assert row["verdict"] in harness.VERDICTS and len(row["ci95"]) == 2
+    assert harness.verdict(row["op"], row["target"], row["value"], row["ci95"]) == row["verdict"]
+    for name in ("trainer_overhead", "data_loader"):
+        git = latest["areas"][name]["git"]
+        assert git["commit"] and isinstance(git["dirty"], bool) and latest["areas"][name]["run_id"] == latest["run_id"]
     md = (tmp_path / "latest.md").read_text()
     assert "### Targets" in md and "step_time_ratio" in md
     assert (REPO / "README.md").read_text() == readme_before  # --out elsewhere never touches README
@@ -286,3 +399,4 @@ def test_process_tree_cpu_includes_descendants_in_other_sessions():
         proc.stdin.write("\n")
         proc.stdin.flush()
         proc.wait(timeout=30)
+
