@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = "vlm-bench/1"
+SCHEMA = "vlm-bench/2"  # 2: ci95, verdicts, per-area git, own-tree contention (a /1 latest.json is not merged)
 
 
 # --------------------------------------------------------------------------- statistics
