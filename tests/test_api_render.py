@@ -342,6 +342,8 @@ def test_networkpolicy_defaults_and_without_monitoring_namespaces():
         sorted(render.DEFAULT_METRICS_NAMESPACES)
     closed = render.build_networkpolicy({"name": "demo"}, ())
     assert len(closed["spec"]["ingress"]) == 1 and core_errors(closed) == []
+    deduped = render.build_networkpolicy({"name": "demo"}, ("", "prom", "prom"))["spec"]["ingress"][1]
+    assert deduped["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["prom"]
     assert render.build_children({"name": "demo"}, spec, "pretrain")[0] == default
 
 

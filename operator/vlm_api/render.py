@@ -412,7 +412,7 @@ def build_networkpolicy(run: dict, metrics_namespaces: tuple[str, ...] | list[st
       (Calico, Cilium, the kubelet's own) never subject to NetworkPolicy.
 
     Egress stays open (S3, DNS)."""
-    namespaces = sorted(set(DEFAULT_METRICS_NAMESPACES if metrics_namespaces is None else metrics_namespaces))
+    namespaces = sorted({n for n in (DEFAULT_METRICS_NAMESPACES if metrics_namespaces is None else metrics_namespaces) if n})
     ingress: list[dict] = [{"from": [{"podSelector": {"matchLabels": pod_selector(run)}}], "ports": [{"protocol": "TCP"}]}]
     if namespaces:
         ingress.append({
