@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,31 @@ def test_brace_expansion_keeps_padding_and_multiplies():
     assert expand_braces("s3://b/{000..002}.tar") == ["s3://b/000.tar", "s3://b/001.tar", "s3://b/002.tar"]
     assert expand_braces("a{0..1}-{8..9}") == ["a0-8", "a0-9", "a1-8", "a1-9"]
     assert len(expand_braces("s3://data/dcdr/{00000..09999}.tar")) == 10000
+
+
+def test_brace_ranges_are_counted_not_expanded():
+    """Validation counts shards arithmetically: a million-shard range costs microseconds,
+    and an oversized one is refused before a single string is built."""
+    from vlm_api import quantities
+
+    t0 = time.perf_counter()
+    assert quantities.count_shards("s3://b/{000000..999999}.tar") == 1_000_000
+    assert quantities.count_shards("s3://b/{000..999}/{000..999}.tar") == 1_000_000
+    with pytest.raises(ValueError, match="at most 1000000"):
+        quantities.count_shards("s3://b/{0..999999999999999999}.tar")
+    with pytest.raises(ValueError, match="at most 1000000"):
+        quantities.expand_braces("s3://b/{0..99999}/{0..99}.tar")
+    with pytest.raises(ValueError, match="at most 8"):
+        quantities.count_shards("s3://b/" + "{0..1}" * 9)
+    with pytest.raises(ValueError, match="18 digits"):
+        quantities.count_shards("s3://b/{0..9999999999999999999}.tar")
+    assert time.perf_counter() - t0 < 0.05
+    assert expand_braces("a{0..1}-{08..10}") == ["a0-08", "a0-09", "a0-10", "a1-08", "a1-09", "a1-10"]
+    spec = copy.deepcopy(RUN["spec"])
+    spec["data"]["sources"][0]["uri"] = "s3://data/dclm/{000000..999999}.tar"
+    t0 = time.perf_counter()
+    assert validate.validate_spec(spec) == []
+    assert time.perf_counter() - t0 < 2.0  # was ~0.8 s per such URI, expanded
 
 
 def test_visual_region_rule_is_the_documented_one():

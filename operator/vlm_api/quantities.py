@@ -7,6 +7,7 @@ shared by validation, the renderer and the trainer so every layer agrees on the 
 
 from __future__ import annotations
 
+import itertools
 import re
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
@@ -56,23 +57,54 @@ def parse_interval(value: int | str) -> tuple[str, float]:
     return "seconds", seconds
 
 
-def expand_braces(uri: str, limit: int = 1_000_000) -> list[str]:
-    """Expand `{000..099}` ranges (zero padding kept, several ranges multiply out)."""
-    match = _BRACE.search(uri)
-    if match is None:
-        if "{" in uri or "}" in uri:
-            raise ValueError(f"unbalanced or malformed brace range in {uri!r}; use {{000..099}}")
+MAX_SHARDS = 1_000_000  # shards one URI may name (all its brace ranges multiplied out)
+MAX_BRACE_RANGES = 8  # brace ranges in one URI
+
+
+def brace_ranges(uri: str) -> list[tuple[int, int, int]]:
+    """The `{lo..hi}` ranges of a shard URI as (lo, hi, zero-padding width), checked
+    (balanced, lo <= hi, at most MAX_BRACE_RANGES) but never expanded. Errors name the
+    offending range, never the whole URI (it may carry more than the user meant to show)."""
+    ranges = []
+    for match in _BRACE.finditer(uri):
+        lo_text, hi_text = match.group(1), match.group(2)
+        if len(lo_text) > 18 or len(hi_text) > 18:
+            raise ValueError("brace range bounds must have at most 18 digits")
+        lo, hi = int(lo_text), int(hi_text)
+        if lo > hi:
+            raise ValueError(f"brace range {{{lo_text}..{hi_text}}} is empty: start > end")
+        width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
+        ranges.append((lo, hi, width))
+    rest = _BRACE.sub("", uri)
+    if "{" in rest or "}" in rest:
+        raise ValueError("unbalanced or malformed brace range; use {000..099}")
+    if len(ranges) > MAX_BRACE_RANGES:
+        raise ValueError(f"{len(ranges)} brace ranges; at most {MAX_BRACE_RANGES} per URI")
+    return ranges
+
+
+def count_shards(uri: str, limit: int = MAX_SHARDS) -> int:
+    """How many shards a URI names: the product of its brace ranges' sizes, computed
+    arithmetically (validation never expands a range). Raises ValueError past `limit`."""
+    total = 1
+    for lo, hi, _ in brace_ranges(uri):
+        total *= hi - lo + 1
+    if total > limit:
+        raise ValueError(f"brace ranges name {total} shards; at most {limit} per URI")
+    return total
+
+
+def expand_braces(uri: str, limit: int = MAX_SHARDS) -> list[str]:
+    """Expand `{000..099}` ranges (zero padding kept, several ranges multiply out). The
+    count is checked first (`count_shards`), so an oversized URI fails before any string
+    is built; readers that need the shard list call this, validation never does."""
+    count_shards(uri, limit)
+    ranges = brace_ranges(uri)
+    if not ranges:
         return [uri]
-    lo_text, hi_text = match.group(1), match.group(2)
-    lo, hi = int(lo_text), int(hi_text)
-    if lo > hi:
-        raise ValueError(f"brace range {match.group(0)} is empty: start > end")
-    if hi - lo + 1 > limit:
-        raise ValueError(f"brace range {match.group(0)} expands to more than {limit} shards")
-    width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
-    out: list[str] = []
-    for i in range(lo, hi + 1):
-        out.extend(expand_braces(uri[: match.start()] + str(i).zfill(width) + uri[match.end():], limit))
-        if len(out) > limit:
-            raise ValueError(f"{uri!r} expands to more than {limit} shards")
+    parts = _BRACE.split(uri)[::3]  # the literal text around the ranges
+    choices = [[str(i).zfill(width) for i in range(lo, hi + 1)] for lo, hi, width in ranges]
+    out = []
+    for combo in itertools.product(*choices):
+        out.append("".join(p + c for p, c in zip(parts, combo)) + parts[-1])
     return out

@@ -20,7 +20,7 @@ from pydantic.alias_generators import to_camel
 from .quantities import (
     DURATION_PATTERN,
     QUANTITY_PATTERN,
-    expand_braces,
+    count_shards,
     parse_interval,
     parse_quantity,
 )
@@ -173,7 +173,7 @@ class DataSource(Model):
     @classmethod
     def _braces(cls, value: str | None) -> str | None:
         if value is not None:
-            expand_braces(value)
+            count_shards(value)  # counted, never expanded: validation stays cheap whatever the range
         return value
 
 
