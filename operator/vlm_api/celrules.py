@@ -31,27 +31,40 @@ def _program(rule: str):
     return _ENV.program(_ENV.compile(rule), functions=_FUNCTIONS)
 
 
-def to_cel(node: dict, value: Any) -> Any:
-    """A JSON value as a CEL value, typed by its schema node."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def to_cel(node: dict, value: Any, memo: dict | None = None) -> Any:
+    """A JSON value as a CEL value, typed by its schema node. `memo` (one per evaluation)
+    converts each (schema node, mapping or list) once, however many rules see it. An
+    integer beyond int64 becomes a double, as the API server's JSON decoder makes it."""
     if isinstance(value, bool):
         return celtypes.BoolType(value)
-    if isinstance(value, dict):
-        props = node.get("properties", {})
-        extra = node.get("additionalProperties") or {}
-        return celtypes.MapType(
-            {celtypes.StringType(k): to_cel(props.get(k, extra if isinstance(extra, dict) else {}), v) for k, v in value.items()}
-        )
-    if isinstance(value, list):
-        return celtypes.ListType([to_cel(node.get("items", {}), v) for v in value])
+    if isinstance(value, (dict, list)):
+        key = (id(node), id(value))
+        if memo is not None and key in memo:
+            return memo[key]
+        if isinstance(value, dict):
+            props = node.get("properties", {})
+            extra = node.get("additionalProperties") or {}
+            out = celtypes.MapType({
+                celtypes.StringType(k): to_cel(props.get(k, extra if isinstance(extra, dict) else {}), v, memo)
+                for k, v in value.items()
+            })
+        else:
+            out = celtypes.ListType([to_cel(node.get("items", {}), v, memo) for v in value])
+        if memo is not None:
+            memo[key] = out
+        return out
     if isinstance(value, str):
         return celtypes.StringType(value)
     if isinstance(value, (int, float)):
-        if node.get("type") == "number" or isinstance(value, float):
+        if node.get("type") == "number" or isinstance(value, float) or not _INT64[0] <= value <= _INT64[1]:
             return celtypes.DoubleType(float(value))
         return celtypes.IntType(value)
     if value is None:
         return None
-    raise TypeError(f"unsupported value {value!r}")
+    raise TypeError(f"unsupported value of type {type(value).__name__}")
 
 
 def _walk(node: dict, value: Any, old: Any, path: list) -> Iterator[tuple[list, dict, Any, Any]]:
@@ -73,20 +86,23 @@ def _walk(node: dict, value: Any, old: Any, path: list) -> Iterator[tuple[list, 
             yield from _walk(node["items"], item, None, [*path, i])
 
 
-def evaluate(schema: dict, value: Any, old: Any = None) -> list[tuple[list, str]]:
-    """[(path, message)] for every rule that fails (or cannot be evaluated)."""
+def evaluate(schema: dict, value: Any, old: Any = None, *, deep: bool = True) -> list[tuple[list, str]]:
+    """[(path, message)] for every rule that fails (or cannot be evaluated). `deep=False`:
+    only the rules of `schema`'s own node (e.g. the root's rule on metadata.name)."""
     failures = []
-    for path, node, val, old_val in _walk(schema, value, old, []):
+    memo: dict = {}
+    walk = _walk(schema, value, old, []) if deep else iter([([], schema, value, old)])
+    for path, node, val, old_val in walk:
         for rule in node.get("x-kubernetes-validations", []):
             text = rule["rule"]
-            if "oldSelf" in text:
-                if old_val is None:
-                    continue
-                activation = {"self": to_cel(node, val), "oldSelf": to_cel(node, old_val)}
-            else:
-                activation = {"self": to_cel(node, val)}
             field = [p for p in rule.get("fieldPath", "").split(".") if p]
             try:
+                if "oldSelf" in text:
+                    if old_val is None:
+                        continue
+                    activation = {"self": to_cel(node, val, memo), "oldSelf": to_cel(node, old_val)}
+                else:
+                    activation = {"self": to_cel(node, val, memo)}
                 result = _program(text).evaluate(activation)
             except Exception as exc:  # noqa: BLE001 - a rule that errors rejects, as in the API server
                 failures.append(([*path, *field], f"{rule['message']} ({type(exc).__name__})"))

@@ -32,20 +32,31 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 
 def _read(path: str) -> str:
-    return sys.stdin.read() if path == "-" else Path(path).read_text()
+    """A manifest's text, bounded (vlm_api.limits.read_manifest): ValueError or OSError
+    with a short reason otherwise."""
+    from .limits import read_manifest
+
+    return read_manifest(path)
+
+
+def _file_error(path: str, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{path}: <file>: {reason}"
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import validate_text
+    from .validate import Problem, validate_text
 
     bad = 0
     for path in args.files:
         try:
             problems = validate_text(_read(path))
-        except OSError as exc:
-            print(f"{path}: <file>: {exc.strerror or exc}")
+        except (OSError, ValueError) as exc:
+            print(_file_error(path, exc))
             bad += 1
             continue
+        except Exception as exc:  # noqa: BLE001 - one line per file, never a traceback
+            problems = [Problem("<file>", f"could not be checked ({type(exc).__name__}); please report this")]
         for p in problems:
             print(f"{path}: {p}")
         if problems:
@@ -59,9 +70,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
     from .render import render_manifest
-    from .validate import load_documents, validate_text
+    from .validate import clean, load_documents, validate_text
 
-    text = _read(args.file)
+    try:
+        text = _read(args.file)
+    except (OSError, ValueError) as exc:
+        print(_file_error(args.file, exc), file=sys.stderr)
+        return 1
     problems = validate_text(text)
     if problems:
         for p in problems:
@@ -69,8 +84,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
         return 1
     try:
         objs = [o for doc in load_documents(text) for o in render_manifest(doc, args.stage, args.init_from, args.attempt)]
-    except ValueError as exc:
-        print(f"{args.file}: {exc}", file=sys.stderr)
+    except (ValueError, KeyError) as exc:
+        print(f"{args.file}: {clean(exc.args[0] if exc.args else exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        print(f"{args.file}: could not be rendered ({type(exc).__name__}); please report this", file=sys.stderr)
         return 1
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
     return 0

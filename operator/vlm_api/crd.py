@@ -23,7 +23,11 @@ _KEEP = {
     "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
     "minProperties", "maxProperties", "additionalProperties", "format",
     "x-kubernetes-validations", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 }
+# Constraints an int-or-string field keeps from its integer and its string branch.
+_INT_KEYS = ("minimum", "maximum")
+_STR_KEYS = ("maxLength", "minLength", "pattern")
 
 
 def _resolve(node: Any, defs: dict) -> Any:
@@ -55,10 +59,33 @@ def _merge_union(node: dict) -> dict:
     types = {o.get("type") for o in options}
     if types == {"integer", "string"}:
         outer["x-kubernetes-int-or-string"] = True
+        for option in options:
+            keys = _INT_KEYS if option["type"] == "integer" else _STR_KEYS
+            outer.update({k: option[k] for k in keys if k in option})
         return outer
     # A string-or-object union (trainable.llm): CEL on the field does the checking.
     outer["x-kubernetes-preserve-unknown-fields"] = True
     return outer
+
+
+def _key_rule(node: dict) -> None:
+    """A mapping with constrained keys (pydantic's patternProperties + propertyNames): the
+    CRD has neither, so the value schema becomes additionalProperties and the key
+    constraints a CEL rule on the map."""
+    patterns = node.pop("patternProperties", None)
+    names = node.pop("propertyNames", None) or {}
+    checks = [f"size(k) <= {names['maxLength']}"] if "maxLength" in names else []
+    if patterns:
+        (pattern, value), = patterns.items()
+        node["additionalProperties"] = value
+        checks.append(f"k.matches('{pattern}')")
+        what = s.PATTERN_HELP.get(pattern, f"match {pattern}")
+        message = f"every key must be {what}" + (f" (at most {names['maxLength']} characters)" if "maxLength" in names else "")
+    elif checks:
+        message = f"every key must be at most {names['maxLength']} characters"
+    if checks:
+        rule = {"rule": f"self.all(k, {' && '.join(checks)})", "message": message}
+        node["x-kubernetes-validations"] = [rule, *node.get("x-kubernetes-validations", [])]
 
 
 def _structural(node: Any) -> Any:
@@ -69,6 +96,8 @@ def _structural(node: Any) -> Any:
     node = dict(node)
     if "anyOf" in node:
         node = _merge_union(node)
+    if "patternProperties" in node or "propertyNames" in node:
+        _key_rule(node)
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if "exclusiveMinimum" in node:
@@ -146,10 +175,14 @@ def build_crd() -> dict:
                 "type": "object",
                 "description": "A vision-language model pretraining run: a staged recipe the operator runs as elastic PyTorchJobs.",
                 "required": ["spec"],
+                # Every child's name starts with the run's (schema.RUN_NAME_PATTERN says why).
+                "x-kubernetes-validations": [{"rule": s.RUN_NAME_RULE, "message": s.RUN_NAME_MESSAGE}],
                 "properties": {
                     "apiVersion": {"type": "string", "description": "API version: pretrain.vlm.dev/v1alpha1."},
                     "kind": {"type": "string", "description": "VLMPretrainRun."},
-                    "metadata": {"type": "object"},
+                    # The only restriction a CRD may place on metadata: here the length every
+                    # object name has anyway, so the CEL rule's cost estimate is bounded.
+                    "metadata": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 253}}},
                     "spec": spec,
                     "status": status,
                 },

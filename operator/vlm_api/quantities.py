@@ -33,6 +33,19 @@ def parse_quantity(value: int | float | str) -> int:
     return int(round(float(number) * _SUFFIX[suffix]))
 
 
+_K8S_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+K8S_QUANTITY = re.compile(r"^([0-9]+(?:[.][0-9]+)?|[.][0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def k8s_quantity(value: str) -> float:
+    """A Kubernetes resource quantity in base units: '500m' -> 0.5, '512Gi' -> 549755813888."""
+    match = K8S_QUANTITY.match(str(value))
+    if match is None:
+        raise ValueError("not a Kubernetes quantity such as '32', '500m' or '512Gi'")
+    return float(match.group(1)) * _K8S_SUFFIX[match.group(2) or ""]
+
+
 def parse_duration(value: str) -> float:
     """`1h30m` -> 5400.0 seconds."""
     text = str(value).strip()

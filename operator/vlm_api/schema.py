@@ -12,15 +12,19 @@ the operator and the trainer, which cannot assume the CRD is installed).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Union
+import re
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from . import limits
 from .quantities import (
     DURATION_PATTERN,
+    MAX_SHARDS,
     QUANTITY_PATTERN,
     count_shards,
+    k8s_quantity,
     parse_interval,
     parse_quantity,
 )
@@ -34,19 +38,102 @@ SINGULAR = "vlmpretrainrun"
 SHORT_NAMES = ["vlmrun", "vpr"]
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-URI_PATTERN = r"^(s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/.*)?|file://.+|/.+|\./.+|[^:{}]+)$"
+# The run's own name (metadata.name) starts every child's name: PyTorchJob `<run>-<stage>`
+# (`-r<N>` for retries), cut to 50 characters with a hash (render._fit); the Kubeflow
+# controller's Services and pods `<job>-worker-<i>` (<= 62), the store `<job>-rdzv` (<= 55),
+# the ConfigMap `<job>-config` (<= 57), the PodMonitor `<run>`, and the run label's value
+# (<= 63). Services need DNS-1035 labels (a letter first, no dots). At most 40 characters
+# keeps the whole run name readable in every child (render._fit keeps the first 43).
+RUN_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_RUN_NAME = 40
+RUN_NAME_RULE = (
+    f"size(self.metadata.name) <= {MAX_RUN_NAME} && self.metadata.name.matches('{RUN_NAME_PATTERN}')"
+)
+RUN_NAME_MESSAGE = (
+    f"metadata.name must be a DNS label (RFC 1035: lowercase letters, digits and '-', starting with a letter) "
+    f"of at most {MAX_RUN_NAME} characters: child objects are named <name>-<stage>[-r<N>]-..."
+)
+# A stage name must not look like a retry (`<stage>-r<N>`: the N-th retry of stage `sft` is
+# the PyTorchJob `<run>-sft-r1`, which a stage `sft-r1` would also be named) or like the
+# checkpoint directory of a pruned stage (`<stage>-pruned`, vlm_trainer.prune).
+RESERVED_STAGE_SUFFIX = r"-(r[0-9]+|pruned)$"
+# Label keys (nodeSelector, tolerations): an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters; label values: at most 63 characters.
+DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+QUALIFIED_NAME_PATTERN = rf"^({DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+OPTIONAL_QUALIFIED_NAME_PATTERN = f"^$|{QUALIFIED_NAME_PATTERN}"
+OPTIONAL_DNS_SUBDOMAIN_PATTERN = f"^$|^{DNS_SUBDOMAIN}$"
+# An extended resource: a domain-prefixed name (nvidia.com/gpu, amd.com/gpu), never a
+# native resource (cpu, memory, ephemeral-storage, hugepages-*, *.kubernetes.io/*).
+EXTENDED_RESOURCE_PATTERN = rf"^{DNS_SUBDOMAIN}/[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+KUBERNETES_DOMAIN = r"^([^/]*[.])?kubernetes[.]io/"
+# A Kubernetes quantity as a string: a plain decimal and an optional SI or binary suffix.
+K8S_QUANTITY_PATTERN = r"^([0-9]+([.][0-9]+)?|[.][0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+# A container image reference: [registry[:port]/]path[:tag][@digest], no whitespace.
+IMAGE_PATTERN = (
+    r"^([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?/)?"
+    r"[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(@[a-z0-9]+([+._-][a-z0-9]+)*:[a-fA-F0-9]{32,128})?$"
+)
+# Data, model and checkpoint locations: s3://bucket/key, file:///abs, file://./rel, /abs,
+# ./rel or a relative path. No userinfo (user:secret@), no query or fragment (a presigned
+# URL's X-Amz-Signature=...), no whitespace or control characters.
+URI_PATTERN = (
+    r"^(s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^?#\s]*)?|file://[.]{0,2}/[^?#\s]*|[.]{0,2}/[^?#\s]*"
+    r"|[^:{}?#\s/.][^:{}?#\s]*)$"
+)
+# An S3-compatible endpoint: http(s)://host[:port][/path], no userinfo, query or fragment.
+ENDPOINT_PATTERN = (
+    r"^(https?://([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*"
+    r"|\[[0-9a-fA-F:.]{2,45}\])(:[0-9]{1,5})?(/[-a-zA-Z0-9._~%/]*)?)?$"
+)
+# Ports of a worker pod other than metrics.port: the c10d rendezvous (launch.DEFAULT_RDZV_PORT),
+# and the external store's health port (render.STORE_HEALTH_PORT), kept apart so one
+# NetworkPolicy rule per port means one thing.
+RDZV_PORT = 29400
+STORE_HEALTH_PORT = 8081
+RESERVED_PORTS = (RDZV_PORT, STORE_HEALTH_PORT)
+MAX_TOKENS = 10**15  # 1000T: far beyond any run, far below int64
+MAX_STEPS = 10**12
+MIN_MEMORY = 64 * 2**20  # bytes: less is a missing unit ('8' is 8 bytes), not a trainer
+# What a pattern means, for error messages (a pattern failure never echoes the value).
+PATTERN_HELP = {
+    NAME_PATTERN: "a DNS label: lowercase letters, digits and '-', starting and ending with a letter or digit",
+    QUALIFIED_NAME_PATTERN: "a label key: [prefix/]name, name at most 63 characters of letters, digits, '-', '_', '.'",
+    LABEL_VALUE_PATTERN: "a label value: at most 63 letters, digits, '-', '_', '.', starting and ending alphanumeric",
+    EXTENDED_RESOURCE_PATTERN: "an extended resource name with a domain, e.g. nvidia.com/gpu",
+    K8S_QUANTITY_PATTERN: "a Kubernetes quantity such as '32', '500m', '512Gi'",
+    IMAGE_PATTERN: "an image reference such as ghcr.io/acme/trainer:0.1.0 (no whitespace)",
+    URI_PATTERN: "s3://bucket/key, file:///path, /path or ./path, without user:password@, a query (?...) or whitespace",
+    ENDPOINT_PATTERN: "http(s)://host[:port][/path], without user:password@, a query (?...) or whitespace",
+    OPTIONAL_QUALIFIED_NAME_PATTERN: "empty or a label key: [prefix/]name, name at most 63 characters of letters, "
+                                     "digits, '-', '_', '.'",
+    OPTIONAL_DNS_SUBDOMAIN_PATTERN: "empty or a DNS subdomain: lowercase letters, digits, '-' and '.'",
+}
 MULTIMODAL = ("image-text", "interleaved")
 
-Quantity = Union[int, str]
+
+def run_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a run's metadata.name (None: it can). The CRD's root CEL rule
+    (RUN_NAME_RULE) says the same to the API server."""
+    if not isinstance(name, str) or not name:
+        return "required: " + RUN_NAME_MESSAGE.removeprefix("metadata.name ")
+    if len(name) > MAX_RUN_NAME or not re.match(RUN_NAME_PATTERN, name):
+        return RUN_NAME_MESSAGE.removeprefix("metadata.name ")
+    return None
+
+
+Quantity = Union[int, Annotated[str, StringConstraints(max_length=32)]]
 QUANTITY_CEL = [
     {
-        "rule": f"type(self) == int ? self > 0 : self.matches('{QUANTITY_PATTERN}')",
-        "message": "must be a positive integer or a number with a K/M/B/T suffix, e.g. '4M'",
+        "rule": f"type(self) == int ? self > 0 && self <= {MAX_TOKENS} : self.matches('{QUANTITY_PATTERN}')",
+        "message": f"must be a positive integer (at most {MAX_TOKENS}) or a number with a K/M/B/T suffix, e.g. '4M'",
     }
 ]
 INTERVAL_CEL = [
     {
-        "rule": f"type(self) == int ? self >= 1 : self.matches('{DURATION_PATTERN}')",
+        "rule": f"type(self) == int ? self >= 1 && self <= {MAX_STEPS} : self.matches('{DURATION_PATTERN}')",
         "message": "must be steps (integer >= 1) or a duration such as '30m' or '2h'",
     }
 ]
@@ -59,6 +146,17 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
     if reason:
         out["reason"] = reason
     return out
+
+
+def free_form(description: str) -> dict:
+    """Field arguments of a free-form mapping (model configs): the CRD keeps it as written
+    (x-kubernetes-preserve-unknown-fields), bounded at the top; depth and size are capped by
+    vlm_api.limits (the CRD cannot bound the depth of such a subtree)."""
+    return {
+        "description": f"{description} At most {limits.MAX_CONFIG_DEPTH} levels deep and "
+        f"{limits.MAX_CONFIG_BYTES // 1024} KiB as JSON.",
+        "json_schema_extra": {"maxProperties": limits.MAX_CONFIG_KEYS},
+    }
 
 
 class Model(BaseModel):
@@ -86,12 +184,13 @@ class ModelPart(Model):
     )
     path: str | None = Field(
         None,
+        min_length=1,
         max_length=1024,
+        pattern=URI_PATTERN,
         description="Directory that transformers' from_pretrained loads (local, file:// or s3://, downloaded first).",
     )
     config: dict[str, Any] | None = Field(
-        None,
-        description="Inline transformers config (must contain model_type); the part starts from random weights.",
+        None, **free_form("Inline transformers config (must contain model_type); the part starts from random weights.")
     )
 
     @model_validator(mode="after")
@@ -116,7 +215,9 @@ class Tokenizer(Model):
 
     path: str | None = Field(
         None,
+        min_length=1,
         max_length=1024,
+        pattern=URI_PATTERN,
         description="Directory AutoTokenizer.from_pretrained loads (local or s3://). Defaults to the LLM's path.",
     )
     builtin: Literal["bytes"] | None = Field(
@@ -160,7 +261,8 @@ class DataSource(Model):
     uri: str = Field(
         max_length=2048,
         pattern=URI_PATTERN,
-        description="Shards: s3://, file:// or a local path, with {00000..00099} brace ranges.",
+        description="Shards: s3://, file:// or a local path, with {00000..00099} brace ranges "
+        f"(at most {MAX_SHARDS:,} shards per URI); no user:password@ or query string.",
     )
     validation_uri: str | None = Field(
         None,
@@ -177,21 +279,19 @@ class DataSource(Model):
         return value
 
 
+# Lists of named items are `x-kubernetes-list-type: map` keyed by name: the API server itself
+# refuses a duplicate name (in linear time; a CEL rule comparing every pair costs n^2).
+def list_map(key: str = "name") -> dict:
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
 class DataSpec(Model):
     """Declared data sources and sequence layout."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.sources.all(a, self.sources.exists_one(b, b.name == a.name))",
-                    "source names must be unique",
-                    ".sources",
-                )
-            ]
-        }
+    sources: list[DataSource] = Field(
+        min_length=1, max_length=64, description="All sources any stage may mix (names unique).",
+        json_schema_extra=list_map(),
     )
-    sources: list[DataSource] = Field(min_length=1, max_length=64, description="All sources any stage may mix.")
     seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per training sequence (image tokens included).")
 
     @model_validator(mode="after")
@@ -285,12 +385,12 @@ class Optimizer(Model):
     schedule: Literal["cosine", "linear", "constant", "wsd"] = Field(
         "cosine", description="Decay after warmup: cosine, linear, constant, or wsd (warmup-stable-decay)."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (ignored when continueSchedule).")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps (ignored when continueSchedule).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd only: fraction of the stage spent decaying.")
     weight_decay: float = Field(0.1, ge=0, le=10, description="Decoupled weight decay (not applied to norms and biases).")
     betas: list[float] = Field([0.9, 0.95], min_length=2, max_length=2, description="AdamW betas.")
-    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0 disables clipping).")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max global gradient norm (0 disables clipping).")
     continue_schedule: bool = Field(
         False,
         description="Continue the previous stage's schedule position and optimizer state instead of re-warming. "
@@ -329,32 +429,37 @@ class Stage(Model):
                     "(has(self.tokens) ? 1 : 0) + (has(self.steps) ? 1 : 0) + (has(self.epochs) ? 1 : 0) == 1",
                     "set exactly one of tokens, steps or epochs",
                 ),
+                # The sum is bound once (a one-element list) rather than computed twice.
                 cel(
-                    "self.mixture.all(k, self.mixture[k] >= 0.0 && self.mixture[k] <= 1.0)",
-                    "mixture fractions must lie in [0, 1]",
+                    "[self.mixture.map(k, self.mixture[k]).sum()].all(t, t >= 0.999999 && t <= 1.000001)",
+                    "mixture fractions must sum to 1 (within 1e-6)",
                     ".mixture",
                 ),
                 cel(
-                    "self.mixture.map(k, self.mixture[k]).sum() >= 0.999999 && "
-                    "self.mixture.map(k, self.mixture[k]).sum() <= 1.000001",
-                    "mixture fractions must sum to 1 (within 1e-6)",
-                    ".mixture",
+                    f"!self.name.matches('{RESERVED_STAGE_SUFFIX}')",
+                    "a stage name must not end in -r<N> (the N-th retry of stage <s> is named <run>-<s>-r<N>) "
+                    "or -pruned (a pruned stage's checkpoints)",
+                    ".name",
                 ),
             ]
         }
     )
-    name: str = Field(max_length=40, pattern=NAME_PATTERN, description="Stage name (part of child object names).")
+    name: str = Field(
+        max_length=40, pattern=NAME_PATTERN,
+        description="Stage name (part of child object names); must not end in -r<N> (retries) or -pruned.",
+    )
     tokens: Quantity | None = Field(
         None,
-        description="Stage length in tokens: integer or K/M/B/T suffix, e.g. 100B.",
+        description=f"Stage length in tokens: integer or K/M/B/T suffix, e.g. 100B (at most 1000T).",
         json_schema_extra={"x-kubernetes-validations": QUANTITY_CEL},
     )
-    steps: int | None = Field(None, ge=1, description="Stage length in optimizer steps.")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Stage length in optimizer steps.")
     epochs: float | None = Field(None, gt=0, le=1000, description="Stage length in passes over its mixture's smallest-coverage source.")
-    mixture: dict[str, float] = Field(
+    # Keys are checked against data.sources (names that match NAME_PATTERN) by the run's rules.
+    mixture: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         min_length=1,
         max_length=64,
-        description="Token fractions per source name; must sum to 1.",
+        description="Token fractions per source name, each in [0, 1]; must sum to 1.",
     )
     visual_introduce_at: float = Field(
         0.0,
@@ -371,15 +476,29 @@ class Stage(Model):
         json_schema_extra={"x-kubernetes-validations": QUANTITY_CEL},
     )
     micro_batch_size: int = Field(8, ge=1, le=4096, description="Sequences per worker per forward pass.")
-    eval_interval: int = Field(1000, ge=0, description="Steps between validation passes (0: only at the end).")
+    eval_interval: int = Field(1000, ge=0, le=MAX_STEPS, description="Steps between validation passes (0: only at the end).")
     eval_batches: int = Field(8, ge=0, le=100_000, description="Batches per validation source per pass.")
     prune: Prune | None = Field(None, description="Prune LLM layers after training; the next stage continues from the pruned model.")
 
     @field_validator("tokens", "global_batch_tokens")
     @classmethod
     def _quantity(cls, value: Quantity | None) -> Quantity | None:
-        if value is not None and parse_quantity(value) <= 0:
-            raise ValueError("must be > 0")
+        if value is not None:
+            n = parse_quantity(value)
+            if n <= 0:
+                raise ValueError("must be > 0")
+            if n > MAX_TOKENS:
+                raise ValueError(f"at most {MAX_TOKENS} (1000T)")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if re.search(RESERVED_STAGE_SUFFIX, value):
+            raise ValueError(
+                "a stage name must not end in -r<N> (the N-th retry of stage <s> is named <run>-<s>-r<N>) "
+                "or -pruned (a pruned stage's checkpoints)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -425,11 +544,33 @@ class NodeRange(Model):
 class Toleration(Model):
     """A Kubernetes toleration."""
 
-    key: str | None = Field(None, description="Taint key.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!has(self.value) || self.value == '' || !has(self.operator) || self.operator == 'Equal'",
+                    "operator Exists takes no value", ".value"),
+                cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                    "an empty key requires operator Exists (it tolerates every taint)", ".operator"),
+                cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                    "tolerationSeconds requires effect NoExecute", ".tolerationSeconds"),
+            ]
+        }
+    )
+    key: str | None = Field(None, max_length=317, pattern=OPTIONAL_QUALIFIED_NAME_PATTERN, description="Taint key (a label key).")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal.")
-    value: str | None = Field(None, description="Taint value.")
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE_PATTERN, description="Taint value (a label value).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect.")
-    tolerationSeconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+    tolerationSeconds: int | None = Field(None, ge=0, le=10**10, description="How long a NoExecute taint is tolerated.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Toleration":
+        if self.value and self.operator == "Exists":
+            raise ValueError("operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("an empty key requires operator Exists (it tolerates every taint)")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds requires effect NoExecute")
+        return self
 
 
 class Resources(Model):
@@ -437,12 +578,49 @@ class Resources(Model):
 
     nodes: NodeRange = Field(default_factory=NodeRange, description="Elastic node range.")
     gpus_per_node: int = Field(8, ge=0, le=64, description="Worker processes (one per GPU) per node; 0 runs one CPU process.")
-    gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource that counts GPUs.")
-    cpu: str | None = Field(None, max_length=32, description="CPU request per worker pod (e.g. '32').")
-    memory: str | None = Field(None, max_length=32, description="Memory request per worker pod (e.g. '512Gi').")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels worker pods require.")
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu",
+        max_length=317,
+        pattern=EXTENDED_RESOURCE_PATTERN,
+        description="Extended resource that counts GPUs: a name with a domain (nvidia.com/gpu, amd.com/gpu), "
+        "never cpu, memory, ephemeral-storage, hugepages-* or a kubernetes.io resource.",
+        json_schema_extra={"x-kubernetes-validations": [
+            cel(f"!self.matches('{KUBERNETES_DOMAIN}')", "must not be a kubernetes.io resource: name an extended resource")
+        ]},
+    )
+    cpu: str | None = Field(
+        None, max_length=32, pattern=K8S_QUANTITY_PATTERN, description="CPU request per worker pod (e.g. '32', '500m')."
+    )
+    memory: str | None = Field(
+        None, max_length=32, pattern=K8S_QUANTITY_PATTERN,
+        description="Memory request and limit per worker pod (e.g. '512Gi'); at least 64Mi.",
+    )
+    node_selector: dict[
+        Annotated[str, StringConstraints(max_length=317, pattern=QUALIFIED_NAME_PATTERN)],
+        Annotated[str, StringConstraints(max_length=63, pattern=LABEL_VALUE_PATTERN)],
+    ] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node labels worker pods require (label keys and values).",
+    )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of worker pods.")
-    priority_class_name: str = Field("", max_length=253, description="PriorityClass of worker pods.")
+    priority_class_name: str = Field(
+        "", max_length=253, pattern=OPTIONAL_DNS_SUBDOMAIN_PATTERN, description="PriorityClass of worker pods."
+    )
+
+    @field_validator("gpu_resource_name")
+    @classmethod
+    def _extended(cls, value: str) -> str:
+        if re.match(KUBERNETES_DOMAIN, value):
+            raise ValueError("must not be a kubernetes.io resource: name an extended resource")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and k8s_quantity(value) < MIN_MEMORY:
+            raise ValueError(f"{value} is less than 64Mi: a trainer cannot start in it (a unit missing? e.g. '512Gi')")
+        return value
 
     @property
     def procs_per_node(self) -> int:
@@ -492,20 +670,41 @@ class Checkpoint(Model):
         pattern=NAME_PATTERN,
         description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), injected as env via secretKeyRef.",
     )
-    endpoint: str = Field("", max_length=2048, description="Endpoint URL of an S3-compatible store (path-style addressing).")
-    region: str = Field("", max_length=64, description="S3 region (default from the environment).")
+    endpoint: str = Field(
+        "", max_length=2048, pattern=ENDPOINT_PATTERN,
+        description="Endpoint URL of an S3-compatible store (path-style addressing): http(s)://host[:port], "
+        "no credentials (they come from credentialsSecret).",
+    )
+    region: str = Field("", max_length=64, pattern=r"^[a-z0-9-]*$", description="S3 region (default from the environment).")
 
     @field_validator("interval")
     @classmethod
     def _interval(cls, value: Quantity) -> Quantity:
-        parse_interval(value)
+        unit, n = parse_interval(value)
+        if unit == "steps" and n > MAX_STEPS:
+            raise ValueError(f"at most {MAX_STEPS} steps")
         return value
 
 
 class Metrics(Model):
     """Prometheus metrics served by global rank 0."""
 
-    port: int = Field(9400, ge=1024, le=65535, description="Port of the /metrics endpoint on rank 0.")
+    port: int = Field(
+        9400, ge=1024, le=65535,
+        description=f"Port of the /metrics endpoint on every worker; not {RDZV_PORT} (rendezvous) or {STORE_HEALTH_PORT} "
+        "(store health).",
+        json_schema_extra={"x-kubernetes-validations": [
+            cel(f"!(self in {list(RESERVED_PORTS)})",
+                f"must differ from the rendezvous port {RDZV_PORT} and the store's health port {STORE_HEALTH_PORT}")
+        ]},
+    )
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if value in RESERVED_PORTS:
+            raise ValueError(f"must differ from the rendezvous port {RDZV_PORT} and the store's health port {STORE_HEALTH_PORT}")
+        return value
     pod_monitor: bool = Field(True, description="Create a PodMonitor (when the prometheus-operator CRD exists).")
 
 
@@ -518,33 +717,33 @@ class VLMPretrainRunSpec(Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
+                # Linear in stages x sources: map membership (`in s.mixture`) instead of a
+                # search of the sources per mixture key. Source names are unique (list-map),
+                # so as many sources named in a mixture as it has keys means all keys are sources.
                 cel(
-                    "self.stages.all(s, s.mixture.all(k, self.data.sources.exists(d, d.name == k)))",
+                    "self.stages.all(s, size(self.data.sources.filter(d, d.name in s.mixture)) == size(s.mixture))",
                     "every mixture key must name a source declared in data.sources",
                     ".stages",
                 ),
-                cel(
-                    "has(self.model.visionEncoder) || self.stages.all(s, s.mixture.all(k, "
-                    "self.data.sources.exists(d, d.name == k && d.modality == 'text')))",
+                cel(  # a conditional, not ||: only the taken branch is evaluated
+                    "has(self.model.visionEncoder) ? true : self.data.sources.all(d, d.modality == 'text' || "
+                    "self.stages.all(s, !(d.name in s.mixture)))",
                     "a stage mixes image data, so model.visionEncoder is required",
                     ".model",
-                ),
-                cel(
-                    "self.stages.all(a, self.stages.exists_one(b, b.name == a.name))",
-                    "stage names must be unique",
-                    ".stages",
                 ),
             ]
         }
     )
     image: str = Field(
-        "ghcr.io/vlm-pretrain-operator/trainer:0.1.0", max_length=512, description="Trainer container image."
+        "ghcr.io/vlm-pretrain-operator/trainer:0.1.0", min_length=1, max_length=512, pattern=IMAGE_PATTERN,
+        description="Trainer container image: [registry/]path[:tag][@digest], no whitespace.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Pull policy of the trainer image.")
     model: ModelSpec = Field(description="The VLM's parts.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE})
     data: DataSpec = Field(description="Data sources.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE})
     stages: list[Stage] = Field(
-        min_length=1, max_length=16, description="Stages, run in order.", json_schema_extra={"x-kubernetes-validations": IMMUTABLE}
+        min_length=1, max_length=16, description="Stages, run in order (names unique).",
+        json_schema_extra={"x-kubernetes-validations": IMMUTABLE, **list_map()},
     )
     resources: Resources = Field(default_factory=Resources, description="Nodes, GPUs and scheduling.")
     parallelism: Parallelism = Field(default_factory=Parallelism, description="Distributed strategy and numerics.")
