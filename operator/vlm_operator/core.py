@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 from typing import Any
 
@@ -66,37 +67,76 @@ class Decision:
 
 
 def digest(spec: Any) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    except (RecursionError, ValueError, TypeError):  # nested past json's limit: never cached, rejected anyway
+        return f"undigestable {next(_UNIQUE)}"
 
 
-def check_spec(spec: Any, *, cel: bool = False) -> list[str]:
-    """All problems of a spec, as `path: reason` lines.
+_UNIQUE = itertools.count()
 
-    vlm_api.validate has three layers: the CRD's OpenAPI schema, its CEL rules, and the
-    pydantic models plus semantic checks. The operator runs the first and the last: the API
-    server enforces CEL at admission, and the pydantic validators carry the same cross-field
-    rules in Python (schema.py keeps them twice on purpose), so a spec that reaches the
-    operator without admission (no CRD installed) is still fully checked. The CEL
-    interpreter costs ~15 ms per spec, 20x the rest, so it runs only for a spec already
-    found invalid, to report the problems exactly as `vlmpretrain validate` and admission
-    do (`cel=True` runs all three layers always). Immutability (CEL transition rules) is
-    checked against the running stage's config instead (immutable_problems)."""
+
+# Macro iterations of the CRD's CEL rules a spec may cost before the operator skips CEL and
+# reports the pydantic layer's lines instead (cel-python: ~0.1-0.5 ms per iteration; the
+# largest spec costs ~3,000, ~0.5-1 s). The verdict is the same either way.
+CEL_BUDGET = 400
+
+
+def cel_cost(spec: dict) -> int:
+    """Macro iterations of the CRD's CEL rules for this spec, roughly: per stage its mixture
+    (the sum) and the sources (mixture keys, image data)."""
+    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    stages = spec.get("stages") if isinstance(spec.get("stages"), list) else []
+    mixtures = sum(len(x["mixture"]) for x in stages if isinstance(x, dict) and isinstance(x.get("mixture"), dict))
+    return mixtures + 2 * len(stages) * len(sources)
+
+
+def check_spec(spec: Any, *, name: str | None = None, cel: bool = False) -> list[str]:
+    """All problems of a spec (and of the run's name, when given), as `path: reason` lines.
+
+    vlm_api.validate has four layers: bounds (nesting, size, credential-shaped values),
+    the CRD's OpenAPI schema, its CEL rules, and the pydantic models plus semantic checks.
+    The operator runs all but CEL: the API server enforces CEL at admission, and the
+    pydantic validators carry the same cross-field rules in Python (schema.py keeps them
+    twice on purpose), so a spec that reaches the operator without admission (no CRD
+    installed) is still fully checked. A spec the pydantic models accept in strict mode (no
+    coercion: exactly the JSON types the schema names; the CRD's schema is generated from
+    the same models) needs neither the schema layer (jsonschema: ~30 ms for the largest
+    spec) nor CEL (cel-python: ~15 ms for a small spec, ~1 s for the largest). Both run only
+    for a spec already found invalid, to report the problems exactly as `vlmpretrain
+    validate` and admission do, CEL only while that stays cheap (CEL_BUDGET; `cel=True`
+    runs all layers always). Immutability (CEL transition rules) is checked against the
+    running stage's config instead (immutable_problems). Every line is scrubbed of
+    credential-shaped values. The operator calls this off its event loop
+    (reconcile._problems), once per spec generation."""
     from vlm_api import validate as v
 
     try:
-        layered = getattr(v, "_pydantic_problems", None)
-        if cel or layered is None or not isinstance(spec, dict):
-            return [str(p) for p in v.validate_spec(spec)]
+        why = s.run_name_problem(name) if name is not None else None
+        named = [str(v.Problem("metadata.name", why))] if why else []
+        if cel or not isinstance(spec, dict):
+            return named + [str(p) for p in v.validate_spec(spec)]
+        problems = v.bound_problems(spec)
+        if problems:
+            return named + [str(p) for p in problems]
+        try:  # the common case, fast: pydantic in strict mode (no coercion) accepts only what the schema does
+            problems = v.semantic_problems(s.VLMPretrainRunSpec.model_validate(spec, strict=True))
+            if not problems:
+                return named
+        except ValidationError:
+            pass
         full = v.apply_defaults(spec)
         problems = v.schema_problems(full)
         if not problems:
-            problems, model = layered(full)
+            problems, model = v._pydantic_problems(full)
             problems = problems or v.semantic_problems(model)
-        if problems:  # rare: explain it the way admission and `vlmpretrain validate` would
+        if problems and cel_cost(full) <= CEL_BUDGET:
+            # rare: explain it the way admission and `vlmpretrain validate` would
             problems = v.validate_spec(spec) or problems
-        return [str(p) for p in problems]
+        return named + [str(p) for p in problems]
     except Exception as exc:  # a validator bug must not take the operator down
-        return [f"spec: could not be validated: {type(exc).__name__}: {exc}"]
+        return [str(v.Problem("spec", f"could not be validated: {type(exc).__name__}: {exc}"))]
 
 
 IMMUTABLE = ("model", "data", "stages")
@@ -166,7 +206,29 @@ def condition(status: dict, ctype: str) -> dict:
 # ---------------------------------------------------------------------------- decide
 
 
+class RenderFailed(Exception):
+    """The spec passed validation but its children cannot be rendered."""
+
+
+def _render(fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RenderFailed(str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}") from exc
+
+
 def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime, cfg: Config | None = None) -> Decision:
+    """The decision for one run. A spec whose children cannot be rendered makes the run
+    Invalid with the renderer's reason (a permanent verdict), never an error to retry."""
+    try:
+        return _decide(run, problems, obs, now, cfg)
+    except RenderFailed as exc:
+        from vlm_api.validate import clean
+
+        return _decide(run, [clean(f"spec: cannot be rendered into Kubernetes objects: {exc}")], obs, now, cfg)
+
+
+def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime, cfg: Config | None = None) -> Decision:
     cfg = cfg or config.CONFIG
     meta = run.get("metadata") or {}
     gen = meta.get("generation") if isinstance(meta.get("generation"), int) else None
@@ -218,7 +280,9 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
         try:
             spec = s.VLMPretrainRunSpec.model_validate(run.get("spec"))
         except ValidationError as exc:
-            problems = [f"spec: {e['msg']}" for e in exc.errors()[:5]]
+            from vlm_api.validate import clean
+
+            problems = [clean(f"spec: {e['msg']}") for e in exc.errors(include_input=False)[:5]]
     if problems or spec is None:
         msg = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
         msg = msg or "spec: invalid"
@@ -261,7 +325,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     where = f"stage {stage.name} ({idx + 1}/{nstages})"
 
     if js.state == "Absent":
-        created = pipeline.children(run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd,
+        created = _render(pipeline.children, run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd,
                                     metrics_namespaces=cfg.metrics_sources)
         if old.get("jobName") != job:
             start = stage_policy.init_from(spec, idx, finals)
@@ -279,7 +343,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
             for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts", "nodes"):
                 new.pop(key, None)
             new.update(stage=nxt.name, stageIndex=idx + 1, attempt=0, jobName=nxt_job)
-            created = pipeline.children(run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd,
+            created = _render(pipeline.children, run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd,
                                         metrics_namespaces=cfg.metrics_sources)
             start = stage_policy.init_from(spec, idx + 1, finals)
             events.append(("Normal", "StageStarted", f"stage {nxt.name} ({idx + 2}/{nstages}): created {nxt_job}, initialised from {start}"))
@@ -310,7 +374,7 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
             nxt_attempt = attempt + 1
             nxt_job = render.job_name(name, stage.name, nxt_attempt)
             new.update(attempt=nxt_attempt, jobName=nxt_job)
-            created = pipeline.children(run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd,
+            created = _render(pipeline.children, run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd,
                                         metrics_namespaces=cfg.metrics_sources)
             resume = stage_policy.resume_point(spec, stage.name, new.get("lastCheckpoint"),
                                                stage_policy.init_from(spec, idx, finals))
@@ -324,13 +388,14 @@ def decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetime
     # The job is live: bring it (and the stage config) to the current spec.
     patches: list[tuple[str, str, str, dict]] = []
     if obs.check_drift and obs.job is not None:
-        desired = render.build_pytorchjob(pipeline.run_ref(run), spec, stage.name, attempt)
+        desired = _render(render.build_pytorchjob, pipeline.run_ref(run), spec, stage.name, attempt)
         jp = day2.job_patch(obs.job, desired)
         if jp:
             patches.append(("PyTorchJob", ns, job, jp))
             events.extend(("Normal", reason, f"{job}: {message}") for reason, message in day2.describe(jp, desired))
         if obs.configmap is not None:
-            want = render.build_configmap(pipeline.run_ref(run), spec, stage.name, stage_policy.init_from(spec, idx, finals))
+            want = _render(render.build_configmap, pipeline.run_ref(run), spec, stage.name,
+                           stage_policy.init_from(spec, idx, finals))
             cp = day2.configmap_patch(obs.configmap, want)
             if cp:
                 cm = want["metadata"]["name"]

@@ -23,6 +23,8 @@ Event-driven paths never raise: they schedule a wake-up instead.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import datetime
 import logging
 import time
@@ -49,10 +51,31 @@ def run_logger(namespace: str, name: str) -> logging.LoggerAdapter:
     return logging.LoggerAdapter(log, {"k8s_ref": ref, "run": name, "run_namespace": namespace})
 
 
-def _problems(state: RunState, spec: Any) -> list[str]:
-    d = core.digest(spec)
-    if state.validated is None or state.validated[0] != d:
-        state.validated = (d, core.check_spec(spec))
+# One thread validates, one spec at a time: validation is pure-Python CPU work, so more
+# threads would only contend for the GIL with the event loop (which then waits longer).
+_VALIDATION = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-validate")
+
+
+async def _problems(state: RunState, run: dict) -> list[str]:
+    """The run's validation problems: computed once per spec generation (cached on the
+    run's state under `generation <n>`, or the spec's digest for a body without one), in a
+    worker thread: validation is CPU work (a maximal spec takes tens of ms) and must not
+    stall the event loop that serves every other run, the watches and /healthz."""
+    spec = run.get("spec")
+    meta = run.get("metadata") or {}
+    gen = meta.get("generation")
+    key = f"generation {gen}" if isinstance(gen, int) and not isinstance(gen, bool) else None
+    cached = state.validated
+    if key is not None and cached is not None and cached[0] == key:
+        return list(cached[1])
+
+    def work() -> tuple[str, list[str]]:
+        k = key or core.digest(spec)
+        if cached is not None and cached[0] == k:
+            return cached
+        return k, core.check_spec(spec, name=meta.get("name"))
+
+    state.validated = await asyncio.get_running_loop().run_in_executor(_VALIDATION, work)
     return list(state.validated[1])
 
 
@@ -204,7 +227,7 @@ async def reconcile(key: Key, *, body: dict | None = None, job: dict | None = No
             # Compare live objects with the spec when it changed (or was refused: an Invalid
             # verdict about immutable fields must be re-derived, not forgotten).
             drift = check_drift or gen != before.get("observedGeneration") or before.get("phase") == "Invalid"
-            problems = _problems(state, run.get("spec"))
+            problems = await _problems(state, run)
             view = _with_status(run, before)
             now = datetime.datetime.now(datetime.timezone.utc)
             try:
