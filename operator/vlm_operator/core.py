@@ -126,14 +126,15 @@ def check_spec(spec: Any, *, name: str | None = None, cel: bool = False) -> list
                 return named
         except ValidationError:
             pass
+        # rare: explain it the way admission and `vlmpretrain validate` would (the first
+        # layer that finds something speaks: schema, CEL, then pydantic and semantic)
         full = v.apply_defaults(spec)
         problems = v.schema_problems(full)
         if not problems:
             problems, model = v._pydantic_problems(full)
             problems = problems or v.semantic_problems(model)
-        if problems and cel_cost(full) <= CEL_BUDGET:
-            # rare: explain it the way admission and `vlmpretrain validate` would
-            problems = v.validate_spec(spec) or problems
+            if problems and cel_cost(full) <= CEL_BUDGET:
+                problems = v.cel_problems(full) or problems
         return named + [str(p) for p in problems]
     except Exception as exc:  # a validator bug must not take the operator down
         return [str(v.Problem("spec", f"could not be validated: {type(exc).__name__}: {exc}"))]
