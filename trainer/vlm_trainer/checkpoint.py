@@ -85,6 +85,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from . import safe_load
 from .ckpt_store import (
     CheckpointCommitConflict,
     CheckpointRef,
@@ -214,11 +215,9 @@ def _pack(obj: Any) -> bytes:
 
 
 def _unpack(blob: Any) -> Any:
-    if isinstance(blob, (bytes, bytearray)):
-        return torch.load(io.BytesIO(blob), weights_only=False)
-    if isinstance(blob, io.BytesIO):
-        blob.seek(0)
-        return torch.load(blob, weights_only=False)
+    """A blob of :func:`_pack`: ``torch.load(weights_only=True)`` (safe_load: no code runs)."""
+    if isinstance(blob, (bytes, bytearray, io.BytesIO)):
+        return safe_load.load_blob(blob)
     return blob
 
 
@@ -940,7 +939,8 @@ class CheckpointManager:
         rng_key = _rng_key(self.rank)
         if same_world and mode == "resume" and rng_key in keys:
             sd[rng_key] = b""
-        dcp.load(sd, storage_reader=reader, process_group=self._pg, no_dist=not self.distributed)
+        dcp.load(sd, storage_reader=reader, planner=safe_load.SafeLoadPlanner(), process_group=self._pg,
+                 no_dist=not self.distributed)
         set_model_state_dict(target.module, sd["model"], options=StateDictOptions(strict=not missing))
         fresh: list[str] = []
         if load_optim:
@@ -1056,9 +1056,7 @@ class _NodeFiles:
 
 def _fetching_reader(files: _NodeFiles):
     """DCP's FileSystemReader over the node's download directory, fetching what it reads."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class FetchingReader(FileSystemReader):
+    class FetchingReader(safe_load.SafeFileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
             rank = kwargs.get("rank")
             files.ensure([METADATA if rank is None else f"__{rank}{METADATA}"])
