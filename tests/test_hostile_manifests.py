@@ -307,3 +307,15 @@ def test_yaml_limits_hold_for_every_input_shape():
             limits.load_all(text)
         assert words in " ".join(limits.yaml_error(info.value)), text[:80]
     assert limits.load_all("d: 2024-01-01\nm: &m {a: 1}\nn: *m\n") == [{"d": "2024-01-01", "m": {"a": 1}, "n": {"a": 1}}]
+
+
+def test_the_validation_benchmark_measures_what_it_says():
+    """benchmarks/validation.py (area `validation`): its maximal specs are valid, the
+    broken variant is not, and the event-loop probe sees validations arrive off the loop."""
+    from benchmarks import validation as bench
+
+    valid, broken = bench._specs(1)[0], bench._specs(1, broken=True)[0]
+    assert core.check_spec(valid, name="maximal-run") == []
+    assert any("sum to 1" in p for p in core.check_spec(broken, name="maximal-run"))
+    lags, took = bench._arrivals(2, inline=False)
+    assert lags and took > 0
