@@ -104,7 +104,8 @@ class Scenario:
         if rc != 0 or not end or end[-1]["step"] != STEPS or starts[-1]["world_size"] != 1:
             logs = "\n".join(p.read_text()[-1500:] for p in sorted(self.root.glob("agent*.log")))
             raise RuntimeError(f"{self.root.name}: the survivor did not finish at world size 1 (rc {rc}):\n{logs}")
-        resumed = [e for e in events if e["event"] == "restore"][-1]["step"]
+        restores = [e for e in events if e["event"] == "restore"]
+        resumed = restores[-1]["step"] if restores else None  # None: no checkpoint was committed before the kill
         return {"seconds": harness.recovery_seconds(events, t_kill), "resumed_from": resumed,
                 "world_sizes": [e["world_size"] for e in starts]}
 

@@ -734,7 +734,7 @@ def status_word(row: dict) -> str:
     v = row.get("verdict")
     if v is not None:
         word = {"met": "met", "not met": "**not met**", "inconclusive": "*inconclusive*"}[v]
-        if row.get("verdict_basis", "").startswith("single"):
+        if (row.get("verdict_basis") or "").startswith("single"):
             word += " (1 measurement)"
         return word + flag
     if row.get("pending"):
