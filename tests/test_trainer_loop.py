@@ -113,7 +113,11 @@ def test_metrics_endpoint_and_progress_file(make_trainer, tmp_path, monkeypatch)
     assert m["vlmtrain_image_token_target_ratio"][0][1] > 0
     assert ({"run": "t", "stage": "pretrain", "stage_index": "0"}, 1.0) in m["vlmtrain_stage_info"]
     assert {labels["source"] for labels, _ in m["vlmtrain_samples_total"]} == {"text", "captions", "interleaved"}
-    assert sum(v for _, v in m["vlmtrain_samples_total"]) == 6 * 8
+    # packed (the default): as many whole samples per step as fill its token budget
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    steps = [e for e in events if e["event"] == "step"]
+    assert sum(v for _, v in m["vlmtrain_samples_total"]) == sum(e["samples"] for e in steps) >= 6 * 8
+    assert 0 <= m["vlmtrain_padding_fraction"][0][1] < 0.2 and m["vlmtrain_samples_per_sequence"][0][1] >= 1
     assert {labels["modality"] for labels, _ in m["vlmtrain_validation_loss"]} == {"text", "image-text", "interleaved"}
     for name in ("vlmtrain_learning_rate", "vlmtrain_grad_norm", "vlmtrain_data_wait_seconds_total",
                  "vlmtrain_mfu_ratio", "vlmtrain_tokens_per_second", "vlmtrain_stage_steps"):
@@ -122,7 +126,6 @@ def test_metrics_endpoint_and_progress_file(make_trainer, tmp_path, monkeypatch)
     assert m["vlmtrain_world_size"][0][1] == 1 and m["vlmtrain_elastic_restart_count"][0][1] == 2
     assert m["vlmtrain_build_info"][0][0]["strategy"] == "single"
 
-    events = [json.loads(line) for line in progress.read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 6 and kinds.count("eval") == 2
     assert events[-1]["status"] == "completed" and events[0]["metrics_port"] == t.metrics_port

@@ -112,6 +112,19 @@ PATTERN_HELP = {
     OPTIONAL_DNS_SUBDOMAIN_PATTERN: "empty or a DNS subdomain: lowercase letters, digits, '-' and '.'",
 }
 MULTIMODAL = ("image-text", "interleaved")
+# LLM model types (transformers 5.x) whose forward lets packed samples see each other, so
+# data.packing must be false for them: recurrent or hybrid state that runs across the whole
+# row, or positions/biases not taken from position_ids. Measured: samples packed with
+# restarted position_ids vs. alone (vlm_trainer.model.packing_isolation_error runs the same
+# check on any other LLM when the trainer starts).
+PACKING_UNSUPPORTED_LLMS = {
+    **dict.fromkeys(("mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"),
+                    "recurrent state spans the sequence"),
+    **dict.fromkeys(("jamba", "bamba", "zamba", "zamba2", "falcon_h1", "nemotron_h", "granitemoehybrid", "qwen3_next"),
+                    "hybrid attention/state-space layers: the state spans the sequence"),
+    **dict.fromkeys(("opt", "bloom", "mpt", "xglm", "biogpt", "gpt_oss"),
+                    "its attention does not isolate samples given restarted position_ids"),
+}
 
 
 def run_name_problem(name: Any) -> str | None:
@@ -293,6 +306,11 @@ class DataSpec(Model):
         json_schema_extra=list_map(),
     )
     seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per training sequence (image tokens included).")
+    packing: bool = Field(
+        True,
+        description="Pack several whole samples into each sequence (attention and positions isolated per sample; "
+        "tokens and globalBatchTokens count real tokens). false: one sample per padded sequence (ablations).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> "DataSpec":
@@ -772,6 +790,10 @@ class VLMPretrainRunSpec(Model):
                 raise FieldError(
                     f"stages[{i}].prune.calibration.source", f"unknown source {stage.prune.calibration.source!r}"
                 )
+        llm_type = (self.model.llm.config or {}).get("model_type")
+        if self.data.packing and llm_type in PACKING_UNSUPPORTED_LLMS:
+            raise FieldError("data.packing", f"model.llm {llm_type!r} cannot keep packed samples apart "
+                             f"({PACKING_UNSUPPORTED_LLMS[llm_type]}): set data.packing: false")
         return self
 
     def stage_index(self, name: str) -> int:

@@ -16,7 +16,8 @@ state dict; DCP writes ``.metadata`` + ``__<rank>_0.distcp`` per rank):
                     parameter FQN (``flatten_optimizer_state_dict``), so a stage whose
                     trainable set differs loads the entries of the parameters it has
 ``trainer``         the trainer's small replicated state (``extra_state()``: step,
-                    schedule, data positions = global sample counters per source, token
+                    schedule, data positions = global sample counters per source and,
+                    packed, the look-ahead buffer's samples and the token carry, token
                     counts, seed ...), pickled into one bytes blob
 ``rng_rank<r>``     RNG states of rank r (python ``random``, numpy, torch CPU, CUDA)
 ==================  =====================================================================

@@ -14,6 +14,14 @@
   GIL the training loop needs, which cost ~12-19% of a demo step (benchmarks/
   trainer_overhead.py). ``"thread"`` and ``"inline"`` (no prefetch) remain for tests and
   debugging; ``VLM_DATA_WORKER`` selects one in the trainer.
+* Packed (``data.packing: true``, the planner a `packing.PackingPlanner`): the planner
+  draws samples one at a time and asks the loader for each one's length
+  (:meth:`StepLoader._measure`: every rank reads and tokenises every drawn sample, with the
+  image bytes kept undecoded), packs its look-ahead buffer into the step's rows, and every
+  rank decodes the images of its own rows only. The raw samples of the buffer stay in the
+  loader's memory; after a resume the loader re-reads them by position (:meth:`_restore`).
+  A sample whose images fail to decode leaves its place in the row empty (counted as
+  skipped), so the plan never depends on which rank decoded what.
 * :func:`probe_stats` measures each source's mean tokens per sample and image-token
   fraction over its first ``n`` samples (the mixture planner's `SourceStats`).
 * :func:`validation_set` is a fixed, world-size independent held-out set per source.
@@ -34,9 +42,10 @@ import traceback
 
 from vlm_api.schema import DataSpec
 
-from .mixture import MixturePlanner, SourceStats, StepPlan, micro_batches, rank_slice
+from .mixture import MixturePlanner, Slot, SourceStats, StepPlan, micro_batches, rank_slice
 from .model import ImageSpec
-from .sequences import Batch, Encoded, SequenceBuilder, collate, dummy_batch
+from .packing import Measured, PackedPlan
+from .sequences import Batch, Encoded, SequenceBuilder, collate, collate_packed, dummy_batch
 from .shards import ImageTransform, RawSample, ShardedSource
 
 log = logging.getLogger(__name__)
@@ -98,14 +107,48 @@ def _first(it, n):
         yield x
 
 
+class _Deferred:
+    """An image's encoded bytes, decoded only by the rank whose row holds its sample."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def decode_images(source: ShardedSource, enc: Encoded) -> Encoded | None:
+    """``enc`` with its deferred images decoded (None, counted as skipped, when one is bad)."""
+    if not any(isinstance(img, _Deferred) for img in enc.images):
+        return enc
+    try:
+        pixels = [source.image(img.data) if isinstance(img, _Deferred) else img for img in enc.images]
+    except Exception as exc:  # untrusted bytes: see ShardedSource.decode
+        source.skipped[type(exc).__name__] += 1
+        log.warning("source %s: skipped sample at position %d (%s: %s)", source.name, enc.index, type(exc).__name__, exc)
+        return None
+    return dataclasses.replace(enc, images=pixels)
+
+
 @dataclasses.dataclass
 class RankStep:
     """What one rank trains at one step."""
 
-    plan: StepPlan
+    plan: StepPlan | PackedPlan
     micro: list[Batch]
     skipped: int  # planned samples of this rank that failed to decode
     load_seconds: float
+
+    @property
+    def n_positions(self) -> int:
+        return sum(b.n_positions for b in self.micro)
+
+    @property
+    def n_samples(self) -> int:
+        return sum(b.n_samples for b in self.micro)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(b.n_sequences for b in self.micro)
 
     @property
     def n_text_tokens(self) -> int:
@@ -138,6 +181,11 @@ class StepLoader:
         self.world_size = world_size
         self.micro_batch_size = micro_batch_size
         self.cursors = {name: SourceCursor(src, planner.counters.get(name, 0)) for name, src in sources.items()}
+        self.packed = bool(getattr(planner, "packing", False))
+        self._pending: dict[Slot, Encoded] = {}  # packed: the buffer's samples (tokenised, images undecoded)
+        self._restored = not self.packed
+        if self.packed:
+            self.planner.measure = self._measure
         self.wait_seconds = 0.0
         self.worker = worker
         self._proc = None
@@ -155,7 +203,9 @@ class StepLoader:
             self._thread.start()
 
     # ---- building one step
-    def build(self, plan: StepPlan) -> RankStep:
+    def build(self, plan: StepPlan | PackedPlan) -> RankStep:
+        if isinstance(plan, PackedPlan):
+            return self.build_packed(plan)
         t0 = time.perf_counter()
         mine = rank_slice(len(plan.slots), self.world_size, self.rank)
         wanted: dict[str, dict[int, int]] = {}
@@ -184,6 +234,76 @@ class StepLoader:
         for part in micro_batches(len(ordered), len(plan.slots), self.world_size, self.micro_batch_size):
             items = [e for e in (ordered[i] for i in part) if e is not None]
             micro.append(collate(items, self.builder.tok.pad_id) if items else dummy_batch(self.builder.tok))
+        return RankStep(plan, micro, skipped, time.perf_counter() - t0)
+
+    # ---- packed steps
+    def _measure(self, source: str, index: int) -> Measured | None:
+        """A drawn sample's length: read, decode with deferred images, tokenise; kept until trained."""
+        if not self._restored:
+            self._restore()
+        src = self.sources[source]
+        raw = self.cursors[source].take(index, 1)[0]
+        enc = self._encode(src, raw)
+        if enc is None:
+            return None
+        self._pending[Slot(source, index)] = enc
+        return Measured(enc.n_tokens, enc.n_image_tokens)
+
+    def _encode(self, src: ShardedSource, raw: RawSample) -> Encoded | None:
+        sample = src.decode(raw, _Deferred)
+        return None if sample is None else self.builder.encode(sample, src.modality)
+
+    def _restore(self) -> None:
+        """After a resume: re-read the samples the planner's buffer holds (positions behind
+        each source's counter), then continue every cursor at its counter."""
+        self._restored = True
+        wanted: dict[str, dict[int, int]] = {}
+        for p in self.planner.buffer:
+            if Slot(p.source, p.index) not in self._pending:
+                wanted.setdefault(p.source, {})[p.index] = p.tokens
+        for name, lengths in sorted(wanted.items()):
+            src, cursor = self.sources[name], self.cursors[name]
+            first, last = min(lengths), max(lengths)
+            it = src.raw(first)
+            for raw in it:
+                if raw.index in lengths:
+                    enc = self._encode(src, raw)
+                    if enc is None or enc.n_tokens != lengths[raw.index]:
+                        got = None if enc is None else enc.n_tokens
+                        raise RuntimeError(f"source {name!r} position {raw.index}: the packing buffer recorded "
+                                           f"{lengths[raw.index]} tokens, re-reading gives {got} (data or tokenizer changed?)")
+                    self._pending[Slot(name, raw.index)] = enc
+                if raw.index >= last:
+                    break
+            if cursor.position == last + 1:  # continue from the same reader
+                cursor._it = it
+        self.planner.measure = self._measure
+
+    def build_packed(self, plan: PackedPlan) -> RankStep:
+        t0 = time.perf_counter()
+        if not self._restored:
+            self._restore()
+        n_rows = len(plan.rows)
+        mine = set(rank_slice(n_rows, self.world_size, self.rank))
+        rows: list[list[Encoded]] = []
+        skipped = plan.bad if self.rank == 0 else 0  # every rank saw them: count them once
+        for r, row in enumerate(plan.rows):
+            encoded = [self._pending.pop(slot) for slot in row]
+            if r not in mine:
+                continue
+            kept = []
+            for slot, enc in zip(row, encoded):
+                enc = decode_images(self.sources[slot.source], enc)
+                if enc is None:
+                    skipped += 1
+                else:
+                    kept.append(enc)
+            rows.append(kept)
+        micro = []
+        for part in micro_batches(len(rows), n_rows, self.world_size, self.micro_batch_size):
+            batch_rows = [rows[i] for i in part]
+            micro.append(collate_packed(batch_rows, self.builder.tok.pad_id) if any(batch_rows)
+                         else dummy_batch(self.builder.tok))
         return RankStep(plan, micro, skipped, time.perf_counter() - t0)
 
     # ---- iteration
@@ -259,7 +379,7 @@ class _Failure:
     trace: str
 
 
-_TENSORS = ("input_ids", "attention_mask", "labels", "pixel_values")
+_TENSORS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
 def _to_wire(step: RankStep) -> RankStep:

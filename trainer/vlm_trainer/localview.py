@@ -5,12 +5,13 @@ The trainer's global rank 0 appends JSON lines to ``$VLM_PROGRESS_FILE`` (see
 into
 
 * a one-line progress bar per stage when the output is a terminal (steps, loss,
-  tokens/s, measured image-token fraction, ETA), redrawn in place, with eval, checkpoint
-  and restart events printed above it;
+  tokens/s, measured image-token fraction, padding and samples per sequence when packed,
+  ETA), redrawn in place, with eval, checkpoint and restart events printed above it;
 * plain log lines otherwise (CI, ``| tee``), one every ~5% of the stage plus every
   eval/checkpoint/end event;
-* a final summary table (per stage: status, steps, tokens, final train loss, validation
-  loss per modality, checkpoints written, wall time).
+* a final summary table (per stage: status, steps, tokens trained and stated by the
+  recipe, padding fraction and samples per sequence, final train loss, validation loss per
+  modality, checkpoints written, wall time).
 
 :class:`ProgressTail` reads complete new lines of a growing file; :class:`StageState`
 folds events into what the summary needs; :class:`StageView` draws. All three work on a
@@ -100,6 +101,13 @@ class StageState:
     lr: float | None = None
     tokens_per_s: float | None = None
     image_ratio: float | None = None
+    tokens_stated: int | None = None  # what the recipe states (tokens, else steps x globalBatchTokens)
+    padding: float | None = None  # padding fraction of the last step
+    samples_per_seq: float | None = None  # of the last step
+    real_tokens: int = 0  # sums over the step events: padding and samples per sequence of the stage
+    positions: int = 0
+    samples: int = 0
+    sequences: int = 0
     val: dict[str, float] = dataclasses.field(default_factory=dict)
     val_step: int | None = None
     checkpoints: list[int] = dataclasses.field(default_factory=list)  # steps checkpointed in this invocation
@@ -118,6 +126,15 @@ class StageState:
     @property
     def target(self) -> int | None:
         return self.stop_at or self.total_steps
+
+    @property
+    def padding_fraction(self) -> float | None:
+        """Padding / positions computed over the stage's steps (None: not reported)."""
+        return 1.0 - self.real_tokens / self.positions if self.positions else None
+
+    @property
+    def samples_per_sequence(self) -> float | None:
+        return self.samples / self.sequences if self.sequences else None
 
     @property
     def train_loss(self) -> float | None:
@@ -148,6 +165,7 @@ class StageState:
             self.world_size = ev.get("world_size", self.world_size)
             self.metrics_port = ev.get("metrics_port", self.metrics_port)
             self.restarts = max(self.restarts, int(ev.get("restart_count") or 0))
+            self.tokens_stated = ev.get("tokens_stated", self.tokens_stated)
             self._step_times.clear()
         elif kind == "step":
             self.status = "running"
@@ -160,6 +178,13 @@ class StageState:
             self.lr = ev.get("lr", self.lr)
             self.tokens_per_s = ev.get("tokens_per_s", self.tokens_per_s)
             self.image_ratio = ev.get("image_token_ratio", self.image_ratio)
+            self.padding = ev.get("padding_fraction", self.padding)
+            self.samples_per_seq = ev.get("samples_per_sequence", self.samples_per_seq)
+            if ev.get("positions"):
+                self.real_tokens += int(ev.get("text_tokens") or 0) + int(ev.get("image_tokens") or 0)
+                self.positions += int(ev["positions"])
+                self.samples += int(ev.get("samples") or 0)
+                self.sequences += int(ev.get("sequences") or 0)
             self._step_times.append((self.step, float(ev.get("time", time.time()))))
         elif kind == "eval":
             self.val = {k: v for k, v in (ev.get("losses") or {}).items() if v is not None}
@@ -305,8 +330,9 @@ class StageView:
         pct = f" ({100 * st.step / target:.0f}%)" if target else ""
         parts = [f"step {st.step}/{target or '?'}{pct}", f"loss {fmt_loss(st.loss)}",
                  f"{fmt_count(st.tokens_per_s)} tok/s",
-                 f"img {100 * st.image_ratio:.1f}%" if st.image_ratio is not None else "img -",
-                 f"eta {fmt_duration(st.eta_seconds())}"]
+                 f"img {100 * st.image_ratio:.1f}%" if st.image_ratio is not None else "img -"]
+        parts += [_packing_text(st)] if st.padding is not None else []
+        parts += [f"eta {fmt_duration(st.eta_seconds())}"]
         return " | ".join(parts)
 
     def bar_text(self, width: int) -> str:
@@ -314,7 +340,9 @@ class StageView:
         target = st.target or 0
         frac = min(1.0, st.step / target) if target else 0.0
         right = (f" {st.step}/{target or '?'} | loss {fmt_loss(st.loss)} | {fmt_count(st.tokens_per_s)} tok/s"
-                 f" | img {100 * (st.image_ratio or 0):.1f}% | eta {fmt_duration(st.eta_seconds())}")
+                 f" | img {100 * (st.image_ratio or 0):.1f}%"
+                 + (f" | {_packing_text(st)}" if st.padding is not None else "")
+                 + f" | eta {fmt_duration(st.eta_seconds())}")
         left = f"{st.stage} {100 * frac:3.0f}% "
         room = width - len(left) - len(right) - 2
         if room >= 10:
@@ -350,6 +378,11 @@ class StageView:
             self._bar_shown = False
 
 
+def _packing_text(st: StageState) -> str:
+    per_seq = f" | {st.samples_per_seq:.1f}/seq" if st.samples_per_seq is not None else ""
+    return f"pad {100 * st.padding:.1f}%{per_seq}"
+
+
 def _isatty(out) -> bool:
     try:
         return bool(out.isatty()) and os.environ.get("TERM") != "dumb"
@@ -362,8 +395,11 @@ def _isatty(out) -> bool:
 
 def summary_rows(states: list[StageState]) -> tuple[list[str], list[list[str]]]:
     modalities = sorted({m for st in states for m in st.val})
-    header = ["stage", "status", "steps", "tokens", "train loss"] + [f"val {m}" for m in modalities] + [
-        "ckpts", "wall"]
+    stated = any(st.tokens_stated for st in states)
+    packed = any(st.positions for st in states)
+    header = (["stage", "status", "steps", "tokens"] + (["stated"] if stated else [])
+              + (["padding", "samples/seq"] if packed else []) + ["train loss"]
+              + [f"val {m}" for m in modalities] + ["ckpts", "wall"])
     rows = []
     for st in states:
         target = st.target
@@ -371,7 +407,12 @@ def summary_rows(states: list[StageState]) -> tuple[list[str], list[list[str]]]:
         if st.start_step:
             steps += f" (from {st.start_step})"
         ckpts = ",".join(str(s) for s in st.checkpoints) if st.checkpoints else "-"
-        rows.append([st.stage, st.status, steps, fmt_count(st.tokens), fmt_loss(st.train_loss)]
+        pad, per_seq = st.padding_fraction, st.samples_per_sequence
+        rows.append([st.stage, st.status, steps, fmt_count(st.tokens)]
+                    + ([fmt_count(st.tokens_stated) if st.tokens_stated else "-"] if stated else [])
+                    + ([f"{100 * pad:.1f}%" if pad is not None else "-",
+                        f"{per_seq:.2f}" if per_seq is not None else "-"] if packed else [])
+                    + [fmt_loss(st.train_loss)]
                     + [fmt_loss(st.val.get(m)) for m in modalities]
                     + [ckpts, fmt_duration(st.wall_s) if st.status != "skipped" else "-"])
     return header, rows
@@ -396,6 +437,8 @@ def summary_dict(states: list[StageState]) -> list[dict]:
         out.append({
             "stage": st.stage, "status": st.status, "step": st.step, "target_steps": st.target,
             "total_steps": st.total_steps, "resumed_from_step": st.start_step or 0, "tokens": st.tokens,
+            "tokens_stated": st.tokens_stated, "padding_fraction": st.padding_fraction,
+            "samples_per_sequence": st.samples_per_sequence,
             "train_loss": st.train_loss, "validation_loss": dict(st.val), "validation_step": st.val_step,
             "checkpoints_written": list(st.checkpoints), "final_checkpoint": st.final_checkpoint,
             "init_from": st.init_from, "attempts": st.attempts, "restarts": st.restarts,

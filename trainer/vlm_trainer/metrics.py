@@ -29,7 +29,9 @@ vlmtrain_learning_rate                      gauge     learning rate of the last 
 vlmtrain_grad_norm                          gauge     global gradient norm before clipping
 vlmtrain_step_duration_seconds              histogram wall time per optimizer step
 vlmtrain_data_wait_seconds_total            counter   time the loop waited for the data loader
-vlmtrain_tokens_per_second                  gauge     tokens/s of the last logging window
+vlmtrain_tokens_per_second                  gauge     real (text + image) tokens/s of the last logging window
+vlmtrain_padding_fraction                   gauge     padding / positions computed, last logging window
+vlmtrain_samples_per_sequence               gauge     samples per sequence (row), last logging window (1 unpacked)
 vlmtrain_mfu_ratio                          gauge     model FLOPs utilisation of the last logging window
 vlmtrain_world_size                         gauge     processes in the current group
 vlmtrain_elastic_restart_count              gauge     TORCHELASTIC_RESTART_COUNT of this worker
@@ -38,7 +40,8 @@ vlmtrain_node_info{rank,group_rank}         gauge     1, served by the other nod
 =========================================  ========  ===================================================
 
 MFU = achieved FLOPs / (peak FLOPs x world size). Achieved FLOPs per step:
-``6 x LLM params x tokens`` (text + image positions) plus the vision encoder on images:
+``6 x LLM params x tokens`` (real text + image positions: padding never counts, packed or
+not) plus the vision encoder on images:
 ``6 x vision params x patches`` when it trains, ``2 x ...`` (forward only) when frozen.
 Peak FLOPs per device: ``VLM_PEAK_FLOPS`` when set, else a table of dense bf16 (or
 TF32 for fp32) tensor-core peaks matched on the CUDA device name, else 1e12 for a CPU
@@ -180,6 +183,10 @@ class TrainerMetrics:
         self.data_wait = Counter("vlmtrain_data_wait_seconds", "Seconds the training loop waited for data.", registry=reg)
         self.tokens_per_second = Gauge("vlmtrain_tokens_per_second", "Trained tokens per second (recent).", registry=reg)
         self.mfu = Gauge("vlmtrain_mfu_ratio", "Model FLOPs utilisation (recent).", registry=reg)
+        self.padding_fraction = Gauge("vlmtrain_padding_fraction",
+                                      "Padding / sequence positions computed over the last logging window.", registry=reg)
+        self.samples_per_sequence = Gauge("vlmtrain_samples_per_sequence",
+                                          "Samples per sequence (packed) over the last logging window.", registry=reg)
         self.world_size = Gauge("vlmtrain_world_size", "Processes in the training group.", registry=reg)
         self.restarts = Gauge("vlmtrain_elastic_restart_count", "TORCHELASTIC_RESTART_COUNT of this worker.", registry=reg)
         self.build_info = Gauge("vlmtrain_build_info", "Trainer build information (value 1).",

@@ -29,6 +29,12 @@ them into ``n_micro = ceil(ceil(G/W) / microBatchSize)`` micro-batches, the same
 every rank (sizes differ by at most one; an empty one is a zero-weight dummy), so a
 resume with a different world size neither repeats nor skips a sample, and the tokens per
 optimizer step do not depend on ``W``.
+
+That is the unpacked plan (``data.packing: false``). With packing (the default),
+`vlm_trainer.packing.PackingPlanner` (a subclass) keeps steps 1 and 2's meaning per drawn
+sample instead of per step (sample probabilities from token fractions, low-discrepancy
+credits), and packs the drawn samples into rows of a token budget; its state adds the
+look-ahead buffer, so the same guarantees hold.
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ def micro_batches(n: int, global_size: int, world_size: int, micro_batch_size: i
 
 class MixturePlanner:
     """Plans global batches step by step from a resumable state (see module doc)."""
+
+    packing = False  # `vlm_trainer.packing.PackingPlanner` packs several samples per sequence
 
     def __init__(self, *, stage: str, mixture: dict[str, float], modality: dict[str, str],
                  stats: dict[str, SourceStats], global_batch: int, total_steps: int,
@@ -207,6 +215,9 @@ class MixturePlanner:
         self.counters = {s: int(n) for s, n in state.get("counters", {}).items()}
         if positions_only:
             return
+        if state.get("packing") is not None and not self.packing:
+            raise ValueError("the checkpoint's data position is a packed one (data.packing was true): "
+                             "resume it with data.packing: true")
         self.step = int(state["step"])
         self.credits = {s: float(c) for s, c in state["credits"].items()}
         self.stage_samples = {s: int(n) for s, n in state.get("stage_samples", {}).items()}
@@ -217,15 +228,24 @@ class MixturePlanner:
         return copy.deepcopy(self)
 
 
+def _mean_tokens(probs: dict[str, float], stats: dict[str, SourceStats]) -> float:
+    return max(1e-9, sum(p * stats[s].mean_tokens for s, p in probs.items()))
+
+
 def steps_for_epochs(epochs: float, sizes: dict[str, int], planner: MixturePlanner) -> int:
     """Steps until every source of the mixture was seen ``epochs`` times (the slowest one
     bounds it), with the pre-/post-``visualIntroduceAt`` phases weighted by their share."""
     v = planner.visual_introduce_at if planner.has_text else 0.0
     pre = sample_probs(phase_fractions(planner.mixture, planner.modality, False), planner.stats)
     post = sample_probs(phase_fractions(planner.mixture, planner.modality, True), planner.stats)
+    # samples per step: G sequences of one sample each, or (packed) the token budget over
+    # the phase's mean sample length
+    budget = getattr(planner, "token_budget", None) if planner.packing else None
+    per_pre = planner.global_batch if budget is None else budget / _mean_tokens(pre, planner.stats)
+    per_post = planner.global_batch if budget is None else budget / _mean_tokens(post, planner.stats)
     need = 0.0
     for s in planner.mixture:
-        per_step = planner.global_batch * (v * pre.get(s, 0.0) + (1 - v) * post.get(s, 0.0))
+        per_step = v * per_pre * pre.get(s, 0.0) + (1 - v) * per_post * post.get(s, 0.0)
         if per_step > 0:
             need = max(need, epochs * sizes[s] / per_step)
     return max(1, int(math.ceil(need - 1e-9)))

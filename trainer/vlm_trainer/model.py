@@ -151,10 +151,175 @@ class VLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, *, n_image_positions: int | None = None,
-                force_vision: bool = False) -> torch.Tensor:
+                force_vision: bool = False, position_ids: torch.Tensor | None = None,
+                flash_kwargs: dict | None = None) -> torch.Tensor:
+        """Logits [B, L, V]. Unpacked: ``attention_mask`` marks the padding. Packed:
+        ``position_ids`` restart at 0 for every sample and no attention mask is given, so
+        transformers builds the block-diagonal causal (document) mask from them (sdpa, eager,
+        flex) or, for one flattened row with ``flash_kwargs`` (cu_seq_lens), runs
+        flash-attention's variable-length kernel: either way a token attends only within its
+        sample, and positions restart per sample."""
         embeds = self.embed(input_ids, pixel_values, n_image_positions=n_image_positions, force_vision=force_vision)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        if position_ids is not None:
+            out = self.llm(inputs_embeds=embeds, position_ids=position_ids, use_cache=False, **(flash_kwargs or {}))
+        else:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.logits
+
+
+# --------------------------------------------------------------------------- packing
+
+
+PACKED_SDPA = "vlm_packed_sdpa"
+
+
+def packed_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Padding-free attention without flash-attn (CPU): for one flattened row with
+    ``cu_seq_lens_q`` (the keyword transformers' flash-attention path takes), transformers'
+    own SDPA attention per sample, causal; a token attends only within its sample and
+    nothing is computed for other samples' blocks (a block-diagonal mask would compute and
+    discard them). Registered with transformers' ``AttentionInterface`` as ``vlm_packed_sdpa``;
+    without ``cu_seq_lens_q`` it is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    for k in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(k, None)
+    if cu is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    bounds = cu.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                        None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=1), None
+
+
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_forward)
+    # no mask function: transformers builds no [L x L] mask for this implementation
+    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(PACKED_SDPA, None)
+
+
+def packed_attention(llm: nn.Module, device: torch.device, seq_length: int | None = None) -> str:
+    """The attention implementation packed training uses (``VLM_ATTN_IMPLEMENTATION``
+    overrides). Padding-free where possible: each micro-batch is one flattened row of real
+    tokens with ``cu_seq_lens`` (`Batch.flattened`) and the kernel attends per sample:
+    ``flash_attention_2`` on CUDA when flash-attn is installed and the LLM class supports it;
+    ``vlm_packed_sdpa`` (SDPA per sample, :func:`packed_sdpa_forward`) on CPU. Otherwise
+    (CUDA without flash-attn; on CPU an LLM with soft-capped logits or a sliding window
+    shorter than ``seq_length``) ``sdpa``: rows stay rows and transformers builds a
+    block-diagonal causal mask from the restarted position ids."""
+    env = os.environ.get("VLM_ATTN_IMPLEMENTATION", "").strip()
+    if env:
+        return env
+    cfg = llm.config
+    if device.type == "cuda" and getattr(llm, "_supports_flash_attn", False):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    window = getattr(cfg, "sliding_window", None)
+    windowless = not window or (seq_length is not None and window >= seq_length)  # no sample is longer than it
+    plain = getattr(llm, "_supports_sdpa", False) and windowless and not getattr(cfg, "attn_logit_softcapping", None)
+    if device.type == "cpu" and plain:
+        return PACKED_SDPA
+    return "sdpa" if getattr(llm, "_supports_sdpa", False) else "eager"
+
+
+def set_attention(llm: nn.Module, name: str) -> None:
+    if name == PACKED_SDPA:
+        _register_packed_sdpa()
+    if getattr(llm.config, "_attn_implementation", None) != name:
+        llm.set_attn_implementation(name)
+
+
+def flattens(name: str | None) -> bool:
+    """Whether this implementation trains on flattened micro-batches (padding-free)."""
+    return bool(name) and ("flash" in name or name == PACKED_SDPA)
+
+
+class PackingUnsupported(ValueError):
+    """The LLM lets packed samples see each other (or ignores restarted position ids)."""
+
+
+@torch.no_grad()
+def packing_isolation_error(llm: nn.Module, *, vocab: int | None = None, seed: int = 0) -> str | None:
+    """Whether this LLM keeps packed samples apart; None when it does, else why not.
+
+    Two checks on a tiny input, in fp32 on the module as it is (CPU before sharding):
+    *isolation*: a row [a | b] with restarted position ids, then a row [a' | b] with other
+    tokens in a: b's logits must not change (beyond float reassociation: 1e-5 of their scale;
+    a leak moves them by ~1e-3 to 1e-1); *positions*: b's logits in the packed row must equal
+    b's alone (1e-4 of their scale)."""
+    vocab = vocab or llm.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    device = next(llm.parameters()).device
+    hi = max(3, min(vocab, 250))
+    a, a2 = (torch.randint(2, hi, (1, 6), generator=g) for _ in range(2))
+    b = torch.randint(2, hi, (1, 5), generator=g)
+    pos = torch.cat([torch.arange(6), torch.arange(5)])[None].to(device)
+    impl = getattr(llm.config, "_attn_implementation", None)
+    packed_kw = {}
+    if flattens(impl):  # the padding-free path: the sample boundaries as cu_seq_lens
+        cu = torch.tensor([0, 6, 11], dtype=torch.int32, device=device)
+        packed_kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 6, "max_length_k": 6}
+    was_training = llm.training
+    llm.eval()
+    try:
+        run = lambda ids, p=None, **kw: llm(input_ids=ids.to(device), position_ids=p, use_cache=False, **kw).logits.float()  # noqa: E731
+        one = run(torch.cat([a, b], 1), pos, **packed_kw)[:, 6:]
+        two = run(torch.cat([a2, b], 1), pos, **packed_kw)[:, 6:]
+        alone = run(b)
+    finally:
+        llm.train(was_training)
+    scale = float(alone.abs().max()) or 1.0
+    leak = float((one - two).abs().max()) / scale
+    shift = float((one - alone).abs().max()) / scale
+    kind = getattr(llm.config, "model_type", type(llm).__name__)
+    if leak > 1e-5:
+        return (f"{kind} ({type(llm).__name__}, attention {llm.config._attn_implementation}) lets packed samples "
+                f"see each other: changing one sample moved the next one's logits by {leak:.1e} of their scale")
+    if shift > 1e-4:
+        return (f"{kind} ({type(llm).__name__}) does not restart positions per packed sample: a sample's logits "
+                f"differ from its logits alone by {shift:.1e} of their scale")
+    return None
+
+
+def check_packing(llm: nn.Module, attention: str) -> str:
+    """Set a packed attention implementation on ``llm`` (its CPU copy, before sharding)
+    after checking that it keeps packed samples apart, and return it: ``attention``, or
+    ``sdpa`` when the LLM class does not route ``attention`` through transformers'
+    attention interface (its own attention code) but isolates samples with SDPA document
+    masks. Refuse (`PackingUnsupported`, naming the fix) an LLM that isolates with neither.
+    A flash-attention kernel (CUDA only) is checked through SDPA's document mask."""
+    from vlm_api.schema import PACKING_UNSUPPORTED_LLMS
+
+    kind = getattr(llm.config, "model_type", "")
+    if kind in PACKING_UNSUPPORTED_LLMS:
+        raise PackingUnsupported(f"model.llm {kind!r} cannot keep packed samples apart ({PACKING_UNSUPPORTED_LLMS[kind]}): "
+                                 "set data.packing: false")
+    fallback = "sdpa" if getattr(llm, "_supports_sdpa", False) else "eager"
+    probe = attention if "flash" not in attention else fallback
+    set_attention(llm, probe)
+    error = packing_isolation_error(llm)
+    if error and probe == PACKED_SDPA:
+        set_attention(llm, fallback)
+        if packing_isolation_error(llm) is None:
+            log.info("%s does not use transformers' attention interface for %s; packing with %s document masks",
+                     type(llm).__name__, PACKED_SDPA, fallback)
+            return fallback
+    if error:
+        raise PackingUnsupported(f"{error}: set data.packing: false")
+    set_attention(llm, attention)
+    return attention
 
 
 # --------------------------------------------------------------------------- losses

@@ -5,10 +5,14 @@ one object per line, flushed per line. Every object has ``event``, ``time`` (uni
 seconds), ``run`` and ``stage``. Events:
 
 * ``start``: ``step`` (resumed step, 0 when fresh), ``total_steps``, ``world_size``,
-  ``global_batch`` (sequences), ``seq_length``, ``metrics_port``, ``restart_count``;
+  ``global_batch`` (nominal sequences), ``seq_length``, ``packing``, ``global_batch_tokens``,
+  ``tokens_stated`` (the recipe's tokens for the stage), ``metrics_port``, ``restart_count``;
 * ``step`` (every step): ``step`` (completed steps), ``total_steps``, ``loss``, ``lr``,
-  ``grad_norm``, ``tokens`` (stage total), ``text_tokens``, ``image_tokens`` (this step),
-  ``image_token_ratio`` (recent, measured), ``tokens_per_s``, ``step_s``, ``data_wait_s``;
+  ``grad_norm``, ``tokens`` (stage total, real tokens), ``text_tokens``, ``image_tokens``
+  (this step), ``image_token_ratio`` (recent, measured), ``tokens_per_s``, ``step_s``,
+  ``data_wait_s``, ``positions`` (computed, padding included), ``sequences`` (rows),
+  ``samples``, ``samples_per_sequence``, ``padding_fraction`` (this step), ``pack_buffer``
+  (packed: samples waiting in the look-ahead buffer);
 * ``eval``: ``step``, ``losses`` {modality: loss}, ``sources`` {source: loss};
 * ``checkpoint`` (written by the checkpoint manager): ``step``, ``uri``, ...;
 * ``end``: ``status`` (``completed`` | ``stopped`` | ``failed``), ``step``, ``tokens``,

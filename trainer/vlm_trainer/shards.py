@@ -263,10 +263,12 @@ class ShardedSource:
                 skip = 0
             epoch, first = epoch + 1, 0
 
-    def decode(self, raw: RawSample) -> Sample | None:
-        """The decoded sample, or None (counted, logged) when it is bad."""
+    def decode(self, raw: RawSample, image: Callable[[bytes], object] | None = None) -> Sample | None:
+        """The decoded sample, or None (counted, logged) when it is bad. ``image`` replaces
+        the source's image transform (the packing loader measures samples with one that
+        defers decoding the pixels)."""
         try:
-            segments = DECODERS[self.modality](raw.members, self.image)
+            segments = DECODERS[self.modality](raw.members, image or self.image)
         # Untrusted bytes: PIL alone raises OSError, SyntaxError, ValueError or
         # DecompressionBombError for broken images. One bad sample must not stop training.
         except Exception as exc:

@@ -20,9 +20,17 @@ of label tokens of the optimizer step (all-reduced before the first forward) and
 multiplied by the world size (DDP/FSDP average gradients over ranks), so the gradient is
 the exact per-token mean over the global batch whatever the world size or micro-batching.
 
-Stage length: ``steps``; ``tokens`` -> ceil(tokens / (G x seqLength)) with G =
-globalBatchTokens // seqLength sequences per step (sequence capacity, padding included);
-``epochs`` -> `mixture.steps_for_epochs` over the sources' sizes. ``max_steps`` caps the
+Packing (``data.packing``, default true; `vlm_trainer.packing`): a step carries
+``globalBatchTokens`` real (text + image) tokens, packed whole samples per row of
+``seqLength``, attention and positions isolated per sample; cumulative real tokens stay
+within one sequence of ``steps x globalBatchTokens``. Unpacked: G = globalBatchTokens //
+seqLength sequences of one sample each, right-padded.
+
+Stage length: ``steps``; ``tokens`` -> ceil(tokens / globalBatchTokens) when packed (the
+stage trains its stated real tokens within one global batch), ceil(tokens / (G x
+seqLength)) unpacked (sequence capacity, padding included); ``epochs`` ->
+`mixture.steps_for_epochs` over the sources' sizes (samples per step: G, or the token
+budget over the mean sample length when packed). ``max_steps`` caps the
 step this process stops at (an absolute stage step) but never changes the stage's length:
 the LR schedule and ``visualIntroduceAt`` are those of the whole stage, so a capped run is
 a prefix of the full one.
@@ -76,7 +84,8 @@ from .distributed import DistContext, Parallel, init_distributed, parallelize, s
 from .evaluate import EvalResult, Evaluator
 from .metrics import TrainerMetrics, peak_flops, registry, serve_for, step_flops
 from .mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
-from .model import build_vlm, count_params, loss_sum
+from .model import build_vlm, check_packing, count_params, flattens, loss_sum, packed_attention
+from .packing import PackingPlanner, stage_steps_for_tokens
 from .policy import apply_trainable, param_groups
 from .progress import ProgressFile
 from .schedule import LRSchedule, build_optimizer, init_optimizer_state
@@ -196,6 +205,12 @@ class Trainer:
         self.vision_params = count_params(vlm.vision)
         self.tokens_per_image = vlm.tokens_per_image
         self._llm_trains = self.policy.llm != "none" or vlm.vision is None
+        self.packing = spec.data.packing
+        self.attention = None
+        if self.packing:
+            # refuses an LLM that would let packed samples see each other
+            self.attention = check_packing(vlm.llm, packed_attention(vlm.llm, self.ctx.device, spec.data.seq_length))
+        self.flatten = self.packing and flattens(self.attention)
         self.par: Parallel = parallelize(vlm, strategy=spec.parallelism.strategy, precision=spec.parallelism.precision,
                                          activation_checkpointing=spec.parallelism.activation_checkpointing, ctx=self.ctx)
         self.vlm = vlm
@@ -214,9 +229,15 @@ class Trainer:
         self.sources = open_sources(spec.data, names, image=vlm.image_spec, seed=self.seed, endpoint_url=endpoint)
         stats = probe_stats(self.sources, self.builder, int(os.environ.get("VLM_PROBE_SAMPLES", "64")))
         modality = {s.name: s.modality for s in spec.data.sources}
-        self.planner = MixturePlanner(stage=self.stage.name, mixture=self.stage.mixture, modality=modality, stats=stats,
-                                      global_batch=self.global_batch, total_steps=1,
-                                      visual_introduce_at=self.stage.visual_introduce_at, seed=self.seed)
+        plan_kw = dict(stage=self.stage.name, mixture=self.stage.mixture, modality=modality, stats=stats,
+                       global_batch=self.global_batch, total_steps=1, visual_introduce_at=self.stage.visual_introduce_at,
+                       seed=self.seed)
+        if self.packing:
+            lookahead = os.environ.get("VLM_PACK_LOOKAHEAD")  # tokens (benchmarks, experiments)
+            self.planner = PackingPlanner(seq_length=seq_len, token_budget=self.stage.batch_tokens,
+                                          lookahead=int(lookahead) if lookahead else None, **plan_kw)
+        else:
+            self.planner = MixturePlanner(**plan_kw)
         self.total_steps = self._stage_steps()
         self.planner.set_total_steps(self.total_steps)
         self.stop_at = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
@@ -246,9 +267,12 @@ class Trainer:
         self._ratio_window = collections.deque(maxlen=max(1, int(os.environ.get("VLM_RATIO_WINDOW", "20"))))
         self.checkpointer = checkpointer if checkpointer is not None else build_checkpointer(self)
         if self.ctx.is_main:
-            log.info("stage %s (%d/%d): %d steps x %d sequences x %d tokens, world %d, %s, %s; built in %.1fs",
-                     self.stage.name, self.stage_index + 1, len(spec.stages), self.total_steps, self.global_batch,
-                     seq_len, self.ctx.world_size, self.par.strategy, self.policy.describe(), time.perf_counter() - t0)
+            layout = (f"{self.stage.batch_tokens} real tokens packed into ~{self.global_batch} sequences of {seq_len} "
+                      f"(attention {self.attention})" if self.packing else
+                      f"{self.global_batch} sequences x {seq_len} tokens, unpacked")
+            log.info("stage %s (%d/%d): %d steps x %s, world %d, %s, %s; built in %.1fs",
+                     self.stage.name, self.stage_index + 1, len(spec.stages), self.total_steps, layout,
+                     self.ctx.world_size, self.par.strategy, self.policy.describe(), time.perf_counter() - t0)
             log.info("mixture %s; images enter at step %d; probe: %s", self.stage.mixture, self.planner.intro_step,
                      {k: f"{v.mean_tokens:.1f} tok, {v.image_fraction:.2f} img" for k, v in stats.items()})
 
@@ -258,9 +282,18 @@ class Trainer:
         if st.steps is not None:
             return int(st.steps)
         if st.tokens is not None:
+            if self.packing:
+                return stage_steps_for_tokens(parse_quantity(st.tokens), st.batch_tokens)
             return max(1, math.ceil(parse_quantity(st.tokens) / (self.global_batch * self.spec.data.seq_length)))
         sizes = {name: src.epoch_length() for name, src in self.sources.items()}
         return steps_for_epochs(float(st.epochs), sizes, self.planner)
+
+    def stated_tokens(self) -> int:
+        """The tokens the recipe states for this stage: ``tokens``, else steps x globalBatchTokens
+        (what a packed stage trains, within one sequence; an unpacked one trains less)."""
+        if self.stage.tokens is not None:
+            return parse_quantity(self.stage.tokens)
+        return self.total_steps * self.stage.batch_tokens
 
     def _device_name(self) -> str:
         if self.ctx.device.type == "cuda":
@@ -356,13 +389,16 @@ class Trainer:
         ctx, par = self.ctx, self.par
         micro = rank_step.micro
         counts = [rank_step.n_label_tokens, rank_step.n_text_tokens, rank_step.n_image_tokens, rank_step.skipped,
-                  1.0 if self._stop_signal else 0.0] + [b.n_images for b in micro]
+                  1.0 if self._stop_signal else 0.0, rank_step.n_positions, rank_step.n_samples,
+                  rank_step.n_rows] + [b.n_images for b in micro]
         glob = ctx.all_reduce_sum(torch.tensor(counts, dtype=torch.float64, device=ctx.device)).tolist()
-        label_tokens, text_tokens, image_tokens, skipped, stop = glob[:5]
-        images_per_micro = glob[5:]
+        label_tokens, text_tokens, image_tokens, skipped, stop, positions, samples, rows = glob[:8]
+        images_per_micro = glob[8:]
         scale = ctx.world_size / max(label_tokens, 1.0)
         loss_acc = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for j, batch in enumerate(micro):
+            if self.flatten:
+                batch = batch.flattened()  # padding-free: one row of real tokens, cu_seq_lens
             batch = batch.to(ctx.device)
             # a peer has images in this micro-step (or only the vision path trains): run the
             # vision tower on a zero-weighted dummy so collectives and graphs match everywhere
@@ -370,7 +406,8 @@ class Trainer:
             with par.sync_context(j == len(micro) - 1):
                 with par.autocast():
                     logits = par.module(batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                        n_image_positions=batch.n_image_tokens, force_vision=force)
+                                        n_image_positions=batch.n_image_tokens, force_vision=force,
+                                        position_ids=batch.position_ids, flash_kwargs=batch.flash_kwargs)
                 ls = loss_sum(logits, batch.labels)
                 (ls * scale).backward()
             loss_acc += ls.detach().double()
@@ -384,7 +421,8 @@ class Trainer:
         loss = float(ctx.all_reduce_sum(loss_acc).item()) / max(label_tokens, 1.0)
         return {"loss": loss if label_tokens > 0 else math.nan, "lr": lr, "grad_norm": float(grad_norm),
                 "text_tokens": int(text_tokens), "image_tokens": int(image_tokens), "label_tokens": int(label_tokens),
-                "skipped": int(skipped), "stop": stop > 0}
+                "skipped": int(skipped), "stop": stop > 0, "positions": int(positions), "samples": int(samples),
+                "sequences": int(rows)}
 
     # ---- evaluation
     def evaluate(self) -> EvalResult | None:
@@ -418,13 +456,16 @@ class Trainer:
             m.samples.labels(source=src).inc(n)
         self.progress_file.write("start", step=start_step, total_steps=self.total_steps, stop_at=self.stop_at,
                                  world_size=ctx.world_size, global_batch=self.global_batch,
-                                 seq_length=self.spec.data.seq_length, metrics_port=self.metrics_port,
+                                 seq_length=self.spec.data.seq_length, packing=self.packing,
+                                 global_batch_tokens=self.stage.batch_tokens, tokens_stated=self.stated_tokens(),
+                                 metrics_port=self.metrics_port,
                                  restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
         loader = StepLoader(self.planner, self.sources, self.builder, rank=ctx.rank, world_size=ctx.world_size,
                             micro_batch_size=self.stage.micro_batch_size,
                             worker=os.environ.get("VLM_DATA_WORKER", "process"))
         t_start = time.perf_counter()
-        window = {"t": time.perf_counter(), "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0}
+        window = {"t": time.perf_counter(), "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0, "positions": 0,
+                  "samples": 0, "sequences": 0}
         last_loss = None
         stopped = False
         self.vlm.train()
@@ -508,6 +549,11 @@ class Trainer:
         window["tokens"] += tokens
         window["wait"] += wait
         window["steps"] += 1
+        window["positions"] += out["positions"]
+        window["samples"] += out["samples"]
+        window["sequences"] += out["sequences"]
+        padding = 1.0 - tokens / out["positions"] if out["positions"] else 0.0
+        per_sequence = out["samples"] / out["sequences"] if out["sequences"] else 0.0
         window["flops"] += step_flops(llm_params=self.llm_params, vision_params=self.vision_params, tokens=tokens,
                                       patches=images * self.tokens_per_image, vision_trains=self.policy.vision_encoder)
         m.steps.inc()
@@ -530,16 +576,26 @@ class Trainer:
         self.progress_file.write("step", step=step, total_steps=self.total_steps, loss=out["loss"], lr=out["lr"],
                                  grad_norm=out["grad_norm"], tokens=self.progress.tokens, text_tokens=out["text_tokens"],
                                  image_tokens=out["image_tokens"], image_token_ratio=ratio, tokens_per_s=tps,
-                                 step_s=round(dt, 4), data_wait_s=round(wait, 4))
+                                 step_s=round(dt, 4), data_wait_s=round(wait, 4), positions=out["positions"],
+                                 sequences=out["sequences"],
+                                 samples=out["samples"], samples_per_sequence=round(per_sequence, 3),
+                                 padding_fraction=round(padding, 5),
+                                 **({"pack_buffer": rank_step.plan.buffer} if self.packing else {}))
         if step % self.log_every == 0 or step == self.stop_at:
             mfu = window["flops"] / (elapsed * self.peak_flops * self.ctx.world_size) if elapsed > 0 else 0.0
+            w_padding = 1.0 - window["tokens"] / window["positions"] if window["positions"] else 0.0
+            w_per_seq = window["samples"] / window["sequences"] if window["sequences"] else 0.0
             m.tokens_per_second.set(tps)
             m.mfu.set(mfu)
+            m.padding_fraction.set(w_padding)
+            m.samples_per_sequence.set(w_per_seq)
             if self.ctx.is_main:
                 log.info("step %d/%d | loss %.4f | lr %.3g | %.0f tok/s | img %.3f (target %.3f) | grad %.3f | "
-                         "data wait %.1f%% | mfu %.2f%%", step, self.total_steps, out["loss"], out["lr"], tps, ratio,
-                         target, out["grad_norm"], 100 * window["wait"] / elapsed if elapsed > 0 else 0.0, 100 * mfu)
-            window.update(t=time.perf_counter(), tokens=0, flops=0.0, wait=0.0, steps=0)
+                         "pad %.1f%% | %.1f samples/seq | data wait %.1f%% | mfu %.2f%%", step, self.total_steps,
+                         out["loss"], out["lr"], tps, ratio, target, out["grad_norm"], 100 * w_padding, w_per_seq,
+                         100 * window["wait"] / elapsed if elapsed > 0 else 0.0, 100 * mfu)
+            window.update(t=time.perf_counter(), tokens=0, flops=0.0, wait=0.0, steps=0, positions=0, samples=0,
+                          sequences=0)
 
     def close(self) -> None:
         try:
