@@ -239,6 +239,11 @@ def _pydantic_problems(spec: Any) -> tuple[list[Problem], s.VLMPretrainRunSpec |
             # Union branches repeat the location with a type tag: keep the user's path only.
             loc = [p for p in loc if not (isinstance(p, str) and (p.startswith(("literal[", "function-")) or p in ("str", "int", "LayerSelection", "constrained-str")))]
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "string_pattern_mismatch":  # phrased as the schema layer does
+                pattern = (err.get("ctx") or {}).get("pattern", "")
+                msg = f"does not match the expected form: {s.PATTERN_HELP.get(pattern, pattern)}"
+            if loc and loc[-1] == "[key]":  # a mapping key, not its value
+                loc, msg = loc[:-1], f"key {msg}"
             problems.append(Problem(_fmt_path(loc), msg))
         return problems, None
 
