@@ -40,7 +40,7 @@ from . import harness
 
 RESULTS = harness.REPO / "benchmarks" / "results"
 # Run order: cheap first; the GPU section last (it skips itself without CUDA).
-AREAS = ("trainer_overhead", "data_loader", "checkpoint", "elastic_recovery", "operator_reconcile", "gpu")
+AREAS = ("trainer_overhead", "data_loader", "checkpoint", "elastic_recovery", "operator_reconcile", "packing", "gpu")
 NOT_AREAS = {"harness", "__main__", "__init__"}
 # Seconds an area may run before it is stopped (full, quick).
 DEFAULT_LIMITS = {"full": 420, "quick": 120}
