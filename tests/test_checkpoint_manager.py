@@ -482,3 +482,34 @@ def test_a_failing_state_capture_is_counted_and_the_next_save_works(tmp_path):
     run.train(1, mgr)
     assert mgr.wait().ok and mgr.last_committed.step == 2
     mgr.close()
+
+
+# --------------------------------------------------------------------------- two worker groups
+
+
+def test_a_second_worker_group_never_writes_over_a_committed_step(tmp_path):
+    """torchrun's rendezvous can drop a node whose heartbeats stall without telling it, and its
+    replacement forms a second group on the same stage (seen on the faithful cluster). The group
+    that reaches an already committed step stops before uploading: the other group's checkpoint
+    stays intact (every file matches its manifest) and the dropped group raises
+    WorkerGroupConflict so that torchrun restarts it into the current round."""
+    from vlm_trainer.checkpoint import WorkerGroupConflict
+
+    uri = (tmp_path / "ckpt").as_uri()
+    ahead = manager(make_settings(uri, tmp_path / "a", interval=2, async_save=False))
+    behind = manager(make_settings(uri, tmp_path / "b", interval=2, async_save=False))
+    a, b = Run(seed=1), Run(seed=2)
+    a.train(4, ahead)  # group A commits steps 2 and 4
+    store = open_store(uri)
+    before = {f["path"]: f["sha256"] for f in store.latest_committed("pretrain").manifest["files"]}
+    b.train(1, behind)  # group B, dropped and unaware, trains from scratch...
+    with pytest.raises(WorkerGroupConflict, match="another worker group"):
+        b.train(3, behind)  # ...reaches step 2, finds it committed, and stops at its next step
+    ref = store.latest_committed("pretrain")
+    assert ref.step == 4 and store.verify(ref) == []
+    assert {f["path"]: f["sha256"] for f in ref.manifest["files"]} == before
+    assert store.verify(store.ref_from_uri(store.step_uri("pretrain", 2))) == []
+    with pytest.raises(WorkerGroupConflict):
+        behind.finalize(b.target, b.step)
+    ahead.close()
+    behind.close()

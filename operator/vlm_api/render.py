@@ -134,6 +134,11 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
         requests["memory"] = res.memory
         limits["memory"] = res.memory
     env = [{"name": k, "value": v} for k, v in sorted(role.env.items()) if k not in launch.CONTROLLER_PET]
+    # torchrun names a node in the rendezvous by (address, pid, n): a replaced pod has the dead
+    # one's host name and its agent is PID 1 again, so it would carry the dead node's identity.
+    # The pod IP is new per pod, and routable without a DNS name per pod.
+    env += [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "PET_LOCAL_ADDR", "value": "$(POD_IP)"}]
     if spec.checkpoint.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.checkpoint.endpoint})
     env += _credential_env(spec)

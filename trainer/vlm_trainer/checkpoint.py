@@ -112,6 +112,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be restored, or the final one could not be committed."""
 
 
+class WorkerGroupConflict(CheckpointError):
+    """Another worker group committed a step this group is saving. torchrun's c10d rendezvous
+    can drop a node whose heartbeats stall without telling it, and a replacement then forms a
+    second group that trains the same stage; the dropped group stops here, before it writes
+    over the other's files, so that torchrun restarts it into the current round."""
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -207,6 +214,7 @@ class SaveOutcome:
     commit_seconds: float = 0.0
     blocking_seconds: float = 0.0  # how long training waited
     pruned: list[int] = dataclasses.field(default_factory=list)
+    conflict: bool = False  # another worker group committed this step (WorkerGroupConflict)
 
 
 def _pack(obj: Any) -> bytes:
@@ -403,6 +411,7 @@ class CheckpointManager:
         self.last_committed: Optional[CheckpointRef] = None  # newest committed of this stage (all ranks agree)
         self.last_final = False
         self.outcomes: list[SaveOutcome] = []
+        self.conflict: Optional[SaveOutcome] = None  # set by a save that met another group's commit
         self._last_save_clock = time.monotonic()
         self._closed = False
         if self.rank == 0:
@@ -461,7 +470,15 @@ class CheckpointManager:
             flag = int(t.item())
         return bool(flag)
 
+    def check_conflict(self) -> None:
+        """Raise WorkerGroupConflict once a save found this step committed by another group."""
+        out = self.conflict
+        if out is not None:
+            raise WorkerGroupConflict(f"stage {out.stage} step {out.step} was committed by another worker group "
+                                      f"({out.error}): this group left the rendezvous unnoticed and stops")
+
     def maybe_save(self, target: TrainState, step: int) -> bool:
+        self.check_conflict()
         if self.due(step):
             self.save(target, step)
             return True
@@ -494,6 +511,7 @@ class CheckpointManager:
         blocking = (not self.settings.async_save) if blocking is None else blocking
         t0 = time.perf_counter()
         self.wait()  # at most one in flight
+        self.check_conflict()
         self._last_save_clock = time.monotonic()
         node_dir = self._staging_dir(self.stage, step)
         p = _Pending(stage=self.stage, step=step, final=final, node_dir=node_dir, t_start=t0,
@@ -597,6 +615,8 @@ class CheckpointManager:
                     p.t_written = time.perf_counter()
                 except Exception as e:  # noqa: BLE001
                     mine.update(error=_short(e), phase="save")
+            if not mine["error"] and self.is_node_leader and self._taken(p):
+                mine.update(error=f"step {p.step} is already committed", phase="commit", conflict=True)
             if not mine["error"] and self.is_node_leader:
                 try:
                     entries, stats = self.store.upload_files(p.node_dir, p.stage, p.step)
@@ -620,7 +640,7 @@ class CheckpointManager:
                               error=result.get("error", ""), bytes=result.get("bytes", 0),
                               save_seconds=result.get("save_s", save_s), upload_seconds=result.get("upload_s", 0.0),
                               commit_seconds=result.get("commit_s", 0.0), blocking_seconds=p.blocking,
-                              pruned=result.get("pruned", []))
+                              pruned=result.get("pruned", []), conflict=bool(result.get("conflict")))
         except Exception as e:  # noqa: BLE001 - e.g. a peer died during the exchange
             out.phase, out.error = out.phase or "save", _short(e)
             log.warning("checkpoint %s step %d: %s", p.stage, p.step, out.error)
@@ -640,7 +660,8 @@ class CheckpointManager:
         errors = [g for g in gathered if g["error"]]
         if errors:
             first = min(errors, key=lambda g: FAILURE_PHASES.index(g["phase"]))
-            res.update(phase=first["phase"], error=f"rank {first['rank']}: {first['error']}")
+            res.update(phase=first["phase"], error=f"rank {first['rank']}: {first['error']}",
+                       conflict=any(g.get("conflict") for g in errors))
             return res
         entries = [e for g in gathered if g["entries"] for e in g["entries"]]
         if not any(e["path"] == ".metadata" for e in entries):
@@ -651,7 +672,7 @@ class CheckpointManager:
             r = self.store.commit(p.stage, p.step, entries, world_size=self.world_size, final=p.final,
                                   extra=p.extra, check_listing=self.num_nodes > 1)
         except CheckpointCommitConflict as e:
-            res.update(phase="commit", error=_short(e))
+            res.update(phase="commit", error=_short(e), conflict=True)
             return res
         except Exception as e:  # noqa: BLE001
             res.update(phase="commit", error=_short(e))
@@ -666,9 +687,20 @@ class CheckpointManager:
             self.metrics.failures.labels(phase="prune").inc()
         return res
 
+    def _taken(self, p: _Pending) -> bool:
+        """Is this step already committed (by another worker group)? Checked before uploading,
+        so a dropped group never writes over a committed checkpoint's files."""
+        try:
+            ref = self.store.ref_from_uri(self.store.step_uri(p.stage, p.step))
+        except Exception:  # noqa: BLE001 - the commit's conditional write still guards
+            return False
+        return ref is not None and ref.committed
+
     def _record(self, out: SaveOutcome) -> None:
         m = self.metrics
         self.outcomes.append(out)
+        if out.conflict:
+            self.conflict = out
         if out.ok:
             self.last_committed = CheckpointRef(stage=out.stage, step=out.step, uri=out.uri,
                                                 manifest={"final": out.final, "time": out.time})
@@ -732,8 +764,8 @@ class CheckpointManager:
             if out is not None and out.ok:
                 return out
             error = f"{out.phase}: {out.error}" if out is not None else "unknown"
-            if out is not None and out.phase == "commit" and "already exists" in out.error:
-                break
+            if out is not None and out.conflict:
+                self.check_conflict()
             if attempt < self.settings.final_attempts:
                 time.sleep(self.settings.final_backoff_s * attempt)
         raise CheckpointError(f"{'final' if final else 'last'} checkpoint of {self.stage} step {step} "
