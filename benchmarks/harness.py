@@ -648,7 +648,8 @@ def git_commit() -> dict:
     them): figures from a dirty tree were made with code no commit holds."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
-    paths = [line[3:] for line in status.splitlines() if line.strip()] if status else []
+    # "XY path" per line; _git strips the output, and with it the first line's leading space
+    paths = [line[2:].strip() for line in status.splitlines() if line.strip()] if status else []
     return {"commit": commit, "short": commit[:10] if commit else None,
             "dirty": bool(paths) if status is not None else None, "dirty_paths": paths[:50]}
 
