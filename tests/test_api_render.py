@@ -50,7 +50,8 @@ def test_crd_schema_is_structural_and_explained():
         ), f"{path} has no type"
         assert not isinstance(node.get("exclusiveMaximum"), (int, float)) or isinstance(node["exclusiveMaximum"], bool)
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Step", "Loss", "Nodes", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Step", "Loss", "Checkpoint",
+                                                                    "Nodes", "Age"]
     names = crd.build_crd()["spec"]["names"]
     assert names["shortNames"] == ["vlmrun", "vpr"] and names["kind"] == "VLMPretrainRun"
 

@@ -266,3 +266,26 @@ def test_kopf_finalizer_and_create_handler_cycle(kube, crs, core, monkeypatch):
         'pretrain.vlm.dev/v1alpha1/vlmpretrainruns', NS, 'r'].history])
     assert any(m and m.get('finalizers') and m.get('deletionTimestamp') for m in history)  # graceful deletion
     assert history[-1] is None  # released by kopf's finalizer removal
+
+
+def test_kubectl_get_prints_the_crd_s_columns(kube, tmp_path):
+    """Server-side printing as the API server does it for CRDs: `kubectl get vlmrun` shows the
+    additionalPrinterColumns of the applied CRD, filled from the object's status."""
+    import subprocess
+    from pathlib import Path
+
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    env = {**__import__("os").environ, "KUBECONFIG": str(kubeconfig)}
+    crd = Path(__file__).resolve().parents[1] / "crds" / "pretrain.vlm.dev_vlmpretrainruns.yaml"
+    subprocess.run(["kubectl", "apply", "--validate=false", "-f", str(crd)], env=env, check=True, capture_output=True)
+    with kube.api_client() as api:
+        custom = kubernetes.client.CustomObjectsApi(api)
+        custom.create_namespaced_custom_object("pretrain.vlm.dev", "v1alpha1", "default", "vlmpretrainruns", {
+            "apiVersion": "pretrain.vlm.dev/v1alpha1", "kind": "VLMPretrainRun", "metadata": {"name": "r"}, "spec": {}})
+        custom.patch_namespaced_custom_object_status("pretrain.vlm.dev", "v1alpha1", "default", "vlmpretrainruns", "r", {
+            "status": {"phase": "Running", "stage": "pretrain", "step": 120, "loss": 2.5, "nodes": 2,
+                       "lastCheckpoint": {"uri": "s3://b/r/pretrain/step-000000100/", "step": 100}}})
+    out = subprocess.run(["kubectl", "get", "vlmrun"], env=env, check=True, capture_output=True, text=True).stdout
+    header, row = out.splitlines()
+    assert header.split() == ["NAME", "PHASE", "STAGE", "STEP", "LOSS", "CHECKPOINT", "NODES", "AGE"]
+    assert row.split()[:7] == ["r", "Running", "pretrain", "120", "2.5", "100", "2"]

@@ -165,6 +165,8 @@ def build_crd() -> dict:
             {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
             {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
             {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
+            {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step",
+             "description": "Step of the newest committed checkpoint."},
             {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],

@@ -336,6 +336,9 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
     if js.state == "Succeeded" and obs.confirmation is not None:
         finals[stage.name] = pipeline.final_record(obs.confirmation, st.fmt_time(now))
         new["finalCheckpoints"] = finals
+        # The trainer's own figures of the stage's end, whatever the last scrape caught.
+        new.update(step=obs.confirmation["step"], tokens=obs.confirmation["tokens"],
+                   lastCheckpoint={k: finals[stage.name][k] for k in ("uri", "step", "time", "stage")})
         events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[stage.name]['uri']} "
                        f"(step {finals[stage.name]['step']}, confirmed by the trainer)"))
         if idx + 1 < nstages:

@@ -165,6 +165,24 @@ def _selected(request: kmock.Request, obj: dict[str, Any]) -> bool:
             and _selector_matches(request.params.get('fieldSelector', ''), fields))
 
 
+def _wants_table(request: kmock.Request) -> bool:
+    accept = next((v for k, v in request.headers.items() if k.lower() == 'accept'), '')
+    return 'as=Table' in accept
+
+
+def _cell(obj: dict, column: dict) -> Any:
+    value: Any = obj
+    for part in column['jsonPath'].strip('.').split('.'):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return None
+    if column.get('type') == 'date':  # the API server prints a timestamp as its age
+        when = datetime.datetime.strptime(str(value), '%Y-%m-%dT%H:%M:%SZ').replace(tzinfo=datetime.timezone.utc)
+        seconds = int((datetime.datetime.now(datetime.timezone.utc) - when).total_seconds())
+        return f'{seconds}s' if seconds < 120 else f'{seconds // 60}m'
+    return value
+
+
 @attrs.define(kw_only=True)
 class RealisticEmulator(kmock.KubernetesEmulator):
     """KubernetesEmulator + the API server contract kopf depends on (gaps 1-6 of the note)."""
@@ -387,7 +405,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         if obj is None:
             raise ApiError(404, f'{request.resource.plural} "{request.name}" not found',
                            details={'name': request.name, 'kind': request.resource.plural})
-        return obj
+        return self._table(request, [obj]) if _wants_table(request) else obj
 
     def _list(self, request: kmock.Request) -> list[dict]:
         return [copy.deepcopy(obj.raw) for (res, _, _), obj in self._objects.items()
@@ -397,6 +415,8 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         res = request.resource
         async with self._lock:
             items, rv = self._list(request), self._rv
+        if _wants_table(request):
+            return self._table(request, items)
         return {'apiVersion': f'{res.group}/{res.version}'.lstrip('/'), 'kind': f'{self._resources[res].kind}List',
                 'metadata': {'resourceVersion': str(rv)}, 'items': items}
 
@@ -434,6 +454,24 @@ class RealisticEmulator(kmock.KubernetesEmulator):
                     yield event
         finally:
             self._watchers.remove(watcher)
+
+    def _table(self, request: kmock.Request, items: list[dict]) -> dict:
+        """Server-side printing (`kubectl get`): a meta.k8s.io/v1 Table with the columns of the
+        stored CRD's additionalPrinterColumns (Name and Age otherwise), as the API server's
+        CRD table convertor renders them: simple JSONPaths, `date` columns as an age."""
+        res = request.resource
+        crd = self._current(self._crd_key(f'{res.group}/{res.version}/{res.plural}') or ('', None, '')) or {}
+        version = next((v for v in (crd.get('spec') or {}).get('versions') or [] if v.get('name') == res.version), {})
+        extra = version.get('additionalPrinterColumns') or [
+            {'name': 'Age', 'type': 'date', 'jsonPath': '.metadata.creationTimestamp'}]
+        columns = [{'name': 'Name', 'type': 'string', 'format': 'name', 'description': '', 'priority': 0}] + [
+            {'name': c['name'], 'type': c.get('type', 'string'), 'format': c.get('format', ''),
+             'description': c.get('description', ''), 'priority': c.get('priority', 0)} for c in extra]
+        rows = [{'cells': [obj['metadata']['name']] + [_cell(obj, c) for c in extra],
+                 'object': {'kind': 'PartialObjectMetadata', 'apiVersion': 'meta.k8s.io/v1',
+                            'metadata': obj['metadata']}} for obj in items]
+        return {'kind': 'Table', 'apiVersion': 'meta.k8s.io/v1', 'metadata': {'resourceVersion': str(self._rv)},
+                'columnDefinitions': columns, 'rows': rows}
 
     def add_resource(self, key: str, info: kmock.ResourceInfo) -> None:
         """Serve a resource (call in the emulator's loop). A custom resource also gets its
