@@ -175,7 +175,7 @@ def test_appdef_is_shared_by_both_runners():
     app = launch.build_appdef(spec, name="x-pretrain", rdzv=rdzv)
     role = app.roles[0]
     assert role.entrypoint == "torchrun" and role.env["PET_NNODES"] == "2:8"
-    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2,is_host=false"
+    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=5,keep_alive_max_attempt=3,is_host=false"
     job = render.build_pytorchjob({"name": "x", "uid": "u"}, spec, "pretrain")
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert container["args"] == role.args

@@ -658,8 +658,14 @@ class Elastic(Model):
 
     max_restarts: int = Field(10, ge=0, le=1000, description="torchrun restarts of the worker group before the job fails.")
     last_call_timeout: int = Field(3, ge=1, le=3600, description="Seconds the rendezvous waits for more nodes after min joined.")
-    keep_alive_interval: int = Field(1, ge=1, le=600, description="Seconds between rendezvous heartbeats.")
-    keep_alive_max_attempt: int = Field(2, ge=1, le=100, description="Missed heartbeats before a node counts as dead.")
+    # torch's own defaults (5 s x 3). At 1 s x 2 a node whose agent stalls for 2 s (a loaded
+    # host) is dropped from the rendezvous without being told, and its replacement then
+    # trains beside it as a second worker group (README: faults on a real cluster).
+    keep_alive_interval: int = Field(5, ge=1, le=600, description="Seconds between rendezvous heartbeats.")
+    keep_alive_max_attempt: int = Field(
+        3, ge=1, le=100,
+        description="Missed heartbeats before a node counts as dead (interval x attempts: how long a dead node holds up the next round).",
+    )
     process_group_timeout: int = Field(
         60, ge=5, le=7200, description="Seconds a collective (and init_process_group) waits for a hung (not dead) peer before the group fails and torchrun restarts it (torch default: 30 min). VLM_PG_TIMEOUT_SECONDS overrides it in the trainer."
     )
