@@ -120,6 +120,10 @@ def bare_copy(trainer):
     from vlm_trainer.schedule import build_optimizer
 
     model = build_vlm(trainer.spec.model, trainer.tok, seed=trainer.seed)
+    if getattr(trainer, "attention", None):  # packed: the trainer's attention implementation
+        from vlm_trainer.model import set_attention
+
+        set_attention(model.llm, trainer.attention)
     apply_trainable(model, trainer.stage.trainable)
     model.load_state_dict(trainer.vlm.state_dict())
     model.train()
@@ -131,11 +135,16 @@ def bare_copy(trainer):
 
 
 def bare_step(model, optimizer, micro) -> None:
-    from vlm_trainer.model import loss_sum
+    from vlm_trainer.model import flattens, loss_sum
+
+    flatten = flattens(getattr(model.llm.config, "_attn_implementation", None))
 
     label_tokens = max(1, sum(b.n_label_tokens for b in micro))
     for b in micro:
-        logits = model(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens)
+        if b.packed and flatten:  # as Trainer.train_step does for packed batches (data.packing)
+            b = b.flattened()
+        logits = model(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens,
+                       position_ids=b.position_ids, flash_kwargs=b.flash_kwargs)
         (loss_sum(logits, b.labels) / label_tokens).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
