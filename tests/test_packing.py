@@ -166,6 +166,18 @@ def test_per_sample_losses_and_gradients_equal_unpacked(bundle, tmp_path_factory
     results = PC.run_variants(vlm, vlm, items, tok.pad_id)
     worst = PC.compare(results)
     assert all(w["loss_rel"] < 1e-5 and w["grad_rel"] < 1e-5 for w in worst.values()), worst
+    # evaluation and grounding collate unpacked (right-padded) batches: under the packed
+    # attention (no mask, causal per row) their losses are those of SDPA with the mask
+    from vlm_trainer.model import PACKED_SDPA, set_attention, token_losses
+    from vlm_trainer.sequences import collate
+
+    plain = collate(items, tok.pad_id)
+    with torch.no_grad():
+        ref = token_losses(vlm(plain.input_ids, plain.attention_mask, plain.pixel_values), plain.labels)
+        set_attention(vlm.llm, PACKED_SDPA)
+        got = token_losses(vlm(plain.input_ids, plain.attention_mask, plain.pixel_values), plain.labels)
+        set_attention(vlm.llm, "sdpa")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     # the check can fail: the same row with one causal mask over it (no restarted positions)
     batch = collate_packed([items], tok.pad_id)
     logits = vlm(batch.input_ids, batch.attention_mask, batch.pixel_values)

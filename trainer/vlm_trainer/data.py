@@ -40,6 +40,8 @@ import threading
 import time
 import traceback
 
+import numpy as np
+
 from vlm_api.schema import DataSpec
 
 from .mixture import MixturePlanner, Slot, SourceStats, StepPlan, micro_batches, rank_slice
@@ -251,7 +253,12 @@ class StepLoader:
 
     def _encode(self, src: ShardedSource, raw: RawSample) -> Encoded | None:
         sample = src.decode(raw, _Deferred)
-        return None if sample is None else self.builder.encode(sample, src.modality)
+        if sample is None:
+            return None
+        enc = self.builder.encode(sample, src.modality)
+        # the buffer holds ~1.25 steps of samples: int32 arrays take a ninth of a list of ints
+        return dataclasses.replace(enc, input_ids=np.asarray(enc.input_ids, dtype=np.int32),
+                                   labels=np.asarray(enc.labels, dtype=np.int32))
 
     def _restore(self) -> None:
         """After a resume: re-read the samples the planner's buffer holds (positions behind

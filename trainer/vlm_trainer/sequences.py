@@ -229,14 +229,15 @@ def collate_packed(rows: list[list[Encoded]], pad_id: int, *, multiple_of: int =
             n = e.n_tokens
             if n == 0:
                 continue
-            ids[r, start:start + n] = torch.tensor(e.input_ids, dtype=torch.long)
-            labels[r, start:start + n] = torch.tensor(e.labels, dtype=torch.long)
+            sample_labels = np.asarray(e.labels, dtype=np.int64)  # lists, or the loader's compact int32 arrays
+            ids[r, start:start + n] = torch.from_numpy(np.asarray(e.input_ids, dtype=np.int64))
+            labels[r, start:start + n] = torch.from_numpy(sample_labels)
             labels[r, start] = IGNORE_INDEX  # never predicted from the previous sample's last token
             mask[r, start:start + n] = 1
             positions[r, start:start + n] = torch.arange(n)
             images.extend(e.images)
             n_img += e.n_image_tokens
-            n_label += sum(1 for lab in e.labels[1:] if lab != IGNORE_INDEX)
+            n_label += int(np.count_nonzero(sample_labels[1:] != IGNORE_INDEX))
             spans.append((r, start, n))
             items.append(e)
             start += n
