@@ -231,6 +231,7 @@ def test_worker_failures_are_elastic_events_and_stop_grace_covers_torchrun_s():
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert worker["restartPolicy"] == "ExitCode"
     assert job["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    assert "backoffLimit" not in job["spec"]["runPolicy"]  # 0 would fail the job at the first replaced pod
     pod = worker["template"]["spec"]
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}

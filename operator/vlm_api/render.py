@@ -219,10 +219,10 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             "nprocPerNode": str(spec.resources.procs_per_node),
             "runPolicy": {
                 "suspend": spec.suspend,
-                # ExitCode pods run with restartPolicy Never, so no container restart is
-                # ever counted against this (Kubeflow's PastBackoffLimit); it bounds nothing
-                # unless someone changes the policy, and then bounds it tightly.
-                "backoffLimit": spec.elastic.max_restarts,
+                # No backoffLimit: ExitCode pods run with restartPolicy Never, so Kubeflow's
+                # PastBackoffLimit has no in-place restarts to count, and a limit of 0 would fail
+                # the job at the first replaced pod. torchrun's maxRestarts and the operator's
+                # maxRetries are the bounds.
                 # Once the job is done, a replica still waiting in the rendezvous holds its
                 # GPUs for nothing; finished pods stay for their termination messages.
                 "cleanPodPolicy": "Running",
