@@ -400,3 +400,61 @@ def test_process_tree_cpu_includes_descendants_in_other_sessions():
         proc.stdin.flush()
         proc.wait(timeout=30)
 
+
+# --------------------------------------------------------------------------- one source for every figure
+
+
+def _latest() -> dict:
+    return json.loads((REPO / "benchmarks" / "results" / "latest.json").read_text())
+
+
+def test_readme_and_docs_figures_are_those_of_latest_json():
+    """README and docs/scaling.md quote benchmark figures only as references that
+    `python -m benchmarks all` rewrites from latest.json; each must match the file."""
+    latest = _latest()
+    for path in harness.FIGURE_DOCS:
+        refs = harness.FIG_RE.findall(path.read_text())
+        assert refs, f"{path.name} quotes no figure from latest.json"
+        for key, shown in refs:
+            assert shown == harness.figure_ref(latest, key), f"{path.name}: {key} shows {shown!r}"
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index(harness.BEGIN) + len(harness.BEGIN):readme.index(harness.END)]
+    assert block.strip() == harness.markdown(latest).strip(), "README's table is not latest.json's: run `python -m benchmarks readme`"
+
+
+def test_readme_benchmark_prose_has_no_hand_typed_figures():
+    """Outside the generated table and the figure references, the README's benchmark
+    section states no measured number (a number with a unit of time, memory or a ratio)."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("## Benchmarks")
+    nxt = readme.find("\n## ", start + 1)
+    section = readme[start:nxt if nxt > 0 else None]
+    section = section[:section.index(harness.BEGIN)] + section[section.index(harness.END):]
+    section = harness.FIG_RE.sub("", section)
+    allowed = {"200 MiB", "50 ms", "15%", "3%", "95%", "2x"}  # targets, thresholds, the interval level
+    found = [m.group(0) for m in re.finditer(r"\d[\d.,]*\s?(ms|s|MiB|GiB|x|%)(?![\w-])", section)]
+    assert [f for f in found if f not in allowed] == []
+
+
+def test_figure_references_render_fields_and_derived_values():
+    latest = {"areas": {"a": {"run_id": "R1", "git": {"short": "abcdef1234", "dirty": True, "dirty_paths": ["x", "y"]},
+                              "figures": [
+        {"name": "t", "value": 11.1, "unit": "s", "min": 8.9, "max": 12.2, "ci95": [9.0, 12.0], "n": 3,
+         "extra": {"idle": 107.0}},
+        {"name": "r", "value": 1.77, "unit": "ratio"}]}}}
+    assert harness.figure_ref(latest, "a.t") == "11.1 s"
+    assert harness.figure_ref(latest, "a.t.ci") == "9–12 s"
+    assert harness.figure_ref(latest, "a.t.range") == "8.9–12.2 s"
+    assert harness.figure_ref(latest, "a.t.n") == "3"
+    assert harness.figure_ref(latest, "a.t.extra.idle|MiB") == "107 MiB"
+    assert harness.figure_ref(latest, "a.r|x") == "1.77x"
+    assert harness.figure_ref(latest, "a.run") == "R1"
+    assert harness.figure_ref(latest, "a.commit") == "abcdef1 + uncommitted changes (2 files)"
+    with pytest.raises(harness.FigureRefError):
+        harness.figure_ref(latest, "a.missing")
+    text = "x <!--fig:a.t-->old<!--/fig--> y <!--fig:a.nope-->keep<!--/fig-->"
+    new, bad = harness.render_figure_refs(text, latest)
+    assert new == "x <!--fig:a.t-->11.1 s<!--/fig--> y <!--fig:a.nope-->keep<!--/fig-->" and len(bad) == 1
+    assert set(harness.DERIVED) >= {"operator_rss_per_run_kib", "series_1000_runs_1_node"}
