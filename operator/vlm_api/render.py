@@ -184,13 +184,20 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
         # torchrun's own SIGTERM budget for its workers (stop checkpoint), then its teardown.
         "terminationGracePeriodSeconds": spec.elastic.shutdown_timeout + SHUTDOWN_MARGIN,
     }
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec.update(_placement(res))
     return {"metadata": {"labels": labels(run, stage, attempt)}, "spec": pod_spec}
+
+
+def _placement(res: s.Resources) -> dict[str, Any]:
+    """Where the run's pods may run and how they rank under preemption (workers and store alike)."""
+    out: dict[str, Any] = {}
+    if res.node_selector:
+        out["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        out["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
+    if res.priority_class_name:
+        out["priorityClassName"] = res.priority_class_name
+    return out
 
 
 def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
@@ -352,13 +359,7 @@ def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, at
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
-    res = spec.resources
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+    pod_spec.update(_placement(spec.resources))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
