@@ -4,6 +4,7 @@ LLM text-only as the anchor (MPT-1B reports ~42% MFU text-only on H100, packed; 
 for the VLM is >= 40% on real tokens).
 
     python -m benchmarks gpu [--quick] [--only vlm llm] [--steps N] [--peak-tflops T] [--out DIR]
+    python -m benchmarks.gpu ... [--no-packed]             # without the VLM's packed arm
     torchrun --nproc-per-node 8 -m benchmarks gpu          # FSDP2 over 8 GPUs
     python -m benchmarks gpu --cpu-smoke --quick --steps 1  # the same code at toy size on CPU (tests)
 
@@ -27,9 +28,20 @@ generated from a length mix like ``examples/run.yaml``'s pretrain stage after im
 by the trainer's ``MixturePlanner`` (token fractions -> per-sample probabilities from the
 sources' mean lengths), encoded by its ``SequenceBuilder`` (bos, text, 729 placeholders per
 image, eos; truncation at seqLength, an image never cut) and padded by its ``collate`` to the
-longest sequence of the micro-batch (no packing yet: issue 18). The generated lengths (in
-tokens; the builtin byte tokenizer makes one token per ASCII character) are assumptions,
-not statistics of the real data sets:
+longest sequence of the micro-batch. The VLM also trains **packed** in the same invocation
+(issue 18; ``PACKED_ARMS``, :func:`packed_steps`), on the same generated mix, as the trainer's
+packed data path builds it: its ``PackingPlanner`` (token budget = the unpacked arm's
+positions, micro-batch x world x seqLength), ``rank_slice`` of the rows, ``micro_batches``,
+``collate_packed``; the attention implementation is the trainer's (``packed_attention`` then
+``check_packing`` on the CPU copy before sharding: ``flash_attention_2`` on CUDA with
+flash-attn, else ``sdpa`` with block-diagonal masks; ``vlm_packed_sdpa`` on CPU) and, where it
+flattens, every micro-batch is one row of real tokens with ``flash_kwargs`` (cu_seq_lens built
+on the CPU: no device sync). A packed step is all of the rank's micro-batches (gradient
+accumulation, as ``Trainer.train_step``); the forward gets ``position_ids`` and
+``flash_kwargs``. The result JSON has ``configs`` (unpacked), ``packed_configs`` and
+``packed_vs_unpacked_real_tokens_per_s`` (packed / unpacked real tokens/s). The generated
+lengths (in tokens; the builtin byte tokenizer makes one token per ASCII character) are
+assumptions, not statistics of the real data sets:
 
 * dclm (web text): log-normal, median 600 tokens, sigma 1.0 (mean ~1,000; ~20% longer than
   2048 and truncated);
@@ -63,8 +75,12 @@ MPT/llm-foundry; :func:`step_flops`:
 Two MFUs per configuration: ``mfu`` counts the real (non-padding) positions only, each
 sequence at its own length: the useful work, the figure the >= 40% target is about;
 ``mfu_dense`` counts the padded batch shape [B, L_pad], what the GPU computed. Their
-difference is the padding. ``tests/test_bench_gpu.py`` checks the formula against
-``torch.utils.flop_counter.FlopCounterMode`` (within 5%) on a small model with padding.
+difference is the padding. Packed, ``mfu`` counts attention per sample (``Batch.spans``) on the
+real tokens (``Batch.n_tokens``); ``mfu_dense`` counts whole rows (a masked kernel) or, for a
+flattened micro-batch (a variable-length kernel: per sample, no padding), equals ``mfu``;
+``row_padding_share`` is the padding of the collated rows before flattening.
+``tests/test_bench_gpu.py`` checks the formula against ``torch.utils.flop_counter.FlopCounterMode``
+(within 5%) on a small model with padding, and on packed rows.
 ``mfu_trainer_formula`` is what the trainer's ``vlmtrain_mfu_ratio`` metric would report for
 the same step (``6 x all LLM params x tokens + 2 x vision params x patches``: no attention
 term), so the dashboard figure can be read against this one.
@@ -129,6 +145,7 @@ CPU_SMOKE_PEAK = 1e12  # nominal: CPU smoke MFU is only comparable with itself
 # examples/run.yaml's pretrain stage once images enter (token fractions), and the text anchor
 MIXTURES = {"vlm": {"dclm": 0.85, "datacomp-dr": 0.10, "obelics": 0.05}, "llm": {"dclm": 1.0}}
 MODALITY = {"dclm": "text", "datacomp-dr": "image-text", "obelics": "interleaved"}
+PACKED_ARMS = ("vlm",)  # configurations that also train packed (issue 18), right after their unpacked arm
 
 
 class UnknownDevice(RuntimeError):
@@ -219,9 +236,17 @@ def model_shape(vlm, trainable_vision: bool) -> dict:
 
 
 def batch_flops(shape: dict, batch, *, dense: bool, causal: bool = False) -> dict:
-    """FLOPs of one micro-batch: ``dense`` counts every row at the padded length."""
+    """FLOPs of one micro-batch: ``dense`` counts every row at the padded length (what a
+    masked kernel computes); otherwise each sample at its own length. A packed batch's
+    samples are its ``spans``; flattened (one row of real tokens, ``flash_kwargs``), its
+    variable-length kernel attends per sample, so its dense figure is its real one."""
     rows, length = (int(x) for x in batch.attention_mask.shape)
-    seq_lens = [length] * rows if dense else [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
+    if batch.spans is not None and not (dense and batch.flash_kwargs is None):
+        seq_lens = [int(n) for _, _, n in batch.spans]
+    elif dense:
+        seq_lens = [length] * rows
+    else:
+        seq_lens = [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
     return step_flops(**shape, seq_lens=seq_lens, images=batch.n_images, causal=causal)
 
 
@@ -273,8 +298,26 @@ def realistic_batches(name: str, *, tok, tokens_per_image: int, image_size: int,
                       n_steps: int, rank: int = 0, world_size: int = 1, seed: int = 0, probe: int = 64) -> list:
     """``n_steps`` micro-batches (one per step) of this rank, as the trainer's data path
     builds them from the generated mix: MixturePlanner -> SequenceBuilder -> collate."""
-    from vlm_trainer.mixture import MixturePlanner, SourceStats, rank_slice
-    from vlm_trainer.sequences import SequenceBuilder, collate
+    from vlm_trainer.mixture import MixturePlanner, rank_slice
+    from vlm_trainer.sequences import collate
+
+    mixture, encoded, stats = _source(name, tok=tok, tokens_per_image=tokens_per_image, image_size=image_size, seq=seq,
+                                      seed=seed, probe=probe)
+    planner = MixturePlanner(stage="pretrain", mixture=mixture, modality=MODALITY, stats=stats,
+                             global_batch=micro_batch * world_size, total_steps=max(1, n_steps),
+                             visual_introduce_at=0.0, seed=seed)
+    batches = []
+    for _ in range(n_steps):
+        plan = planner.next()
+        slots = [plan.slots[i] for i in rank_slice(len(plan.slots), world_size, rank)]
+        batches.append(collate([encoded(sl.source, sl.index) for sl in slots], tok.pad_id))
+    return batches
+
+
+def _source(name: str, *, tok, tokens_per_image: int, image_size: int, seq: int, seed: int, probe: int):
+    """(mixture, encode(source, index), the trainer's probe SourceStats) of a generated mix."""
+    from vlm_trainer.mixture import SourceStats
+    from vlm_trainer.sequences import SequenceBuilder
 
     builder = SequenceBuilder(tok, tokens_per_image=tokens_per_image, seq_length=seq)
     mixture = MIXTURES[name]
@@ -288,15 +331,39 @@ def realistic_batches(name: str, *, tok, tokens_per_image: int, image_size: int,
         tokens = sum(e.n_tokens for e in enc)
         stats[s] = SourceStats(mean_tokens=tokens / probe, image_fraction=sum(e.n_image_tokens for e in enc) / tokens,
                                probed=probe)
-    planner = MixturePlanner(stage="pretrain", mixture=mixture, modality=MODALITY, stats=stats,
-                             global_batch=micro_batch * world_size, total_steps=max(1, n_steps),
-                             visual_introduce_at=0.0, seed=seed)
-    batches = []
+    return mixture, encoded, stats
+
+
+def packed_steps(name: str, *, tok, tokens_per_image: int, image_size: int, seq: int, micro_batch: int,
+                 n_steps: int, rank: int = 0, world_size: int = 1, seed: int = 0, probe: int = 64) -> list:
+    """``n_steps`` packed steps of this rank (each a list of micro-batches, not flattened), as
+    the trainer's packed data path builds them from the same generated mix: PackingPlanner
+    (token budget micro_batch x world x seq: the unpacked arm's positions) -> rank_slice of
+    the rows -> micro_batches -> collate_packed."""
+    from vlm_trainer.mixture import micro_batches, rank_slice
+    from vlm_trainer.packing import Measured, PackingPlanner
+    from vlm_trainer.sequences import collate_packed, dummy_batch
+
+    mixture, encoded, stats = _source(name, tok=tok, tokens_per_image=tokens_per_image, image_size=image_size, seq=seq,
+                                      seed=seed, probe=probe)
+    planner = PackingPlanner(seq_length=seq, token_budget=micro_batch * world_size * seq, stage="pretrain",
+                             mixture=mixture, modality=MODALITY, stats=stats, global_batch=micro_batch * world_size,
+                             total_steps=max(1, n_steps), visual_introduce_at=0.0, seed=seed)
+    cache = {}
+
+    def measure(source: str, index: int):
+        e = cache[(source, index)] = encoded(source, index)
+        return Measured(e.n_tokens, e.n_image_tokens)
+
+    steps = []
     for _ in range(n_steps):
-        plan = planner.next()
-        slots = [plan.slots[i] for i in rank_slice(len(plan.slots), world_size, rank)]
-        batches.append(collate([encoded(sl.source, sl.index) for sl in slots], tok.pad_id))
-    return batches
+        plan = planner.next_packed(measure)
+        mine = [[cache[(sl.source, sl.index)] for sl in plan.rows[r]]
+                for r in rank_slice(len(plan.rows), world_size, rank)]
+        # as the trainer: a rank-independent number of micro-batches, a dummy where a rank has no row
+        steps.append([collate_packed([mine[i] for i in part], tok.pad_id) if len(part) else dummy_batch(tok)
+                      for part in micro_batches(len(mine), len(plan.rows), world_size, micro_batch)])
+    return steps
 
 
 # --------------------------------------------------------------------------- process group
@@ -324,10 +391,15 @@ def init(allow_cpu: bool = False):
 
 
 def _pinned(batch):
+    import torch
+
     return dataclasses.replace(
         batch, input_ids=batch.input_ids.pin_memory(), attention_mask=batch.attention_mask.pin_memory(),
         labels=batch.labels.pin_memory(),
-        pixel_values=None if batch.pixel_values is None else batch.pixel_values.pin_memory())
+        pixel_values=None if batch.pixel_values is None else batch.pixel_values.pin_memory(),
+        position_ids=None if batch.position_ids is None else batch.position_ids.pin_memory(),
+        flash_kwargs=None if batch.flash_kwargs is None else {
+            k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.flash_kwargs.items()})
 
 
 def _sum_parts(parts: list[dict]) -> dict:
@@ -335,13 +407,13 @@ def _sum_parts(parts: list[dict]) -> dict:
 
 
 def measure(name: str, *, ctx, tiny: bool, micro_batch: int, seq: int, steps: int, warmup: int,
-            peak: tuple[float, str]) -> dict:
+            peak: tuple[float, str], packed: bool = False) -> dict:
     import torch
 
     from vlm_api.schema import parse_spec
     from vlm_trainer.distributed import parallelize
     from vlm_trainer.metrics import step_flops as trainer_step_flops
-    from vlm_trainer.model import build_vlm, count_params, loss_sum
+    from vlm_trainer.model import build_vlm, check_packing, count_params, flattens, loss_sum, packed_attention
     from vlm_trainer.policy import apply_trainable, param_groups
     from vlm_trainer.schedule import build_optimizer
     from vlm_trainer.tokenizer import load_tokenizer
@@ -360,24 +432,39 @@ def measure(name: str, *, ctx, tiny: bool, micro_batch: int, seq: int, steps: in
     shape = model_shape(vlm, bool(stage.trainable.vision_encoder))
     n_llm_all, n_vision, n_proj = count_params(vlm.llm), count_params(vlm.vision), count_params(vlm.projector)
     tpi = int(vlm.tokens_per_image)
+    attention = None
+    if packed:  # as the trainer: checked and set on the CPU copy, before sharding
+        attention = check_packing(vlm.llm, packed_attention(vlm.llm, device, seq))
     par = parallelize(vlm, strategy="fsdp", precision="bf16", activation_checkpointing=True, ctx=ctx)
     optimizer = build_optimizer(param_groups(par.module, stage.optimizer.weight_decay), stage.optimizer, fused=False)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     build_s = time.perf_counter() - t_build
 
     t_data = time.perf_counter()
-    batches = realistic_batches(name, tok=tok, tokens_per_image=tpi, image_size=vlm.image_spec.size if vlm.image_spec else 0,
-                                seq=seq, micro_batch=micro_batch, n_steps=warmup + steps, rank=ctx.rank,
-                                world_size=ctx.world_size)
+    data_kw = dict(tok=tok, tokens_per_image=tpi, image_size=vlm.image_spec.size if vlm.image_spec else 0, seq=seq,
+                   micro_batch=micro_batch, n_steps=warmup + steps, rank=ctx.rank, world_size=ctx.world_size)
+    if packed:  # each step: the rank's micro-batches of packed rows
+        batches = packed_steps(name, **data_kw)
+        row_positions = [sum(b.n_positions for b in s) for s in batches[warmup:]]  # before flattening
+        if flattens(attention):
+            batches = [[b.flattened() for b in s] for s in batches]
+    else:  # each step: one padded micro-batch
+        batches = [[b] for b in realistic_batches(name, **data_kw)]
+        row_positions = [sum(b.n_positions for b in s) for s in batches[warmup:]]
     if cuda:
-        batches = [_pinned(b) for b in batches]
+        batches = [[_pinned(b) for b in s] for s in batches]
     data_s = time.perf_counter() - t_data
 
-    def step(batch) -> None:
-        b = batch.to(device)  # non-blocking from pinned memory on CUDA
-        with par.sync_context(True), par.autocast():
-            logits = par.module(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens)
-        (loss_sum(logits, b.labels) / max(1, b.n_label_tokens)).backward()  # label count from the CPU batch
+    def step(micro) -> None:
+        labels = max(1, sum(b.n_label_tokens for b in micro))  # label count from the CPU batches
+        for i, batch in enumerate(micro):
+            b = batch.to(device)  # non-blocking from pinned memory on CUDA
+            with par.sync_context(i == len(micro) - 1):  # reduce gradients on the last micro-batch
+                with par.autocast():  # packed: position_ids (+ flash_kwargs) and no mask, as Trainer.train_step
+                    logits = par.module(b.input_ids, b.attention_mask, b.pixel_values,
+                                        n_image_positions=b.n_image_tokens, position_ids=b.position_ids,
+                                        flash_kwargs=b.flash_kwargs)
+                (loss_sum(logits, b.labels) / labels).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -424,26 +511,31 @@ def measure(name: str, *, ctx, tiny: bool, micro_batch: int, seq: int, steps: in
         sync()
 
     step_s = wall / len(timed)
-    dense = _sum_parts([batch_flops(shape, b, dense=True) for b in timed])
-    real = _sum_parts([batch_flops(shape, b, dense=False) for b in timed])
-    real_causal = _sum_parts([batch_flops(shape, b, dense=False, causal=True) for b in timed])
+    micros = [b for s in timed for b in s]
+    dense = _sum_parts([batch_flops(shape, b, dense=True) for b in micros])
+    real = _sum_parts([batch_flops(shape, b, dense=False) for b in micros])
+    real_causal = _sum_parts([batch_flops(shape, b, dense=False, causal=True) for b in micros])
     n = len(timed)
     positions = dense["tokens"] / n
     real_tokens = real["tokens"] / n
-    images = sum(b.n_images for b in timed) / n
-    image_tokens = sum(b.n_image_tokens for b in timed) / n
+    images = sum(b.n_images for b in micros) / n
+    image_tokens = sum(b.n_image_tokens for b in micros) / n
     trainer_flops = sum(trainer_step_flops(llm_params=n_llm_all, vision_params=n_vision,
                                            tokens=b.n_text_tokens + b.n_image_tokens, patches=b.n_images * tpi,
-                                           vision_trains=bool(stage.trainable.vision_encoder)) for b in timed) / n
+                                           vision_trains=bool(stage.trainable.vision_encoder)) for b in micros) / n
     peak_flops, peak_source = peak
     per_step_sorted = sorted(per_step)
     rec = {
-        "name": name, "label": LABELS[name] + (" (tiny CPU smoke)" if tiny else ""),
+        "name": name,
+        "label": LABELS[name] + (f", packed ({attention})" if packed else "") + (" (tiny CPU smoke)" if tiny else ""),
+        "packing": packed, "attention": attention if packed else "sdpa (padding mask)",
+        "micro_batches_per_step": len(micros) / n, "samples_per_step": sum(b.n_samples for b in micros) / n,
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "world_size": ctx.world_size,
         "micro_batch": micro_batch, "seq_length": seq, "steps": n, "warmup": warmup,
         "mixture": MIXTURES[name], "images_per_step": images, "image_token_share": image_tokens / real_tokens,
         "positions_per_step": positions, "real_tokens_per_step": real_tokens,
         "padding_share": 1.0 - real_tokens / positions,
+        "row_padding_share": 1.0 - real_tokens * n / sum(row_positions),  # of the collated rows, before flattening
         "params_b": (n_llm_all + n_vision + n_proj) / 1e9, "llm_params": n_llm_all, "llm_matmul_params": shape["n_llm"],
         "vision_params": n_vision, "projector_params": n_proj,
         "step_s": step_s, "step_s_median": per_step_sorted[len(per_step_sorted) // 2], "step_s_min": per_step_sorted[0],
@@ -478,23 +570,44 @@ def release_memory() -> None:
 # --------------------------------------------------------------------------- entry points
 
 
+def split_arms(configs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the unpacked configurations, the packed ones)."""
+    return [c for c in configs if not c.get("packing")], [c for c in configs if c.get("packing")]
+
+
+def packed_vs_unpacked(configs: list[dict]) -> dict:
+    """Per configuration with both arms: packed real tokens/s / unpacked real tokens/s."""
+    unpacked, packed = split_arms(configs)
+    by = {c["name"]: c for c in unpacked}
+    return {c["name"]: c["real_tokens_per_s_per_gpu"] / by[c["name"]]["real_tokens_per_s_per_gpu"]
+            for c in packed if c["name"] in by}
+
+
 def _figures(configs: list[dict]) -> list[dict]:
     from .harness import Figure
 
     out = []
-    by = {c["name"]: c for c in configs}
+    by = {c["name"]: c for c in configs if not c.get("packing")}
     for c in configs:
         on = f" on {c['world_size']} x {c['device']}"
-        out.append(Figure(f"{c['name']}_mfu", c["mfu"], "share", n=c["steps"],
-                          target_id="gpu.vlm_mfu" if c["name"] == "vlm" else None,
+        key = c["name"] + ("_packed" if c.get("packing") else "")
+        out.append(Figure(f"{key}_mfu", c["mfu"], "share", n=c["steps"],
+                          target_id="gpu.vlm_mfu" if key == "vlm" else None,
                           description=c["label"] + on + ": MFU on real (non-padding) tokens",
                           extra={"peak_source": c["peak_source"]}).as_dict())
-        out.append(Figure(f"{c['name']}_mfu_dense", c["mfu_dense"], "share", n=c["steps"],
-                          description=c["label"] + on + ": MFU on the padded batch shape").as_dict())
-        out.append(Figure(f"{c['name']}_real_tokens_per_s_per_gpu", c["real_tokens_per_s_per_gpu"], "tokens/s",
+        out.append(Figure(f"{key}_mfu_dense", c["mfu_dense"], "share", n=c["steps"],
+                          description=c["label"] + on + ": MFU on the batch shape the kernels compute").as_dict())
+        out.append(Figure(f"{key}_real_tokens_per_s_per_gpu", c["real_tokens_per_s_per_gpu"], "tokens/s",
                           description=c["label"] + ": real (non-padding) tokens per second per GPU").as_dict())
-        out.append(Figure(f"{c['name']}_padding_share", c["padding_share"], "share",
-                          description=c["label"] + ": padding / positions (no packing yet, issue 18)").as_dict())
+        out.append(Figure(f"{key}_padding_share", c["padding_share"], "share",
+                          description=c["label"] + ": padding / positions the model computes").as_dict())
+        if c["peak_memory_gib"] is not None:
+            out.append(Figure(f"{key}_peak_memory_gib", c["peak_memory_gib"], "GiB",
+                              description=c["label"] + on + ": peak allocated GPU memory").as_dict())
+    for name, ratio in packed_vs_unpacked(configs).items():
+        out.append(Figure(f"{name}_packed_vs_unpacked_real_tokens_per_s", ratio, "ratio",
+                          baseline="the unpacked arm, same process",
+                          description=LABELS[name] + ": packed real tokens/s / unpacked real tokens/s").as_dict())
     if "vlm" in by and "llm" in by:
         out.append(Figure("vlm_vs_llm_real_tokens_per_s",
                           by["vlm"]["real_tokens_per_s_per_gpu"] / by["llm"]["real_tokens_per_s_per_gpu"], "ratio",
@@ -514,7 +627,9 @@ def skip_message() -> str | None:
 
 
 def run_configs(*, quick: bool, only=None, steps: int | None = None, tiny: bool = False, micro_batch: int = 8,
-                seq: int = 2048, peak_tflops: float | None = None) -> tuple[list[dict], object]:
+                seq: int = 2048, peak_tflops: float | None = None, packed: bool = True) -> tuple[list[dict], object]:
+    """Every configuration (``packed``: the PACKED_ARMS ones twice, unpacked then packed);
+    :func:`split_arms` separates the arms."""
     ctx = init(allow_cpu=tiny)
     if tiny:
         peak = (CPU_SMOKE_PEAK, "nominal CPU smoke peak (1e12)")
@@ -527,9 +642,10 @@ def run_configs(*, quick: bool, only=None, steps: int | None = None, tiny: bool 
     steps = steps or (4 if quick else 10)
     configs = []
     for name in names:
-        configs.append(measure(name, ctx=ctx, tiny=tiny, micro_batch=micro_batch, seq=seq, steps=steps, warmup=warmup,
-                               peak=peak))
-        release_memory()
+        for arm in (False, True) if packed and name in PACKED_ARMS else (False,):
+            configs.append(measure(name, ctx=ctx, tiny=tiny, micro_batch=micro_batch, seq=seq, steps=steps,
+                                   warmup=warmup, peak=peak, packed=arm))
+            release_memory()
     return configs, ctx
 
 
@@ -544,7 +660,9 @@ def run(quick: bool) -> dict:
     from vlm_trainer.distributed import shutdown
 
     shutdown(ctx)
-    return {"status": "ok", "configs": configs, "figures": _figures(configs)}
+    unpacked, packed = split_arms(configs)
+    return {"status": "ok", "configs": unpacked, "packed_configs": packed,
+            "packed_vs_unpacked_real_tokens_per_s": packed_vs_unpacked(configs), "figures": _figures(configs)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -556,7 +674,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         configs, ctx = run_configs(quick=args.quick, only=args.only, steps=args.steps, tiny=tiny,
                                    micro_batch=getattr(args, "micro_batch", None) or (4 if tiny else 8),
-                                   seq=TINY_SEQ if tiny else 2048, peak_tflops=getattr(args, "peak_tflops", None))
+                                   seq=TINY_SEQ if tiny else 2048, peak_tflops=getattr(args, "peak_tflops", None),
+                                   packed=not getattr(args, "no_packed", False))
     except UnknownDevice as exc:
         print(f"gpu benchmark: ERROR: {exc}", file=sys.stderr)
         return 2
@@ -564,7 +683,10 @@ def main(args: argparse.Namespace) -> int:
         if ctx.rank == 0:
             from . import harness
 
-            rec = {"area": "gpu", "status": "ok", "quick": args.quick, "cpu_smoke": tiny, "configs": configs,
+            unpacked, packed = split_arms(configs)
+            ratios = packed_vs_unpacked(configs)
+            rec = {"area": "gpu", "status": "ok", "quick": args.quick, "cpu_smoke": tiny, "configs": unpacked,
+                   "packed_configs": packed, "packed_vs_unpacked_real_tokens_per_s": ratios,
                    "figures": _figures(configs), "machine": harness.machine_info(), "run_id": harness.timestamp(),
                    "git": harness.git_commit(),
                    "command": "torchrun --nproc-per-node N -m benchmarks gpu" if ctx.world_size > 1 else "python -m benchmarks gpu"}
@@ -574,11 +696,14 @@ def main(args: argparse.Namespace) -> int:
             path.write_text(json.dumps(rec, indent=2) + "\n")
             for c in configs:
                 print(f"{c['label']}: {c['real_tokens_per_s_per_gpu']:,.0f} real tokens/s/GPU "
-                      f"(padding {100 * c['padding_share']:.0f}%), MFU {100 * c['mfu']:.1f}% on real tokens, "
+                      f"(padding {100 * c['padding_share']:.0f}%, of the rows {100 * c['row_padding_share']:.0f}%), "
+                      f"MFU {100 * c['mfu']:.1f}% on real tokens, "
                       f"{100 * c['mfu_dense']:.1f}% dense (causal-exact {100 * c['mfu_causal']:.1f}%, trainer metric "
                       f"{100 * c['mfu_trainer_formula']:.1f}%), step {c['step_s']:.3f}s, "
                       f"peak mem {c['peak_memory_gib'] or 0:.1f} GiB, syncs/step {c['syncs_per_step']}, "
                       f"on {c['world_size']} x {c['device']} (peak: {c['peak_source']})")
+            for name, ratio in ratios.items():
+                print(f"{name}: packed / unpacked real tokens/s = {ratio:.2f}x")
             if tiny:
                 print(f"wrote {path} (CPU smoke: not for latest.json)")
             else:
@@ -599,4 +724,5 @@ if __name__ == "__main__":  # `torchrun -m benchmarks.gpu` works too
     p.add_argument("--micro-batch", type=int)
     p.add_argument("--peak-tflops", type=float)
     p.add_argument("--cpu-smoke", action="store_true")
+    p.add_argument("--no-packed", action="store_true", help="skip the packed arm (issue 18)")
     sys.exit(main(p.parse_args()))

@@ -1,10 +1,15 @@
 """The GPU benchmark's accounting, checked on CPU: its FLOP formula against torch's own
-FLOP counter, its peak table, and its realistic batches. (The whole script runs in its CPU
-smoke mode in tests/test_benchmarks.py.)"""
+FLOP counter (padded and packed batches), its peak table, its realistic batches, and its
+packed vs unpacked arms in one CPU smoke run. (The whole script, both configurations, runs
+in its CPU smoke mode in tests/test_benchmarks.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,11 +42,15 @@ def _tiny(name: str, vision_config: dict | None = None):
     return vlm, tok, gpu.model_shape(vlm, bool(spec.stages[0].trainable.vision_encoder)), batches
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def _counted(vlm, b) -> int:
     from vlm_trainer.model import loss_sum
 
     with FlopCounterMode(display=False) as fc:
-        logits = vlm(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens)
+        logits = vlm(b.input_ids, b.attention_mask, b.pixel_values, n_image_positions=b.n_image_tokens,
+                     position_ids=b.position_ids, flash_kwargs=b.flash_kwargs)
         (loss_sum(logits, b.labels) / max(1, b.n_label_tokens)).backward()
     vlm.zero_grad(set_to_none=True)
     return fc.get_total_flops()
@@ -59,6 +68,20 @@ def _rows(b, image_token_id: int, tokens_per_image: int):
         yield dataclasses.replace(b, input_ids=ids, attention_mask=b.attention_mask[row:row + 1, :n],
                                   labels=b.labels[row:row + 1, :n], pixel_values=pixels,
                                   n_image_tokens=images * tokens_per_image)
+
+
+def _samples(b, image_token_id: int, tokens_per_image: int):
+    """Each sample of a packed batch alone (its span, its own images with it), unpacked."""
+    first_image = 0
+    for row, start, n in b.spans:
+        ids = b.input_ids[row:row + 1, start:start + n]
+        images = int((ids == image_token_id).sum()) // max(1, tokens_per_image)
+        pixels = None if not images else b.pixel_values[first_image:first_image + images]
+        first_image += images
+        yield dataclasses.replace(b, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  labels=b.labels[row:row + 1, start:start + n], pixel_values=pixels,
+                                  n_image_tokens=images * tokens_per_image, position_ids=None, spans=None,
+                                  flash_kwargs=None)
 
 
 @pytest.mark.parametrize("name", ["vlm", "llm"])
@@ -129,3 +152,52 @@ def test_realistic_batches_follow_the_mix_and_are_deterministic():
     assert 0.2 < 1 - real / positions < 0.8  # right padding to the longest row, no packing
     text = gpu.realistic_batches("llm", **kw)
     assert all(b.n_images == 0 for b in text)
+
+
+def test_packed_flop_formula_within_5_percent_of_flop_counter():
+    """The packed arm's micro-batches (the trainer's PackingPlanner -> collate_packed): the
+    dense formula (whole rows, what a masked kernel computes) against FlopCounterMode on the
+    packed rows, and the real-token formula (attention per sample, from ``spans``) against
+    the samples run one by one; flattened, the dense figure is the per-sample one."""
+    torch.manual_seed(0)
+    vlm, tok, shape, _ = _tiny("vlm")
+    steps = gpu.packed_steps("vlm", tok=tok, tokens_per_image=vlm.tokens_per_image, image_size=vlm.image_spec.size,
+                             seq=gpu.TINY_SEQ, micro_batch=4, n_steps=2)
+    micros = [b for s in steps for b in s]
+    assert all(b.packed and b.n_sequences <= 5 for b in micros) and any(b.n_images for b in micros)
+    b = max(micros, key=lambda m: m.n_samples)
+    assert b.n_samples > b.n_sequences  # rows hold several samples
+    counted = _counted(vlm, b)
+    formula = gpu.batch_flops(shape, b, dense=True)["total"]
+    assert abs(formula / counted - 1) < 0.05, (formula, counted)
+    counted_real = sum(_counted(vlm, r) for r in _samples(b, tok.image_token_id, vlm.tokens_per_image))
+    formula_real = gpu.batch_flops(shape, b, dense=False)["total"]
+    assert abs(formula_real / counted_real - 1) < 0.05, (formula_real, counted_real)
+    flat = b.flattened()
+    assert flat.n_tokens == b.n_tokens
+    assert gpu.batch_flops(shape, flat, dense=True) == gpu.batch_flops(shape, b, dense=False)
+
+
+def test_cpu_smoke_trains_the_vlm_packed_and_unpacked(tmp_path):
+    """One invocation, both arms of the VLM: the packed one pads less, and the result JSON
+    carries both arms and their real-tokens/s ratio."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu-smoke", "--quick", "--steps", "1", "--only",
+                           "vlm", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("gpu-*-cpu-smoke.json")
+    rec = json.loads(path.read_text())
+    (unpacked,), (packed,) = rec["configs"], rec["packed_configs"]
+    assert not unpacked["packing"] and packed["packing"] and packed["name"] == unpacked["name"] == "vlm"
+    assert packed["attention"] == "vlm_packed_sdpa"  # CPU: flattened rows, SDPA per sample
+    assert packed["samples_per_step"] > unpacked["samples_per_step"]
+    assert packed["padding_share"] < unpacked["padding_share"]
+    assert packed["row_padding_share"] < unpacked["row_padding_share"]
+    for c in (unpacked, packed):
+        assert c["images_per_step"] > 0 and c["real_tokens_per_s_per_gpu"] > 0 and 0 < c["mfu"] <= c["mfu_dense"] < 1
+    assert packed["mfu"] == pytest.approx(packed["mfu_dense"])  # flattened: no padding, attention per sample
+    ratio = rec["packed_vs_unpacked_real_tokens_per_s"]["vlm"]
+    assert ratio == pytest.approx(packed["real_tokens_per_s_per_gpu"] / unpacked["real_tokens_per_s_per_gpu"])
+    names = {f["name"] for f in rec["figures"]}
+    assert {"vlm_mfu", "vlm_packed_mfu", "vlm_packed_mfu_dense", "vlm_packed_padding_share",
+            "vlm_packed_vs_unpacked_real_tokens_per_s"} <= names
+    assert "packed / unpacked" in proc.stdout
