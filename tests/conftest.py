@@ -33,3 +33,35 @@ def moto_endpoint(aws_env):
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+# --------------------------------------------------------------------------- trainers on tiny data
+
+
+@pytest.fixture
+def make_trainer(tmp_path_factory, monkeypatch):
+    """Build in-process Trainers on the shared tiny data (no checkpoints, inline data worker,
+    one thread); `packing=None` keeps the spec's default; closed at teardown."""
+    from tests.fixtures_trainer import one_thread, shared_data, spec_dict, stage, trainer_config
+    from vlm_trainer.metrics import reset_registry
+    from vlm_trainer.train import Trainer
+
+    data = shared_data(tmp_path_factory)
+    monkeypatch.setenv("VLM_METRICS_PORT", "0")
+    monkeypatch.setenv("VLM_NO_CHECKPOINT", "1")
+    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
+    built = []
+
+    def make(*, packing: bool | None = None, serve_metrics: bool = False, **stage_kw):
+        reset_registry()
+        spec = spec_dict(data, stages=[stage(**stage_kw)])
+        if packing is not None:
+            spec["data"]["packing"] = packing
+        t = Trainer(trainer_config(spec), serve_metrics=serve_metrics)
+        built.append(t)
+        return t
+
+    with one_thread():
+        yield make
+    for t in built:
+        t.close()

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.fixtures_trainer import REPO, make_data, one_thread, shared_data, spec_dict, stage, tiny_bundle, trainer_config
+from tests.fixtures_trainer import REPO, make_data, one_thread, shared_data, spec_dict, stage, tiny_bundle
 from tests.support import packing_check as PC
 from vlm_api.schema import DataSpec, VLMPretrainRunSpec
 from vlm_trainer.data import StepLoader, open_sources, probe_stats
@@ -370,30 +370,6 @@ def test_padding_on_the_demo_mixture_is_at_most_3_percent(tmp_path):
 
 
 # --------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture
-def make_trainer(tmp_path_factory, monkeypatch):
-    from vlm_trainer.metrics import reset_registry
-    from vlm_trainer.train import Trainer
-
-    data = shared_data(tmp_path_factory)
-    monkeypatch.setenv("VLM_NO_CHECKPOINT", "1")
-    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
-    built = []
-
-    def make(packing=True, **stage_kw):
-        reset_registry()
-        spec = spec_dict(data, stages=[stage(**stage_kw)])
-        spec["data"]["packing"] = packing
-        t = Trainer(trainer_config(spec), serve_metrics=False)
-        built.append(t)
-        return t
-
-    with one_thread():
-        yield make
-    for t in built:
-        t.close()
 
 
 def test_a_tokens_stage_trains_its_stated_tokens_within_one_global_batch(make_trainer, tmp_path, monkeypatch):

@@ -11,30 +11,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures_trainer import one_thread, shared_data, spec_dict, stage, trainer_config
 from vlm_trainer.metrics import reset_registry
-from vlm_trainer.train import EXIT_OK, Trainer
-
-
-@pytest.fixture
-def make_trainer(tmp_path_factory, monkeypatch):
-    data = shared_data(tmp_path_factory)
-    monkeypatch.setenv("VLM_METRICS_PORT", "0")
-    monkeypatch.setenv("VLM_NO_CHECKPOINT", "1")
-    monkeypatch.setenv("VLM_DATA_WORKER", "inline")
-    built = []
-
-    def make(*, serve_metrics=False, **stage_kw):
-        reset_registry()
-        cfg = trainer_config(spec_dict(data, stages=[stage(**stage_kw)]))
-        t = Trainer(cfg, serve_metrics=serve_metrics)
-        built.append(t)
-        return t
-
-    with one_thread():
-        yield make
-    for t in built:
-        t.close()
+from vlm_trainer.train import EXIT_OK
 
 
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(make_trainer):

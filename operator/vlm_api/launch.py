@@ -68,7 +68,7 @@ def build_appdef(
         "PET_RDZV_CONF": ",".join(f"{k}={v}" for k, v in rdzv.conf.items()),
         "PET_MAX_RESTARTS": str(spec.elastic.max_restarts),
         # A restarted rank must not read the previous rank 0's address from torchrun's store
-        # (shared/notes: connectFullMesh refused + hang after a worker SIGKILL).
+        # (after a worker SIGKILL: connectFullMesh refused, then a hang; tests/test_rdzv_store.py).
         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         "VLM_PG_TIMEOUT_SECONDS": str(spec.elastic.process_group_timeout),
         # On SIGTERM torchrun gives its workers this long to commit a stop checkpoint; the

@@ -2,7 +2,7 @@
 
 The CRD's OpenAPI schema (`vlm_api.crd`), `vlmpretrain validate`, the rendered trainer
 config and the trainer itself all come from these models. Field names are the API
-contract of DESIGN.md section 3: add fields freely, rename none.
+contract (README, "The API"): add fields freely, rename none.
 
 Cross-field rules live twice on purpose: as CEL (`x-kubernetes-validations`, enforced by
 the API server at admission) and as Python validators (the same rules for `validate`,

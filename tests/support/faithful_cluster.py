@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,14 +154,7 @@ class FaithfulCluster:
 
     # ------------------------------------------------------------------------- API over HTTP
     def request(self, method: str, path: str, body: Any = None, content_type: str = 'application/json') -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={'Content-Type': content_type})
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read() or b'null')
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b'null')
+        return self.kube.request(method, path, body, content_type)
 
     def create(self, resource: str, obj: dict, ns: str | None = None) -> dict:
         """POST an object ('v1/pods', 'kubeflow.org/v1/pytorchjobs', ...) into `ns` (default: the

@@ -21,6 +21,8 @@ import pathlib
 import random
 import re
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
@@ -557,6 +559,19 @@ class KubeServer:
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
 
     # --- shortcuts -------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: Any = None,
+                content_type: str = 'application/json') -> tuple[int, Any]:
+        """One raw HTTP call, as a client outside the test would make it: (status, JSON body)."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={'Content-Type': content_type, 'User-Agent': 'vlm-tests/1'})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read() or b'null')
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b'null')
+
     def fail(self, *args: Any, **kwargs: Any) -> None:
         self.emulator.fail(*args, **kwargs)
 

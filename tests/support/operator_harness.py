@@ -16,11 +16,8 @@ import contextlib
 import copy
 import datetime
 import functools
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -146,15 +143,7 @@ class Cluster:
     # ------------------------------------------------------------------ raw HTTP (the user's and Kubeflow's client)
 
     def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json") -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.kube.url + path, data=data, method=method,
-                                     headers={"Content-Type": content_type, "User-Agent": "vlm-tests/1"})
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
+        return self.kube.request(method, path, body, content_type)
 
     def create(self, resource: str, obj: dict, ns: str | None = NS) -> dict:
         code, out = self.request("POST", _path(resource, ns), obj)

@@ -13,7 +13,7 @@ its own session, all logs under ``<run-dir>/logs/``.
 
 Stages run in order; stage k > 0 is initialised from stage k-1's final checkpoint
 (``stage_policy.init_from``). A stage is done when its final checkpoint is confirmed, not
-when every replica exits 0 (DESIGN.md section 6): each replica gets a termination-log file,
+when every replica exits 0 (vlm_api/stage_policy.py): each replica gets a termination-log file,
 ``<run-dir>/<stage>/termination-<replica>.json`` (``$VLM_TERMINATION_LOG``), where the
 trainer's global rank 0 writes ``stage_policy.confirmation`` once the stage's final
 checkpoint is committed. After the replicas end, the stage is completed when a replica

@@ -45,7 +45,7 @@ when that module exists. It reads and writes the whole training state through
 :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (DCP-ready: model and optimizer
 via ``torch.distributed.checkpoint.state_dict``) or the parts (:meth:`Trainer.extra_state`).
 
-Completion confirmed (DESIGN.md section 6): once the committed checkpoint of the end of
+Completion confirmed (vlm_api/stage_policy.py): once the committed checkpoint of the end of
 the stage is known (``stage_policy.is_final`` of the checkpointer's committed one), global
 rank 0 writes ``stage_policy.confirmation(stage, step, uri, tokens, final validation loss)``
 to ``$VLM_TERMINATION_LOG``, else to ``/dev/termination-log`` when that exists and is
