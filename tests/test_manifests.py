@@ -4,7 +4,7 @@ privilege: its RBAC grants exactly the calls it makes (derived from the calls, b
 
 - core kinds: kubernetes-validate (schemas of Kubernetes K8S_VERSION), strict
 - monitoring.coreos.com kinds: the vendored prometheus-operator CRDs
-  (UPSTREAM_CRDS_DIR, default ../shared/vendor/crds), with unknown fields rejected
+  (tests/data/upstream-schemas/, or UPSTREAM_CRDS_DIR), with unknown fields rejected
 - the Grafana dashboard and the Argo CD health check
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,8 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+
+from tests.support.schemas import upstream_crds_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO_ROOT / "manifests"
@@ -32,11 +33,6 @@ README = MANIFESTS / "README.md"
 K8S_VERSION = "1.32"
 NAMESPACE = "vlm-system"
 OPERATOR_IMAGE = "ghcr.io/vlm-pretrain-operator/operator:0.1.0"
-
-
-def upstream_crds_dir() -> Path:
-    p = Path(os.environ.get("UPSTREAM_CRDS_DIR", "../shared/vendor/crds"))
-    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
 
 
 # --------------------------------------------------------------------------- build
@@ -661,3 +657,24 @@ def test_operator_namespace_admits_only_monitoring_to_the_metrics_port(objects):
     assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     assert "metrics" in {p["name"] for p in c["ports"]}
     assert env.get("POD_NAMESPACE") is None and any(e["name"] == "POD_NAMESPACE" for e in c["env"])
+
+
+def test_the_carried_upstream_schemas_are_structure_only():
+    """tests/data/upstream-schemas/ (scripts/vendor_schemas.py): no schema description is left,
+    a property *named* description is kept, and the structure the tests rely on is there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vendor_schemas", REPO_ROOT / "scripts" / "vendor_schemas.py")
+    vendor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vendor)
+    assert vendor.strip({"description": "d", "properties": {"description": {"type": "string", "description": "x"}}}) \
+        == {"properties": {"description": {"type": "string"}}}
+    carried = REPO_ROOT / "tests" / "data" / "upstream-schemas"
+    assert set(vendor.SOURCES) | {"SOURCES.md"} == {p.name for p in carried.iterdir()}
+    for name in vendor.SOURCES:
+        crd = yaml.safe_load((carried / name).read_text())
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert vendor.strip(schema) == schema, name
+    job = yaml.safe_load((carried / "kubeflow.org_pytorchjobs.yaml").read_text())
+    spec_props = job["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert {"elasticPolicy", "pytorchReplicaSpecs", "runPolicy", "nprocPerNode"} <= set(spec_props)

@@ -1,4 +1,4 @@
-"""Completion confirmed by the trainer (DESIGN.md section 6): the real trainer on the tiny
+"""Completion confirmed by the trainer (vlm_api/stage_policy.py): the real trainer on the tiny
 config with file:// checkpoints. Global rank 0 writes `stage_policy.confirmation` of the
 stage's committed final checkpoint to ``$VLM_TERMINATION_LOG`` (else /dev/termination-log
 when Kubernetes created it), also when it only resumes a stage that had already ended; a

@@ -1,6 +1,6 @@
 """Pure day-2 diffs: the live stage objects vs what the spec renders now.
 
-Mutable while running (DESIGN section 3): `resources.nodes` (rescale the live PyTorchJob in
+Mutable while running (README, "The API"): `resources.nodes` (rescale the live PyTorchJob in
 place: elasticPolicy min/max and Worker replicas; torchrun re-rendezvouses, no restart from
 scratch), `suspend` (the job's `runPolicy.suspend`) and `checkpoint.keep` (flows to the
 trainer through the stage ConfigMap). Everything else that can change is in the

@@ -1,7 +1,7 @@
 """A Kubernetes API realistic enough for kopf, served over real HTTP for tests.
 
 kmock 0.8's KubernetesEmulator is an in-memory JSON store; kopf and our operator
-rely on more of the API server's contract (see ../shared/notes/testing-the-operator.md).
+rely on more of the API server's contract than it models (listed on RealisticEmulator).
 `RealisticEmulator` adds that contract; `KubeServer` serves it on 127.0.0.1 from a
 background thread with its own event loop, so sync clients, kubectl and KopfRunner
 (which has its own loop) can all talk to it like to a cluster.

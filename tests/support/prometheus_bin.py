@@ -14,7 +14,7 @@ Environment:
   VLM_PROMETHEUS_PACKAGE          apt package spec (default: ``prometheus``; e.g.
                                   ``prometheus=2.42.0+ds-5+deb12u1`` to pin)
 
-Debian bookworm ships Prometheus 2.42 (the version DESIGN.md names). Concurrent
+Debian bookworm ships Prometheus 2.42 (the version the project targets). Concurrent
 callers (several pytest processes) are serialised with a file lock.
 """
 

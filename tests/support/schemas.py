@@ -1,7 +1,8 @@
 """Validation of objects against real schemas: the vendored upstream CRDs and kubernetes-validate.
 
-The upstream CRDs are test data outside the project (DESIGN section 5): their folder comes
-from UPSTREAM_CRDS_DIR, by default `../shared/vendor/crds` beside the checkout.
+The upstream CRDs are test data: their folder comes
+from UPSTREAM_CRDS_DIR, by default the project's own copy (tests/data/upstream-schemas/,
+structure only, made by scripts/vendor_schemas.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ K8S_VERSION = "1.32.0"
 
 
 def upstream_crds_dir() -> Path:
-    path = Path(os.environ.get("UPSTREAM_CRDS_DIR", REPO.parent / "shared" / "vendor" / "crds"))
+    path = Path(os.environ.get("UPSTREAM_CRDS_DIR", REPO / "tests" / "data" / "upstream-schemas"))
     if not path.is_dir():
         raise FileNotFoundError(f"upstream CRDs not found at {path} (set UPSTREAM_CRDS_DIR)")
     return path

@@ -2,7 +2,7 @@
 
 A shard is a tar file at a local path, a ``file://`` URI or ``s3://bucket/key``. A sample is
 the run of consecutive members sharing a key (the member name before its first dot, as
-webdataset defines it). One decoder per modality (DESIGN section 3) turns a sample's members
+webdataset defines it). One decoder per modality turns a sample's members
 into ``segments`` in document order:
 
 - ``text``: ``<key>.txt`` -> ``[TextSeg]``
