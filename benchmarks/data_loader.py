@@ -35,7 +35,7 @@ def run(quick: bool) -> dict:
     import torch
 
     from vlm_trainer import metrics as vmetrics
-    from vlm_trainer.data import StepLoader
+    from vlm_trainer.data.loader import StepLoader
     from vlm_trainer.train import NullCheckpointer, Trainer
 
     steps_per_round = 5 if quick else 10

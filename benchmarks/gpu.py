@@ -272,7 +272,7 @@ def make_sample(source: str, index: int, *, seq: int, image_size: int, seed: int
     Text lengths scale with ``seq`` / 2048 so that the toy CPU smoke keeps the mix's shape."""
     import numpy as np
 
-    from vlm_trainer.shards import ImageSeg, Sample, TextSeg
+    from vlm_trainer.data.shards import ImageSeg, Sample, TextSeg
 
     rng = np.random.default_rng([seed, zlib.crc32(source.encode()), index])
     k = seq / 2048
@@ -298,8 +298,8 @@ def realistic_batches(name: str, *, tok, tokens_per_image: int, image_size: int,
                       n_steps: int, rank: int = 0, world_size: int = 1, seed: int = 0, probe: int = 64) -> list:
     """``n_steps`` micro-batches (one per step) of this rank, as the trainer's data path
     builds them from the generated mix: MixturePlanner -> SequenceBuilder -> collate."""
-    from vlm_trainer.mixture import MixturePlanner, rank_slice
-    from vlm_trainer.sequences import collate
+    from vlm_trainer.data.mixture import MixturePlanner, rank_slice
+    from vlm_trainer.data.sequences import collate
 
     mixture, encoded, stats = _source(name, tok=tok, tokens_per_image=tokens_per_image, image_size=image_size, seq=seq,
                                       seed=seed, probe=probe)
@@ -316,8 +316,8 @@ def realistic_batches(name: str, *, tok, tokens_per_image: int, image_size: int,
 
 def _source(name: str, *, tok, tokens_per_image: int, image_size: int, seq: int, seed: int, probe: int):
     """(mixture, encode(source, index), the trainer's probe SourceStats) of a generated mix."""
-    from vlm_trainer.mixture import SourceStats
-    from vlm_trainer.sequences import SequenceBuilder
+    from vlm_trainer.data.mixture import SourceStats
+    from vlm_trainer.data.sequences import SequenceBuilder
 
     builder = SequenceBuilder(tok, tokens_per_image=tokens_per_image, seq_length=seq)
     mixture = MIXTURES[name]
@@ -340,9 +340,9 @@ def packed_steps(name: str, *, tok, tokens_per_image: int, image_size: int, seq:
     the trainer's packed data path builds them from the same generated mix: PackingPlanner
     (token budget micro_batch x world x seq: the unpacked arm's positions) -> rank_slice of
     the rows -> micro_batches -> collate_packed."""
-    from vlm_trainer.mixture import micro_batches, rank_slice
-    from vlm_trainer.packing import Measured, PackingPlanner
-    from vlm_trainer.sequences import collate_packed, dummy_batch
+    from vlm_trainer.data.mixture import micro_batches, rank_slice
+    from vlm_trainer.data.packing import Measured, PackingPlanner
+    from vlm_trainer.data.sequences import collate_packed, dummy_batch
 
     mixture, encoded, stats = _source(name, tok=tok, tokens_per_image=tokens_per_image, image_size=image_size, seq=seq,
                                       seed=seed, probe=probe)

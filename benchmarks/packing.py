@@ -15,8 +15,8 @@ web text 0.5, captions 0.3, interleaved 0.2 (a VLM pretraining blend after image
   (the trainer's truncation rule: never cut an image).
 
 Every sample is bos + tokens + eos, image placeholders labelled ignore, as
-`vlm_trainer.sequences.SequenceBuilder` encodes them. Samples are drawn and packed by the
-trainer's own `vlm_trainer.packing.PackingPlanner` (token budget 8 x 2048 per step; 4 x
+`vlm_trainer.data.sequences.SequenceBuilder` encodes them. Samples are drawn and packed by the
+trainer's own `vlm_trainer.data.packing.PackingPlanner` (token budget 8 x 2048 per step; 4 x
 2048 quick), collated by `collate_packed` and flattened (`Batch.flattened`: one row,
 ``cu_seq_lens``), and trained with the trainer's CPU attention (``vlm_packed_sdpa``: SDPA
 per sample). Unpacked: *the same samples*, in draw order, one per row, micro-batches of 8
@@ -37,7 +37,7 @@ the LLM's.
 
 **The demo mixture** (``padding_share``, ``tokens_trained_vs_stated``: the targets #18
 registered): `examples/demo.yaml`'s stages on the data `vlmpretrain demo` generates
-(`vlm_trainer.synthdata`, seed 0), planned by the trainer's data path (`StepLoader`) for
+(`vlm_trainer.data.synthdata`, seed 0), planned by the trainer's data path (`StepLoader`) for
 the whole stage (1500 + 100 steps; 300 + 100 quick): padding / positions, and real tokens
 planned (= trained: every planned sample is trained) / steps x globalBatchTokens.
 """
@@ -79,7 +79,7 @@ def make_sample(source: str, index: int, seed: int = 0):
     import numpy as np
 
     from vlm_trainer.model import IGNORE_INDEX
-    from vlm_trainer.sequences import Encoded
+    from vlm_trainer.data.sequences import Encoded
 
     rng = np.random.default_rng([seed, zlib.crc32(source.encode()), index])
     ids, labels, images = [BOS], [IGNORE_INDEX], 0
@@ -125,8 +125,8 @@ def make_sample(source: str, index: int, seed: int = 0):
 def plan(steps: int, budget: int, seed: int = 0):
     """(the packed steps' rows of samples, every sample in draw order) from the trainer's
     PackingPlanner over the generated mix."""
-    from vlm_trainer.mixture import SourceStats
-    from vlm_trainer.packing import Measured, PackingPlanner
+    from vlm_trainer.data.mixture import SourceStats
+    from vlm_trainer.data.packing import Measured, PackingPlanner
 
     stats = {}
     for s in MIXTURE:  # the probe the trainer makes (first 64 samples of each source)
@@ -152,7 +152,7 @@ def plan(steps: int, budget: int, seed: int = 0):
 
 
 def padding(packed, drawn) -> dict:
-    from vlm_trainer.sequences import collate, collate_packed
+    from vlm_trainer.data.sequences import collate, collate_packed
 
     real = sum(e.n_tokens for e in drawn)
     rows = sum(len(step) for step in packed)
@@ -182,7 +182,7 @@ def speed(packed, drawn, *, repeats: int, warmup: int = 1) -> tuple:
     import torch
 
     from vlm_trainer.model import check_packing, flattens, loss_sum, packed_attention, set_attention
-    from vlm_trainer.sequences import collate, collate_packed
+    from vlm_trainer.data.sequences import collate, collate_packed
 
     torch.set_num_threads(THREADS)
     vlm_a, vlm_b = _model(), _model()
@@ -225,12 +225,12 @@ def demo_mixture(steps: dict[str, int] | None) -> dict:
     import yaml
 
     from vlm_api.schema import VLMPretrainRunSpec
-    from vlm_trainer import synthdata
-    from vlm_trainer.data import StepLoader, open_sources, probe_stats
-    from vlm_trainer.demo import SAMPLES_PER_SHARD, SEED
+    from vlm_trainer.data import synthdata
+    from vlm_trainer.data.loader import StepLoader, open_sources, probe_stats
+    from vlm_local.demo import SAMPLES_PER_SHARD, SEED
     from vlm_trainer.model import build_vlm
-    from vlm_trainer.packing import PackingPlanner
-    from vlm_trainer.sequences import SequenceBuilder
+    from vlm_trainer.data.packing import PackingPlanner
+    from vlm_trainer.data.sequences import SequenceBuilder
     from vlm_trainer.tokenizer import load_tokenizer
 
     out = {}

@@ -2,7 +2,7 @@
 
 Setup (the demo, as ``vlmpretrain demo`` runs it): ``examples/demo.yaml``'s model, data
 sources, mixture, batch (16 sequences x 96 tokens in 2 micro-batches of 8) and optimizer,
-on the demo's synthetic shards (``vlm_trainer.synthdata``, generated into a temp dir); a
+on the demo's synthetic shards (``vlm_trainer.data.synthdata``, generated into a temp dir); a
 gloo process group of world size 1 as ``torchrun --nproc-per-node 1`` gives it (at world
 size 1 the trainer skips the DDP wrapper, as in the demo), and one intra-op thread, as
 ``vlmpretrain demo`` runs its worker, so the data worker process has the second core. A
@@ -53,7 +53,7 @@ from pathlib import Path
 from . import harness
 
 PREFETCH_SKIP = 2
-DEMO_THREADS = 1  # `vlmpretrain demo` runs its worker with OMP_NUM_THREADS=1 (trainer/vlm_trainer/demo.py)
+DEMO_THREADS = 1  # `vlmpretrain demo` runs its worker with OMP_NUM_THREADS=1 (trainer/vlm_local/demo.py)
 MIN_CLEAN = 3  # rounds free of contention needed before contended ones are left out
 # Short chunks, many of them: A and B of a pair run within ~1 s of each other, so the drift of a
 # shared machine (seconds to minutes) cancels in the ratio; 6 steps a chunk, 4 of them timed
@@ -76,7 +76,7 @@ def demo_spec(data_dir: Path, *, steps: int) -> dict:
     """examples/demo.yaml's spec with the data in ``data_dir`` and the benchmark changes."""
     import yaml
 
-    from vlm_trainer import synthdata
+    from vlm_trainer.data import synthdata
 
     doc = yaml.safe_load((harness.REPO / "examples" / "demo.yaml").read_text())
     spec = copy.deepcopy(doc["spec"])

@@ -27,8 +27,8 @@ SOURCES = {"text": "text", "captions": "image-text", "interleaved": "interleaved
 
 
 def make_data(root: Path, *, samples_per_shard: int = 48, shards: dict | None = None) -> dict:
-    """Synthetic shards (vlm_trainer.synthdata) at image size 32; returns {name: DataSource fields}."""
-    from vlm_trainer import synthdata
+    """Synthetic shards (vlm_trainer.data.synthdata) at image size 32; returns {name: DataSource fields}."""
+    from vlm_trainer.data import synthdata
 
     shards = shards or {"text": 2, "captions": 2, "interleaved": 2, "text-instruct": 1}
     return synthdata.generate(root, samples_per_shard=samples_per_shard, shards=shards, image_size=32)

@@ -55,7 +55,7 @@ def s3(cluster, tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from vlm_trainer import synthdata
+    from vlm_trainer.data import synthdata
 
     for key, value in {**CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)

@@ -160,8 +160,8 @@ def prometheus_bin() -> str:
 
 @pytest.mark.slow
 def test_every_dashboard_panel_has_data_from_a_real_run(prometheus_bin, tmp_path):
-    from vlm_trainer import local as L
-    from vlm_trainer import synthdata
+    from vlm_local import runner as L
+    from vlm_trainer.data import synthdata
 
     started = time.monotonic()
     synthdata.generate(tmp_path / "tiny-data", samples_per_shard=160, image_size=32,

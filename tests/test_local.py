@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from vlm_trainer import local as L
-from vlm_trainer import localview as V
+from vlm_local import runner as L
+from vlm_local import view as V
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny-local.yaml"
@@ -162,12 +162,12 @@ def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
     assert local_spec.checkpoint.uri == (tmp_path / "c").as_uri() and spec.checkpoint.uri == "file://./tiny-ckpt"
     app = runner.appdef(run, local_spec, "pretrain", config_path=tmp_path / "config.yaml",
                         progress_path=tmp_path / "pretrain" / "progress.jsonl", nproc=2, metrics_port=9999)
-    cluster = launch.build_appdef(local_spec, name=render.job_name("tiny", "pretrain"),
-                                  rdzv=render.rendezvous(run, local_spec, "pretrain"))
-    role, ref = app.roles[0], cluster.roles[0]
-    assert role.entrypoint == ref.entrypoint == "torchrun"
+    ref = launch.describe(local_spec, name=render.job_name("tiny", "pretrain"),
+                          rdzv=render.rendezvous(run, local_spec, "pretrain"))
+    role = app.roles[0]
+    assert role.entrypoint == ref.command == "torchrun"
     assert role.args == ["-m", "vlm_trainer", "--config", str(tmp_path / "config.yaml")]
-    assert ref.args[:3] == role.args[:3]
+    assert list(ref.args[:3]) == role.args[:3]
     assert role.num_replicas == 2 and role.min_replicas == 1
     env = role.env
     assert env["PET_NNODES"] == "1:2" and env["PET_NPROC_PER_NODE"] == "2" and env["PET_RDZV_BACKEND"] == "c10d"
@@ -288,7 +288,7 @@ def _local(work: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    from vlm_trainer import synthdata
+    from vlm_trainer.data import synthdata
 
     d = tmp_path_factory.mktemp("local")
     synthdata.generate(d / "tiny-data", samples_per_shard=160, image_size=32,

@@ -17,11 +17,11 @@ import torch
 from tests.fixtures_trainer import REPO, make_data, one_thread, shared_data, spec_dict, stage, tiny_bundle
 from tests.support import packing_check as PC
 from vlm_api.schema import DataSpec, VLMPretrainRunSpec
-from vlm_trainer.data import StepLoader, open_sources, probe_stats
-from vlm_trainer.mixture import SourceStats
+from vlm_trainer.data.loader import StepLoader, open_sources, probe_stats
+from vlm_trainer.data.mixture import SourceStats
 from vlm_trainer.model import IGNORE_INDEX, PackingUnsupported, check_packing, packing_isolation_error
-from vlm_trainer.packing import Measured, PackingPlanner, fill_rows
-from vlm_trainer.sequences import SequenceBuilder, collate_packed
+from vlm_trainer.data.packing import Measured, PackingPlanner, fill_rows
+from vlm_trainer.data.sequences import SequenceBuilder, collate_packed
 
 MIX = {"text": 0.5, "captions": 0.35, "interleaved": 0.15}
 SEQ = 192
@@ -110,7 +110,7 @@ def test_planner_state_round_trip_continues_exactly():
 
 
 def test_packed_and_unpacked_positions_do_not_mix():
-    from vlm_trainer.mixture import MixturePlanner
+    from vlm_trainer.data.mixture import MixturePlanner
 
     packed = _planner()
     packed.next_packed(_lengths)
@@ -137,7 +137,7 @@ def bundle():
 def test_collate_packed_restarts_positions_and_masks_sample_starts(bundle):
     tok, vlm = bundle
     b = SequenceBuilder(tok, tokens_per_image=vlm.tokens_per_image, seq_length=SEQ)
-    from vlm_trainer.sequences import Encoded
+    from vlm_trainer.data.sequences import Encoded
 
     e1 = Encoded([1, 10, 11, 12], [IGNORE_INDEX, 10, 11, 12], [], "t", "text", 0, 0)
     e2 = Encoded([13, 14, 15], [13, 14, 15], [], "t", "text", 0, 1)  # no bos: its first label must not count
@@ -169,7 +169,7 @@ def test_per_sample_losses_and_gradients_equal_unpacked(bundle, tmp_path_factory
     # evaluation and grounding collate unpacked (right-padded) batches: under the packed
     # attention (no mask, causal per row) their losses are those of SDPA with the mask
     from vlm_trainer.model import PACKED_SDPA, set_attention, token_losses
-    from vlm_trainer.sequences import collate
+    from vlm_trainer.data.sequences import collate
 
     plain = collate(items, tok.pad_id)
     with torch.no_grad():
@@ -329,12 +329,12 @@ def test_packed_prefetching_workers_match_inline(world, worker):
 
 
 def test_padding_on_the_demo_mixture_is_at_most_3_percent(tmp_path):
-    """examples/demo.yaml's stages on its generated data (vlm_trainer.synthdata, fewer
+    """examples/demo.yaml's stages on its generated data (vlm_trainer.data.synthdata, fewer
     samples per shard): padding / positions <= 3% over each stage's plan (steps scaled down,
     visualIntroduceAt's share kept)."""
     import yaml
 
-    from vlm_trainer import synthdata
+    from vlm_trainer.data import synthdata
     from vlm_trainer.model import build_vlm
     from vlm_trainer.tokenizer import load_tokenizer
 
@@ -398,7 +398,7 @@ def test_a_tokens_stage_trains_its_stated_tokens_within_one_global_batch(make_tr
 
 
 def test_summary_shows_stated_tokens_padding_and_samples_per_sequence():
-    from vlm_trainer import localview as V
+    from vlm_local import view as V
 
     st = V.StageState("pretrain")
     st.apply({"event": "start", "step": 0, "total_steps": 2, "tokens_stated": 3072})

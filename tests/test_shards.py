@@ -17,9 +17,9 @@ from PIL import Image
 from webdataset import TarWriter
 
 from vlm_api.quantities import expand_braces
-from vlm_trainer import shards as shards_mod
-from vlm_trainer import synthdata
-from vlm_trainer.shards import ImageSeg, ImageTransform, ShardedSource, TextSeg
+from vlm_trainer.data import shards as shards_mod
+from vlm_trainer.data import synthdata
+from vlm_trainer.data.shards import ImageSeg, ImageTransform, ShardedSource, TextSeg
 
 SIZE = 64
 PLAIN = ImageTransform(size=SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # pixels = RGB / 255

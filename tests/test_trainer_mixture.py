@@ -9,9 +9,9 @@ import pytest
 
 from tests.fixtures_trainer import shared_data, tiny_bundle
 from vlm_api.schema import DataSpec
-from vlm_trainer.data import StepLoader, open_sources, probe_stats
-from vlm_trainer.mixture import MixturePlanner, SourceStats, micro_batches, rank_slice
-from vlm_trainer.sequences import SequenceBuilder
+from vlm_trainer.data.loader import StepLoader, open_sources, probe_stats
+from vlm_trainer.data.mixture import MixturePlanner, SourceStats, micro_batches, rank_slice
+from vlm_trainer.data.sequences import SequenceBuilder
 
 MIX = {"text": 0.5, "captions": 0.35, "interleaved": 0.15}
 
@@ -166,7 +166,7 @@ def test_epochs_to_steps_is_bounded_by_the_slowest_source():
     p = MixturePlanner(stage="sft", mixture={"a": 0.5, "b": 0.5}, modality={"a": "text", "b": "image-text"},
                        stats=stats, global_batch=10, total_steps=1, visual_introduce_at=0.0, seed=0)
     # sample probabilities 1/3 (a) and 2/3 (b): a needs 2 x 300 / (10/3) = 180 steps, b 2 x 1000 / (20/3) = 300
-    from vlm_trainer.mixture import steps_for_epochs
+    from vlm_trainer.data.mixture import steps_for_epochs
 
     assert steps_for_epochs(2, {"a": 300, "b": 1000}, p) == 300
     assert steps_for_epochs(2, {"a": 3000, "b": 1000}, p) == 1800
@@ -241,9 +241,9 @@ def test_worker_process_dies_with_its_trainer(tmp_path):
         "import sys, time, pathlib; sys.path.insert(0, %r)\n"
         "from tests.fixtures_trainer import make_data, tiny_bundle\n"
         "from vlm_api.schema import DataSpec\n"
-        "from vlm_trainer.data import StepLoader, open_sources, probe_stats\n"
-        "from vlm_trainer.mixture import MixturePlanner\n"
-        "from vlm_trainer.sequences import SequenceBuilder\n"
+        "from vlm_trainer.data.loader import StepLoader, open_sources, probe_stats\n"
+        "from vlm_trainer.data.mixture import MixturePlanner\n"
+        "from vlm_trainer.data.sequences import SequenceBuilder\n"
         "data = make_data(pathlib.Path(%r), shards={'text': 1})\n"
         "spec = DataSpec.model_validate({'seqLength': 96, 'sources': [{'name': 'text', 'modality': 'text', 'uri': data['text']['uri']}]})\n"
         "tok, vlm = tiny_bundle()\n"

@@ -14,8 +14,8 @@ from vlm_api.validate import visual_region_layers
 from vlm_trainer.model import IGNORE_INDEX, ImageTokenMismatch, build_vlm
 from vlm_trainer.policy import apply_trainable, param_groups, selected_llm_layers
 from vlm_trainer.schedule import LRSchedule
-from vlm_trainer.sequences import SequenceBuilder, collate
-from vlm_trainer.shards import ImageSeg, Sample, TextSeg
+from vlm_trainer.data.sequences import SequenceBuilder, collate
+from vlm_trainer.data.shards import ImageSeg, Sample, TextSeg
 from vlm_trainer.tokenizer import build_byte_tokenizer, load_tokenizer
 
 

@@ -71,8 +71,8 @@ def _bundle(depth: int):
 
 def _batch(vlm, tok, data, n: int = 6):
     """A padded batch of real image-text and text samples (images + padding present)."""
-    from vlm_trainer.sequences import SequenceBuilder, collate
-    from vlm_trainer.shards import ImageTransform, ShardedSource
+    from vlm_trainer.data.sequences import SequenceBuilder, collate
+    from vlm_trainer.data.shards import ImageTransform, ShardedSource
 
     builder = SequenceBuilder(tok, tokens_per_image=vlm.tokens_per_image, seq_length=96)
     spec = vlm.image_spec
@@ -116,7 +116,7 @@ def _bi(h_in, h_out, mask):
 
 
 def test_block_influence_matches_direct_computation(data):
-    from vlm_trainer.layer_influence import BlockInfluenceMeter, measure, position_masks
+    from vlm_trainer.visual_region.influence import BlockInfluenceMeter, measure, position_masks
 
     tok, vlm = _bundle(6)
     layers = vlm.llm.model.layers
@@ -164,7 +164,7 @@ def test_block_influence_matches_direct_computation(data):
 
 
 def test_report_json_table_and_chart(tmp_path):
-    from vlm_trainer.layer_influence import InfluenceReport, LayerInfluence
+    from vlm_trainer.visual_region.influence import InfluenceReport, LayerInfluence
 
     layers = [LayerInfluence(i, 0.1 * i, 0.05 * i, 0.07 * i, i in (1, 3)) for i in range(4)]
     layers[0].image = math.nan
@@ -186,8 +186,8 @@ def test_report_json_table_and_chart(tmp_path):
 
 def test_pruning_never_removes_visual_region_layers():
     from vlm_api.validate import visual_region_layers
-    from vlm_trainer.layer_influence import LayerInfluence
-    from vlm_trainer.prune import choose_layers, layers_to_remove_count, remap_indices
+    from vlm_trainer.visual_region.influence import LayerInfluence
+    from vlm_trainer.visual_region.prune import choose_layers, layers_to_remove_count, remap_indices
 
     rng = random.Random(0)
     for trial in range(300):
@@ -219,7 +219,7 @@ def test_prune_llm_layers_equals_skipping_them_and_round_trips(tmp_path):
     """Removing layers == replacing them by identity blocks; config + per-layer lists follow."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vlm_trainer.prune import prune_llm_layers
+    from vlm_trainer.visual_region.prune import prune_llm_layers
 
     cfg = AutoConfig.for_model(model_type="qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
@@ -248,7 +248,7 @@ def test_prune_llm_layers_equals_skipping_them_and_round_trips(tmp_path):
 
 
 def test_remap_fqns_renames_and_drops_everywhere():
-    from vlm_trainer.prune import remap_fqns
+    from vlm_trainer.visual_region.prune import remap_fqns
 
     tree = {"model": {"llm.model.layers.0.w": 0, "llm.model.layers.1.w": 1, "llm.model.layers.12.w": 12,
                       "vision.encoder.layers.1.w": "v", "llm.model.norm.weight": "n"},
@@ -302,7 +302,7 @@ def trained(tmp_path_factory, data):
     finally:
         t.close()
         mp.undo()
-    from vlm_trainer.prune import final_checkpoint_ref
+    from vlm_trainer.visual_region.prune import final_checkpoint_ref
 
     return root, path, cfg, final_checkpoint_ref(cfg)
 
@@ -391,7 +391,7 @@ def test_pruning_stage_then_next_stage_continues_from_pruned_model(trained, monk
     """run_prune_stage_step after the pruning stage, then the next stage's trainer builds the
     pruned architecture, initialises from the pruned checkpoint and trains the remapped region."""
     from vlm_trainer.metrics import reset_registry
-    from vlm_trainer.prune import after_stage, prepare_stage_config, run_prune_stage_step
+    from vlm_trainer.visual_region.prune import after_stage, prepare_stage_config, run_prune_stage_step
     from vlm_trainer.train import Trainer
 
     root, config, cfg, ref = trained

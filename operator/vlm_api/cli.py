@@ -119,6 +119,22 @@ def _checkpoint_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
+def _operator_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `vlmpretrain operator` (vlm_operator.main.run reads them)."""
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                       help="serve runs in this namespace (repeatable; globs like 'team-*' work)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve runs in all namespaces (the default)")
+    p.add_argument("--standalone", action="store_true", default=True,
+                   help="no peering (the default: one replica with the Recreate strategy)")
+    p.add_argument("--peering", metavar="NAME", help="use kopf peering object NAME instead of --standalone")
+    p.add_argument("--liveness", metavar="URL", help="serve a liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of the operator's /metrics (default $VLM_OPERATOR_METRICS_PORT or 8080; 0 disables)")
+    p.add_argument("--log-format", choices=["json", "plain", "full"], default="json", help="log line format")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmpretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="configs, progress, logs, summary (default: runs/<name>)")
     p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
     p.add_argument("--skip-grounding", action="store_true", help="train only; skip the true-vs-mismatched image test")
-    p.set_defaults(func=_lazy("vlm_trainer.demo:main"))
+    p.set_defaults(func=_lazy("vlm_local.demo:main"))
 
     p = sub.add_parser("local", help="run a recipe's stages on this machine (torchx local scheduler, torchrun)")
     p.add_argument("file", metavar="FILE", help="VLMPretrainRun manifest, e.g. examples/demo.yaml")
@@ -161,12 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
     p.add_argument("--run-dir", help="configs, progress files, logs, summary (default: runs/<name>)")
     p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
-    p.set_defaults(func=_lazy("vlm_trainer.local:main"))
+    p.set_defaults(func=_lazy("vlm_local.runner:main"))
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf; same as `kopf run -m vlm_operator.handlers`)")
-    from vlm_operator.main import add_arguments as _operator_arguments  # argparse only: no kopf import
-
-    _operator_arguments(p)
+    _operator_args(p)
     p.set_defaults(func=_lazy("vlm_operator.main:run"))
 
     p = sub.add_parser("rendezvous-store", help="serve a c10d rendezvous store outside the workers (one per stage)")
@@ -176,14 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8081, help="/healthz and /readyz port (default 8081)")
     p.set_defaults(func=_lazy("vlm_trainer.rdzv_store:main"))
 
-    # ---- visual-region tools (vlm_trainer.layer_influence, vlm_trainer.prune): need the trainer extra
+    # ---- visual-region tools (vlm_trainer.visual_region.influence, vlm_trainer.visual_region.prune): need the trainer extra
     p = sub.add_parser("analyze-layers", help="block influence of every LLM layer on image vs text positions of a checkpoint")
     _checkpoint_model_args(p)
     p.add_argument("--data", action="append", required=True, metavar="SHARDS",
                    help="calibration shards, [NAME=][MODALITY:]URI with {a..b} ranges (repeatable; modality detected when omitted)")
     p.add_argument("--samples", type=int, default=64, metavar="N", help="calibration samples per --data (default 64)")
     p.add_argument("--out", default="layer-influence", metavar="DIR", help="writes DIR/influence.json and DIR/influence.png")
-    p.set_defaults(func=_lazy("vlm_trainer.layer_influence:main"))
+    p.set_defaults(func=_lazy("vlm_trainer.visual_region.influence:main"))
 
     p = sub.add_parser("prune", help="remove the least influential LLM layers outside the visual region of a checkpoint")
     _checkpoint_model_args(p)
@@ -203,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=None, metavar="N",
                    help="validation samples per source for the before/after loss (default: the stage's evalBatches x "
                         "microBatchSize; 0 skips)")
-    p.set_defaults(func=_lazy("vlm_trainer.prune:main"))
+    p.set_defaults(func=_lazy("vlm_trainer.visual_region.prune:main"))
     return parser
 
 

@@ -1,7 +1,7 @@
 """The one stage policy: which stage runs, from which checkpoint, and what makes it done.
 
 Pure (no I/O). The operator (`vlm_operator/core.py`), the local runner
-(`vlm_trainer/local.py`) and the trainer (`vlm_trainer/train.py`) all decide with these
+(`vlm_local/runner.py`) and the trainer (`vlm_trainer/train.py`) all decide with these
 functions, so "is this stage final?" has one answer:
 
 - Stages run in order. Stage k > 0 starts from stage k-1's *confirmed* final checkpoint

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from vlm_trainer.model import IGNORE_INDEX, PACKED_SDPA, set_attention, token_losses
-from vlm_trainer.sequences import Encoded, SequenceBuilder, collate, collate_packed
+from vlm_trainer.data.sequences import Encoded, SequenceBuilder, collate, collate_packed
 
 SOURCES = ("text", "captions", "interleaved")
 VARIANTS = ("unpacked", "packed-sdpa-mask", "packed-padding-free")
@@ -25,7 +25,7 @@ VARIANTS = ("unpacked", "packed-sdpa-mask", "packed-padding-free")
 
 def encoded_samples(data: dict, builder: SequenceBuilder, image, per_source: int = 2) -> dict[str, list[Encoded]]:
     """The first ``per_source`` samples of each of text, captions and interleaved."""
-    from vlm_trainer.shards import ImageTransform, ShardedSource
+    from vlm_trainer.data.shards import ImageTransform, ShardedSource
 
     transform = ImageTransform(image.size, image.mean, image.std)
     out = {}

@@ -22,7 +22,7 @@ def main(data_json: str, out_dir: str) -> int:
     from tests.fixtures_trainer import tiny_bundle
     from tests.support import packing_check as PC
     from vlm_trainer.distributed import init_distributed, parallelize, shutdown
-    from vlm_trainer.sequences import SequenceBuilder
+    from vlm_trainer.data.sequences import SequenceBuilder
 
     data = json.loads(Path(data_json).read_text())
     ctx = init_distributed(60)

@@ -297,7 +297,7 @@ def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None
                           endpoint_url: str | None = None, device: str = "cpu", seed: int | None = None) -> LoadedModel:
     """Build the VLM of a committed checkpoint and load its weights (see module doc)."""
     from .model import build_vlm
-    from .sequences import SequenceBuilder
+    from .data.sequences import SequenceBuilder
     from .tokenizer import load_tokenizer
 
     cfg = config if isinstance(config, TrainerConfig) else None
@@ -366,7 +366,7 @@ def region_for(loaded: LoadedModel, *, fraction: float | None = None, layers: li
     (argument, else the stage's ``trainable.llm.visualRegion.fraction``, else 0.25) or the
     stage's explicit ``trainable.llm.layers`` is applied to the ORIGINAL depth and mapped
     through the pruning lineage (:func:`region_on_original`)."""
-    from .layer_influence import resolve_visual_region
+    from .visual_region.influence import resolve_visual_region
 
     depth = len(loaded.vlm.decoder_layers())
     if layers is not None:

@@ -20,7 +20,7 @@
   - optional activation checkpointing (``parallelism.activationCheckpointing``): the
     transformers gradient checkpointing of the LLM and the vision tower (non-reentrant),
     applied before sharding.
-* Gradient accumulation: see `vlm_trainer.mixture` (rank slices and micro-batches): every
+* Gradient accumulation: see `vlm_trainer.data.mixture` (rank slices and micro-batches): every
   rank runs the same number of micro-steps. DDP all-reduces on the last one only
   (``no_sync`` before); FSDP2 reduce-scatters every micro-step (sharded gradients).
 """

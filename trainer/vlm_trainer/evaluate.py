@@ -17,12 +17,12 @@ import math
 
 import torch
 
-from .data import validation_set
+from .data.loader import validation_set
 from .distributed import DistContext, Parallel
-from .mixture import micro_batches, rank_slice
+from .data.mixture import micro_batches, rank_slice
 from .model import token_losses
-from .sequences import Encoded, SequenceBuilder, collate, dummy_batch
-from .shards import ShardedSource
+from .data.sequences import Encoded, SequenceBuilder, collate, dummy_batch
+from .data.shards import ShardedSource
 
 log = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def derangement(captions: list, seed: int = 0) -> list[int]:
 def caption_loss(vlm, builder, items, *, batch_size: int = 16) -> tuple[float, int]:
     """Mean next-token loss over the label tokens of ``items`` (pooled), and the token count."""
     from .model import token_losses
-    from .sequences import collate
+    from .data.sequences import collate
 
     total, count = 0.0, 0
     for i in range(0, len(items), batch_size):
@@ -89,7 +89,7 @@ def caption_loss(vlm, builder, items, *, batch_size: int = 16) -> tuple[float, i
 
 def evaluate(loaded, *, source: str | None = None, samples: int = 128, seed: int = 0) -> GroundingResult:
     """Grounding of an already loaded checkpoint (`vlm_trainer.ckpt_model.LoadedModel`)."""
-    from .data import open_sources, validation_set
+    from .data.loader import open_sources, validation_set
 
     spec = loaded.cfg.spec
     candidates = [s for s in spec.data.sources if s.modality == "image-text" and s.validation_uri]

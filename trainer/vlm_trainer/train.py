@@ -20,7 +20,7 @@ of label tokens of the optimizer step (all-reduced before the first forward) and
 multiplied by the world size (DDP/FSDP average gradients over ranks), so the gradient is
 the exact per-token mean over the global batch whatever the world size or micro-batching.
 
-Packing (``data.packing``, default true; `vlm_trainer.packing`): a step carries
+Packing (``data.packing``, default true; `vlm_trainer.data.packing`): a step carries
 ``globalBatchTokens`` real (text + image) tokens, packed whole samples per row of
 ``seqLength``, attention and positions isolated per sample; cumulative real tokens stay
 within one sequence of ``steps x globalBatchTokens``. Unpacked: G = globalBatchTokens //
@@ -79,17 +79,17 @@ from vlm_api import stage_policy
 from vlm_api.quantities import parse_quantity
 from vlm_api.schema import TrainerConfig
 
-from .data import StepLoader, open_sources, probe_stats
+from .data.loader import StepLoader, open_sources, probe_stats
 from .distributed import DistContext, Parallel, init_distributed, parallelize, shutdown
 from .evaluate import EvalResult, Evaluator
 from .metrics import TrainerMetrics, peak_flops, registry, serve_for, step_flops
-from .mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
+from .data.mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
 from .model import build_vlm, check_packing, count_params, flattens, loss_sum, packed_attention
-from .packing import PackingPlanner, stage_steps_for_tokens
+from .data.packing import PackingPlanner, stage_steps_for_tokens
 from .policy import apply_trainable, param_groups
 from .progress import ProgressFile
 from .schedule import LRSchedule, build_optimizer, init_optimizer_state
-from .sequences import SequenceBuilder
+from .data.sequences import SequenceBuilder
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("vlm_trainer")
@@ -667,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     prunes = any(s.prune is not None for s in rendered.spec.stages)
     cfg = rendered
     if prunes:
-        from .prune import prepare_stage_config
+        from .visual_region.prune import prepare_stage_config
 
         try:
             cfg = prepare_stage_config(rendered, rank=rank)
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
         shutdown(ctx)
     if prunes and result.exit_code == EXIT_OK and result.stage_finished and rank == 0:
-        from .prune import after_stage
+        from .visual_region.prune import after_stage
 
         try:
             after_stage(rendered, committed=True, rank=rank)

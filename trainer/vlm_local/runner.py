@@ -2,14 +2,14 @@
 
 The same path a cluster takes, minus Kubernetes: the manifest is validated, each stage's
 `TrainerConfig` is rendered by `vlm_api.render.build_trainer_config` (what the operator
-puts in the stage's ConfigMap), and the stage's launch description is the torchx AppDef of
-`vlm_api.launch.build_appdef` (what the PyTorchJob renderer turns into a container):
+puts in the stage's ConfigMap), and the stage's launch description is
+`vlm_api.launch.describe`'s (what the PyTorchJob renderer turns into a container):
 ``torchrun -m vlm_trainer --config FILE`` with the rendezvous in ``PET_*`` variables. Only
 what is local changes: the rendezvous endpoint (``localhost:<free port>``), the config
 path, the node range (``--nnodes``), processes per node (``--nproc``) and a few
 environment variables (progress file, metrics port, per-rank log tee, thread count). The
-AppDef runs on torchx's ``local_cwd`` scheduler: one torchrun agent per replica, each in
-its own session, all logs under ``<run-dir>/logs/``.
+description runs as a torchx AppDef (appdef.py) on torchx's ``local_cwd`` scheduler: one
+torchrun agent per replica, each in its own session, all logs under ``<run-dir>/logs/``.
 
 Stages run in order; stage k > 0 is initialised from stage k-1's final checkpoint
 (``stage_policy.init_from``). A stage is done when its final checkpoint is confirmed, not
@@ -67,7 +67,8 @@ from vlm_api import launch, render, schema, stage_policy
 from vlm_api.quantities import expand_braces
 from vlm_api.validate import load_documents, validate_text
 
-from .localview import StageState, StageView, ProgressTail, state_from_file, summary_dict, summary_table
+from . import appdef as local_app
+from .view import StageState, StageView, ProgressTail, state_from_file, summary_dict, summary_table
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 STOP_GRACE_S = float(os.environ.get("VLM_LOCAL_STOP_GRACE_S", "60"))
@@ -408,7 +409,7 @@ class LocalRunner:
 
     # ---- checkpoints
     def store(self, spec: schema.VLMPretrainRunSpec):
-        from .ckpt_store import open_store
+        from vlm_trainer.ckpt_store import open_store
 
         return open_store(spec.checkpoint.uri, endpoint_url=spec.checkpoint.endpoint or None)
 
@@ -479,8 +480,6 @@ class LocalRunner:
     # ---- one stage
     def appdef(self, run: dict, spec: schema.VLMPretrainRunSpec, stage: str, *, config_path: Path,
                progress_path: Path, nproc: int, metrics_port: int):
-        from torchx import specs
-
         cluster = render.rendezvous(run, spec, stage)  # the operator's; only the endpoint is local
         store_port = getattr(self, "_store_port", None)
         endpoint = f"127.0.0.1:{store_port}" if store_port else f"localhost:{free_port()}"
@@ -498,18 +497,15 @@ class LocalRunner:
             "VLM_METRICS_EVERY_NODE": "0",  # local agents share one host and its port: rank 0 alone serves
             "VLM_CKPT_LOCAL_DIR": str(progress_path.parent.parent / "staging"),  # DCP staging, per node
             # the replica's "termination message" (torchx substitutes the replica id)
-            stage_policy.TERMINATION_LOG_ENV: str(termination_log(progress_path.parent, specs.macros.replica_id)),
+            stage_policy.TERMINATION_LOG_ENV: str(termination_log(progress_path.parent, local_app.REPLICA_ID)),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
             # the venv's torchrun, also when the venv is not activated
             "PATH": os.path.dirname(sys.executable),
         }
         env.update(self.opts.env)
-        app = launch.build_appdef(spec, name=render.job_name(run["name"], stage), rdzv=rdzv,
+        trainer = launch.describe(spec, name=render.job_name(run["name"], stage), rdzv=rdzv,
                                   config_path=str(config_path), env=env)
-        if _gpu_count() == 0:  # CPU workers: no GPU request (torchx would warn about CUDA_VISIBLE_DEVICES)
-            for role in app.roles:
-                role.resource = specs.Resource(cpu=nproc, gpu=0, memMB=role.resource.memMB)
-        return app
+        return local_app.to_appdef(trainer, cpu_procs=nproc if _gpu_count() == 0 else None)
 
     def run_stage(self, runner, run: dict, spec: schema.VLMPretrainRunSpec, stage: schema.Stage, *,
                   init_from: str | None, run_dir: Path, nproc: int, metrics_port: int,
@@ -534,12 +530,12 @@ class LocalRunner:
         tail = ProgressTail(progress_path)
         log_root = run_dir / "logs"
         t0 = time.monotonic()
-        handle = runner.run(app, scheduler="local_cwd", cfg={"log_dir": str(log_root)})
+        handle, agents = local_app.submit(runner, app, log_root)
         app_id = handle.rsplit("/", 1)[-1]
         app_log_dir = next(iter(sorted(log_root.glob(f"*/{app_id}"))), log_root / app_id)
         view.message(f"torchrun x{spec.resources.nodes.max} agent(s) x {nproc} process(es); logs: "
                      f"{_rel(app_log_dir, self.base)}")
-        self.tracker.set_roots(self._agent_pids(runner, app_id))
+        self.tracker.set_roots(agents)
         sent_term = killed = False
         app_state = None
         attempts_seen = 1
@@ -577,7 +573,7 @@ class LocalRunner:
         state.wall_s = time.monotonic() - t0
         state.note = _rel(app_log_dir, self.base)
         succeeded = app_state is not None and app_state.name == "SUCCEEDED"
-        exits = self._replica_exit_codes(runner, app_id)
+        exits = local_app.replica_exit_codes(app_log_dir)
         lost = {i: rc for i, rc in exits.items() if rc != 0}
         # Done = confirmed by a replica (or the final checkpoint committed), whatever the exit codes.
         messages = {p.name: _read_text(p) for p in sorted(stage_dir.glob(TERMINATION_GLOB))}
@@ -620,21 +616,6 @@ class LocalRunner:
                          + ", ".join(_replica_end(i, rc) for i, rc in sorted(lost.items())))
             self._show_failure(app_log_dir)
         return state, final
-
-    def _replica_exit_codes(self, runner, app_id: str) -> dict[int, int | None]:
-        """{replica id: exit code (negative: killed by that signal; None: unknown)}."""
-        try:  # torchx 0.7's local scheduler keeps the Popen objects of the replicas here
-            app = runner._scheduler("local_cwd")._apps[app_id]
-            return {r.replica_id: r.proc.poll() for reps in app.role_replicas.values() for r in reps}
-        except (AttributeError, KeyError):
-            return {}
-
-    def _agent_pids(self, runner, app_id: str) -> list[int]:
-        try:  # torchx 0.7's local scheduler keeps the Popen objects of the replicas here
-            app = runner._scheduler("local_cwd")._apps[app_id]
-            return [r.proc.pid for reps in app.role_replicas.values() for r in reps]
-        except (AttributeError, KeyError):
-            return [pid for pid, (ppid, _, _) in _proc_table().items() if ppid == os.getpid()]
 
     def _show_failure(self, app_log_dir: Path, lines: int = 25) -> None:
         """The failing worker's own error (its per-rank stderr of the last attempt), else the agents' logs."""
@@ -694,10 +675,7 @@ class LocalRunner:
         finals: dict[str, dict] = {}  # stage -> its final checkpoint {stage, step, uri, ...}
         exit_code = EXIT_OK
         runner = get_runner()
-        try:
-            runner._scheduler("local_cwd")  # created now: it installs signal handlers we replace below
-        except Exception:  # noqa: BLE001 - a newer torchx: the handlers are replaced after run() anyway
-            pass
+        local_app.prepare(runner)  # it installs signal handlers we replace below
         try:
             with self.signals(), self.rendezvous_store(spec):
                 for i, stage in enumerate(spec.stages):
@@ -853,7 +831,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vlm_local.runner", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

@@ -1,6 +1,6 @@
 """Sequence packing: whole samples placed into the rows of a step's global batch.
 
-``spec.data.packing: true`` (the default). The mixture planner (`vlm_trainer.mixture`)
+``spec.data.packing: true`` (the default). The mixture planner (`vlm_trainer.data.mixture`)
 still decides *which* samples are trained, by token fractions; this module decides which
 row of which step each one goes to. Pure bookkeeping, no I/O: the data loader measures a
 sample's length (tokens after truncation, image placeholders included) when the planner

@@ -45,7 +45,7 @@ import numpy as np
 from vlm_api.schema import DataSpec
 
 from .mixture import MixturePlanner, Slot, SourceStats, StepPlan, micro_batches, rank_slice
-from .model import ImageSpec
+from ..model import ImageSpec
 from .packing import Measured, PackedPlan
 from .sequences import Batch, Encoded, SequenceBuilder, collate, collate_packed, dummy_batch
 from .shards import ImageTransform, RawSample, ShardedSource

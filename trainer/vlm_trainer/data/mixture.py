@@ -31,7 +31,7 @@ resume with a different world size neither repeats nor skips a sample, and the t
 optimizer step do not depend on ``W``.
 
 That is the unpacked plan (``data.packing: false``). With packing (the default),
-`vlm_trainer.packing.PackingPlanner` (a subclass) keeps steps 1 and 2's meaning per drawn
+`vlm_trainer.data.packing.PackingPlanner` (a subclass) keeps steps 1 and 2's meaning per drawn
 sample instead of per step (sample probabilities from token fractions, low-discrepancy
 credits), and packs the drawn samples into rows of a token budget; its state adds the
 look-ahead buffer, so the same guarantees hold.
@@ -121,7 +121,7 @@ def micro_batches(n: int, global_size: int, world_size: int, micro_batch_size: i
 class MixturePlanner:
     """Plans global batches step by step from a resumable state (see module doc)."""
 
-    packing = False  # `vlm_trainer.packing.PackingPlanner` packs several samples per sequence
+    packing = False  # `vlm_trainer.data.packing.PackingPlanner` packs several samples per sequence
 
     def __init__(self, *, stage: str, mixture: dict[str, float], modality: dict[str, str],
                  stats: dict[str, SourceStats], global_batch: int, total_steps: int,

@@ -22,7 +22,7 @@ predictable only from the image. Sources (name: modality):
 - ``text-instruct`` (text): ``USER: what is 3 plus 4? ASSISTANT: 7`` and similar.
 
 Every shard draws from its own RNG seeded by (seed, source, split, shard), so a shard's
-bytes do not depend on how many others are generated. CLI: ``python -m vlm_trainer.synthdata OUT_DIR``.
+bytes do not depend on how many others are generated. CLI: ``python -m vlm_trainer.data.synthdata OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def generate(out_dir: str | os.PathLike, *, seed: int = 0, samples_per_shard: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.synthdata", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.data.synthdata", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=200)

@@ -1,9 +1,9 @@
 """`vlmpretrain demo`: a tiny VLM pretrained on this machine, and proof that it uses its images.
 
-1. Data: `vlm_trainer.synthdata` writes ``runs/demo-data/`` (coloured shapes with
+1. Data: `vlm_trainer.data.synthdata` writes ``runs/demo-data/`` (coloured shapes with
    captions, text documents, interleaved documents, instructions) unless it is already
    complete (its ``synthdata.json`` is written last and records the parameters).
-2. Training: ``vlmpretrain local examples/demo.yaml`` (`vlm_trainer.local`): a text-only
+2. Training: ``vlmpretrain local examples/demo.yaml`` (`vlm_local.runner`): a text-only
    warm-up, images entering at ``visualIntroduceAt``, then an SFT stage that trains a
    sparse visual region of the LLM. A second run resumes (complete stages are skipped).
 3. Grounding (`vlm_trainer.grounding`): caption loss on held-out image-text samples with
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .local import LocalOptions, LocalRunError, missing_shards, run_local
+from .runner import LocalOptions, LocalRunError, missing_shards, run_local
 
 DEFAULT_FILE = "examples/demo.yaml"
 DATA_DIR = "runs/demo-data"
@@ -57,7 +57,7 @@ def ensure_data(base: Path, recipe: Path, out=sys.stdout) -> Path:
     """Generate the demo dataset unless it is complete; check the recipe's shards exist."""
     from vlm_api import schema
 
-    from . import synthdata
+    from vlm_trainer.data import synthdata
 
     data = base / DATA_DIR
     marker = data / "synthdata.json"
@@ -87,7 +87,7 @@ def ensure_data(base: Path, recipe: Path, out=sys.stdout) -> Path:
 
 def grounding_report(result, out=sys.stdout, threshold: float = GROUNDING_THRESHOLD) -> tuple[bool, list[dict]]:
     """Evaluate the final checkpoint of every stage that saw images; the last one must pass."""
-    from . import grounding
+    from vlm_trainer import grounding
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     rows = []

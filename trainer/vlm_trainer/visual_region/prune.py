@@ -1,7 +1,7 @@
 """Visual-region pruning (arXiv 2412.12785): drop the least influential LLM layers OUTSIDE
 the visual region, write a loadable pruned checkpoint, report what it cost.
 
-Criterion (exact). Given block influence per decoder layer (`layer_influence`, BI = 1 -
+Criterion (exact). Given block influence per decoder layer (`visual_region.influence`, BI = 1 -
 mean cos(h_in, h_out)) measured on calibration data, and the visual region R:
 
 1. candidates = every layer NOT in R (layers in R are never removed);
@@ -68,7 +68,7 @@ from torch import nn
 from vlm_api import stage_policy
 from vlm_api.schema import LayerSelection, TrainerConfig
 
-from .ckpt_model import (
+from ..ckpt_model import (
     LoadedModel,
     effective_model_spec,
     llm_config_dict,
@@ -83,9 +83,9 @@ from .ckpt_model import (
     split_checkpoint_uri,
     write_dcp_tree,
 )
-from .ckpt_store import CheckpointCommitConflict, CheckpointRef, open_store
-from .layer_influence import InfluenceReport, LayerInfluence, analyze, open_calibration_sources
-from .model import count_params, find_layer_list, token_losses
+from ..ckpt_store import CheckpointCommitConflict, CheckpointRef, open_store
+from .influence import InfluenceReport, LayerInfluence, analyze, open_calibration_sources
+from ..model import count_params, find_layer_list, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,8 @@ def remap_fqns(tree: Any, prefix: str, kept: Sequence[int]) -> Any:
 def modality_losses(vlm, builder, sources, *, samples: int, micro_batch_size: int = 8) -> dict:
     """Mean next-token loss over the label tokens of the first ``samples`` decodable
     validation samples of each source, pooled per modality (as the trainer's evaluator)."""
-    from .data import validation_set
-    from .sequences import collate
+    from ..data.loader import validation_set
+    from ..data.sequences import collate
 
     was = vlm.training
     vlm.eval()
@@ -264,8 +264,8 @@ def modality_losses(vlm, builder, sources, *, samples: int, micro_batch_size: in
 
 
 def validation_sources(cfg: TrainerConfig, vlm, endpoint_url: str | None) -> list:
-    from .data import open_sources
-    from .mixture import MULTIMODAL
+    from ..data.loader import open_sources
+    from ..data.mixture import MULTIMODAL
 
     names = [s.name for s in cfg.spec.data.sources if s.validation_uri and (vlm.vision is not None or s.modality not in MULTIMODAL)]
     return list(open_sources(cfg.spec.data, names, image=vlm.image_spec, seed=cfg.spec.seed, split="validation",
@@ -275,8 +275,8 @@ def validation_sources(cfg: TrainerConfig, vlm, endpoint_url: str | None) -> lis
 def calibration_sources_from_config(cfg: TrainerConfig, vlm, endpoint_url: str | None) -> tuple[list, int | None]:
     """The stage's ``prune.calibration`` source (training shards, in shard order), else
     the first multimodal source of the stage's mixture, else the first of its sources."""
-    from .data import open_sources
-    from .mixture import MULTIMODAL
+    from ..data.loader import open_sources
+    from ..data.mixture import MULTIMODAL
 
     stage = cfg.stage_spec
     samples = None
@@ -402,7 +402,7 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
     with tempfile.TemporaryDirectory(prefix="vlm-prune-") as work:
         out = Path(work) / "ckpt"
         out.mkdir()
-        from .ckpt_model import dcp_dirs as find_dcp
+        from ..ckpt_model import dcp_dirs as find_dcp
 
         dirs = find_dcp(loaded.local_dir)
         _copy_other_files(loaded.local_dir, out, dirs)
@@ -443,7 +443,7 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
 
 def _region_fraction(stage, fraction: float | None, layers: list[int] | None) -> float | None:
     """The fraction the visual region was selected with (None for explicit layers)."""
-    from .ckpt_model import stage_region_selection
+    from ..ckpt_model import stage_region_selection
 
     if layers is not None:
         return None
@@ -535,7 +535,7 @@ def run_prune_stage_step(config: TrainerConfig, final_ckpt_ref: CheckpointRef | 
 
 def _progress_event(config: TrainerConfig, outcome: PruneOutcome) -> None:
     """A ``prune`` event in ``$VLM_PROGRESS_FILE`` (the local runner's view), when set."""
-    from .progress import ProgressFile
+    from ..progress import ProgressFile
 
     r = outcome.report
     pf = ProgressFile.from_env(run=config.run.name, stage=config.stage, enabled=True)
@@ -628,7 +628,7 @@ def after_stage(cfg: TrainerConfig, *, committed: bool, rank: int = 0) -> Checkp
 
 def main(args: argparse.Namespace) -> int:
     """`vlmpretrain prune`."""
-    from .layer_influence import _parse_layers
+    from .influence import _parse_layers
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,
@@ -653,11 +653,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _module_main(argv: list[str] | None = None) -> int:
-    """``python -m vlm_trainer.prune --config FILE [--checkpoint URI]``: the pruning step of
+    """``python -m vlm_trainer.visual_region.prune --config FILE [--checkpoint URI]``: the pruning step of
     the stage in a TrainerConfig (what a separate job would run)."""
-    from .train import load_config
+    from ..train import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.prune", description=_module_main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.visual_region.prune", description=_module_main.__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="TrainerConfig YAML of the pruning stage")
     parser.add_argument("--checkpoint", default=None, help="source checkpoint (default: the stage's newest final one)")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ Unpacked (``data.packing: false``, :func:`collate`): one sample per row, rows ri
 to the longest sequence of the micro-batch (rounded up to a multiple of 8), with an
 attention mask.
 
-Packed (:func:`collate_packed`, rows planned by `vlm_trainer.packing`): several whole
+Packed (:func:`collate_packed`, rows planned by `vlm_trainer.data.packing`): several whole
 samples per row, one after another, then padding; ``position_ids`` restart at 0 for every
 sample (and for the padding), and the first label of every sample is ``IGNORE_INDEX`` (the
 last token of one sample never predicts the next sample's first token). The model gets no
@@ -34,8 +34,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from .model import IGNORE_INDEX
-from .tokenizer import TokenizerBundle
+from ..model import IGNORE_INDEX
+from ..tokenizer import TokenizerBundle
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ class Encoded:
 
 
 class SequenceBuilder:
-    """Encodes `vlm_trainer.shards.Sample`s for a given tokenizer, image size and seqLength."""
+    """Encodes `vlm_trainer.data.shards.Sample`s for a given tokenizer, image size and seqLength."""
 
     def __init__(self, tok: TokenizerBundle, *, tokens_per_image: int, seq_length: int):
         self.tok = tok

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sequences import Batch, SequenceBuilder, collate
+from ..data.sequences import Batch, SequenceBuilder, collate
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def batches_of(items: list, pad_id: int, micro_batch_size: int) -> Iterator[Batc
 
 def detect_modality(uri: str, endpoint_url: str | None = None) -> str:
     """text / image-text / interleaved from the members of the first sample of the first shard."""
-    from .shards import IMAGE_EXTS, ShardedSource
+    from ..data.shards import IMAGE_EXTS, ShardedSource
 
     probe = ShardedSource(name="probe", modality="text", shards=uri, shuffle=False, endpoint_url=endpoint_url)
     raw = next(probe.raw(0))
@@ -203,7 +203,7 @@ def detect_modality(uri: str, endpoint_url: str | None = None) -> str:
 
 def parse_data_arg(value: str, index: int) -> tuple[str, str | None, str]:
     """``[NAME=][MODALITY:]URI`` -> (name, modality or None, uri)."""
-    from .shards import MODALITIES as KNOWN
+    from ..data.shards import MODALITIES as KNOWN
 
     name = f"data{index}"
     if "=" in value.split(":", 1)[0] and not value.startswith(("s3://", "file://", "/")):
@@ -359,7 +359,7 @@ def analyze(vlm, builder: SequenceBuilder, sources, *, samples: int, visual_regi
 
 
 def open_calibration_sources(data_args: Sequence[str], *, image_spec, endpoint_url: str | None = None) -> list:
-    from .shards import ImageTransform, ShardedSource
+    from ..data.shards import ImageTransform, ShardedSource
 
     transform = ImageTransform(image_spec.size, image_spec.mean, image_spec.std) if image_spec else ImageTransform()
     out = []
@@ -379,7 +379,7 @@ def _parse_layers(value: str | None) -> list[int] | None:
 
 def main(args: argparse.Namespace) -> int:
     """`vlmpretrain analyze-layers`."""
-    from .ckpt_model import load_checkpoint_model, region_for
+    from ..ckpt_model import load_checkpoint_model, region_for
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,
