@@ -169,16 +169,20 @@ def test_trainer_config_round_trips_through_the_schema():
     assert cfg.spec == spec
 
 
-def test_appdef_is_shared_by_both_runners():
+def test_launch_description_is_shared_by_both_runners():
     spec = schema.parse_spec(_load("run.yaml")["spec"])
     rdzv = render.rendezvous({"name": "x", "uid": "u"}, spec, "pretrain")
-    app = launch.build_appdef(spec, name="x-pretrain", rdzv=rdzv)
-    role = app.roles[0]
-    assert role.entrypoint == "torchrun" and role.env["PET_NNODES"] == "2:8"
-    assert role.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=5,keep_alive_max_attempt=3,is_host=false"
+    trainer = launch.describe(spec, name="x-pretrain", rdzv=rdzv, env=render.SCRATCH_ENV)
+    assert trainer.command == "torchrun" and trainer.env["PET_NNODES"] == "2:8"
+    assert (trainer.min_nodes, trainer.max_nodes) == (2, 8)
+    assert trainer.env["PET_RDZV_CONF"] == "last_call_timeout=3,keep_alive_interval=5,keep_alive_max_attempt=3,is_host=false"
     job = render.build_pytorchjob({"name": "x", "uid": "u"}, spec, "pretrain")
     container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
-    assert container["args"] == role.args
+    assert container["command"] + container["args"] == [trainer.command, *trainer.args]
+    assert container["image"] == trainer.image
+    # the controller sets the PET_* it owns from elasticPolicy; every other variable is passed as it is
+    plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert {k: v for k, v in trainer.env.items() if k not in launch.CONTROLLER_PET}.items() <= plain.items()
 
 
 def test_external_rendezvous_store_objects():

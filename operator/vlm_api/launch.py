@@ -1,18 +1,16 @@
-"""The launch description of one stage: a torchx AppDef.
+"""The launch description of one stage: what both runners start, as plain data.
 
-Both runners consume it, so they cannot drift: `vlmpretrain local` hands it to torchx's
-local scheduler, and `render.build_pytorchjob` turns it into a PyTorchJob container.
-Rendezvous settings travel as torchrun's own `PET_*` environment variables: locally they
-are passed as they are; in a PyTorchJob they become `elasticPolicy` fields, because the
-Kubeflow controller sets the same variables itself from there (and updates them when the
-job is rescaled, which a flag baked into the command could not follow).
+`vlmpretrain local` turns it into a torchx AppDef (trainer/vlm_local/appdef.py) and
+`render.build_pytorchjob` into a PyTorchJob container, so the two cannot drift. Rendezvous
+settings travel as torchrun's own `PET_*` environment variables: locally they are passed
+as they are; in a PyTorchJob they become `elasticPolicy` fields, because the Kubeflow
+controller sets the same variables itself from there (and updates them when the job is
+rescaled, which a flag baked into the command could not follow).
 """
 
 from __future__ import annotations
 
 import dataclasses
-
-from torchx import specs
 
 from .schema import VLMPretrainRunSpec
 
@@ -37,6 +35,22 @@ class Rendezvous:
     conf: dict[str, str]             # rdzv_conf key/values (timeouts, is_host)
 
 
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One torchrun agent per node, `min_nodes..max_nodes` of them: `command args` with `env`."""
+
+    name: str
+    image: str
+    command: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    min_nodes: int
+    max_nodes: int
+    max_retries: int                 # the run's retries of a failed stage
+    gpus_per_node: int
+    ports: dict[str, int]            # named container ports: metrics, c10d
+
+
 def rdzv_conf(spec: VLMPretrainRunSpec, *, external_store: bool) -> dict[str, str]:
     e = spec.elastic
     conf = {
@@ -49,19 +63,18 @@ def rdzv_conf(spec: VLMPretrainRunSpec, *, external_store: bool) -> dict[str, st
     return conf
 
 
-def build_appdef(
+def describe(
     spec: VLMPretrainRunSpec,
     *,
     name: str,
     rdzv: Rendezvous,
     config_path: str = CONFIG_PATH,
     env: dict[str, str] | None = None,
-) -> specs.AppDef:
-    """One role, `torchrun -m vlm_trainer --config FILE`, with the rendezvous in PET_* env."""
-    nproc = spec.resources.procs_per_node
-    role_env = {
+) -> Launch:
+    """`torchrun -m vlm_trainer --config FILE`, with the rendezvous in PET_* env."""
+    launch_env = {
         "PET_NNODES": f"{spec.resources.nodes.min}:{spec.resources.nodes.max}",
-        "PET_NPROC_PER_NODE": str(nproc),
+        "PET_NPROC_PER_NODE": str(spec.resources.procs_per_node),
         "PET_RDZV_BACKEND": "c10d",
         "PET_RDZV_ENDPOINT": rdzv.endpoint,
         "PET_RDZV_ID": rdzv.run_id,
@@ -79,17 +92,16 @@ def build_appdef(
         "VLM_METRICS_EVERY_NODE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    role_env.update(env or {})
-    role = specs.Role(
-        name="trainer",
+    launch_env.update(env or {})
+    return Launch(
+        name=name,
         image=spec.image,
-        entrypoint="torchrun",
-        args=["-m", TRAINER_MODULE, "--config", config_path],
-        env=role_env,
-        num_replicas=spec.resources.nodes.max,
-        min_replicas=spec.resources.nodes.min,
+        command="torchrun",
+        args=("-m", TRAINER_MODULE, "--config", config_path),
+        env=launch_env,
+        min_nodes=spec.resources.nodes.min,
+        max_nodes=spec.resources.nodes.max,
         max_retries=spec.max_retries,
-        resource=specs.Resource(cpu=1, gpu=spec.resources.gpus_per_node, memMB=1024),
-        port_map={"metrics": spec.metrics.port, "c10d": DEFAULT_RDZV_PORT},
+        gpus_per_node=spec.resources.gpus_per_node,
+        ports={"metrics": spec.metrics.port, "c10d": DEFAULT_RDZV_PORT},
     )
-    return specs.AppDef(name=name, roles=[role])

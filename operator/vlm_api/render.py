@@ -121,7 +121,7 @@ def _credential_env(spec: s.VLMPretrainRunSpec) -> list[dict]:
     ]
 
 
-def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, role) -> dict:
+def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, trainer: launch.Launch) -> dict:
     res = spec.resources
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
@@ -133,7 +133,7 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
     if res.memory:
         requests["memory"] = res.memory
         limits["memory"] = res.memory
-    env = [{"name": k, "value": v} for k, v in sorted(role.env.items()) if k not in launch.CONTROLLER_PET]
+    env = [{"name": k, "value": v} for k, v in sorted(trainer.env.items()) if k not in launch.CONTROLLER_PET]
     # torchrun names a node in the rendezvous by (address, pid, n): a replaced pod has the dead
     # one's host name and its agent is PID 1 again, so it would carry the dead node's identity.
     # The pod IP is new per pod, and routable without a DNS name per pod.
@@ -144,10 +144,10 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
     env += _credential_env(spec)
     container = {
         "name": "pytorch",  # the controller finds the training container by this name
-        "image": role.image,
+        "image": trainer.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": [role.entrypoint],
-        "args": list(role.args),
+        "command": [trainer.command],
+        "args": list(trainer.args),
         "env": env,
         "ports": [
             {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
@@ -203,7 +203,7 @@ def _placement(res: s.Resources) -> dict[str, Any]:
 def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
     name = job_name(run["name"], stage, attempt)
     rdzv = rendezvous(run, spec, stage, attempt)
-    role = launch.build_appdef(spec, name=name, rdzv=rdzv, env=SCRATCH_ENV).roles[0]
+    trainer = launch.describe(spec, name=name, rdzv=rdzv, env=SCRATCH_ENV)
     host, port = rdzv.endpoint.rsplit(":", 1)
     nodes = spec.resources.nodes
     elastic: dict[str, Any] = {
@@ -241,7 +241,7 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
                     # elastic event. torchrun exits 1 once its own restarts are spent: the job
                     # fails and the operator retries it as a new attempt (README: faults).
                     "restartPolicy": "ExitCode",
-                    "template": _worker_template(run, spec, stage, attempt, role),
+                    "template": _worker_template(run, spec, stage, attempt, trainer),
                 }
             },
         },

@@ -1,4 +1,5 @@
-"""`vlmpretrain operator`: run the operator (same as `kopf run -m vlm_operator.handlers`).
+"""`vlmpretrain operator`: run the operator (same as `kopf run -m vlm_operator.handlers`;
+its arguments are defined in vlm_api/cli.py).
 
 Connection: like kubectl — in-cluster service account when running in a pod, else
 `$KUBECONFIG` / `~/.kube/config` (current context). kopf and the operator's own client
@@ -32,21 +33,6 @@ import argparse
 import os
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    scope = p.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
-                       help="serve runs in this namespace (repeatable; globs like 'team-*' work)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve runs in all namespaces (the default)")
-    p.add_argument("--standalone", action="store_true", default=True,
-                   help="no peering (the default: one replica with the Recreate strategy)")
-    p.add_argument("--peering", metavar="NAME", help="use kopf peering object NAME instead of --standalone")
-    p.add_argument("--liveness", metavar="URL", help="serve a liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
-    p.add_argument("--metrics-port", type=int, default=None,
-                   help="port of the operator's /metrics (default $VLM_OPERATOR_METRICS_PORT or 8080; 0 disables)")
-    p.add_argument("--log-format", choices=["json", "plain", "full"], default="json", help="log line format")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-
-
 def run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -68,12 +54,3 @@ def run(args: argparse.Namespace) -> int:
     )
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-operator", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
