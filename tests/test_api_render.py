@@ -15,7 +15,7 @@ from vlm_api import crd, launch, render, schema, stage_policy
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "golden"
-EXAMPLES = ["demo.yaml", "run.yaml"]
+EXAMPLES = ["demo.yaml", "run.yaml", "run-kueue.yaml"]
 
 
 def _load(name: str) -> dict:

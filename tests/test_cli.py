@@ -18,9 +18,13 @@ def vlm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def test_validate_accepts_the_examples():
-    out = vlm("validate", "examples/demo.yaml", "examples/run.yaml")
+    out = vlm("validate", "examples/demo.yaml", "examples/run.yaml", "examples/run-kueue.yaml")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout == ""
+    # the deprecated field still validates, with a warning naming its successor
+    assert ("examples/run.yaml: warning: spec.resources.priorityClassName: deprecated: use "
+            "spec.scheduling.priorityClassName") in out.stderr
+    assert "run-kueue.yaml: warning" not in out.stderr
 
 
 def test_validate_prints_one_line_per_problem_and_exits_1(tmp_path):

@@ -45,12 +45,13 @@ def _file_error(path: str, exc: BaseException) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import Problem, validate_text
+    from .validate import Problem, deprecations, validate_text
 
     bad = 0
     for path in args.files:
         try:
-            problems = validate_text(_read(path))
+            text = _read(path)
+            problems = validate_text(text)
         except (OSError, ValueError) as exc:
             print(_file_error(path, exc))
             bad += 1
@@ -61,7 +62,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             print(f"{path}: {p}")
         if problems:
             bad += 1
-        elif not args.quiet:
+            continue
+        for warning in deprecations(text):
+            print(f"{path}: warning: {warning}", file=sys.stderr)
+        if not args.quiet:
             print(f"{path}: valid", file=sys.stderr)
     return 1 if bad else 0
 

@@ -112,6 +112,11 @@ def _structural(node: Any) -> Any:
             # Free-form (inline transformers configs): kept as written.
             node.pop("additionalProperties", None)
             node["x-kubernetes-preserve-unknown-fields"] = True
+    if node.get("additionalProperties") is True and "properties" in node:
+        # A model that passes unknown keys through (schema.cluster.NamedItem): its named
+        # fields are checked, the rest kept as written.
+        del node["additionalProperties"]
+        node["x-kubernetes-preserve-unknown-fields"] = True
     if node.get("additionalProperties") is False:
         del node["additionalProperties"]  # structural schemas prune unknown fields instead
     out: dict[str, Any] = {}

@@ -2,7 +2,8 @@
 
 A VLMPretrainRun is readable by everyone who can list runs, is copied into the stage's
 ConfigMap, and its values end up in Events, status and logs; credentials belong in the
-Secret named by `checkpoint.credentialsSecret`. `scan` reports where a spec holds
+Secrets named by the `credentialsSecret` fields (vlm_api.cluster), or nowhere at all
+(the service account's workload identity). `scan` reports where a spec holds
 something that looks like one (the path and the kind, never the value); `redact`
 replaces such substrings in any text before it is shown (error messages, Events).
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from . import launch, schema as s, stage_policy
+from . import cluster, launch, schema as s, stage_policy
 
 LABEL_RUN = f"{s.GROUP}/run"
 LABEL_STAGE = f"{s.GROUP}/stage"
@@ -110,17 +110,6 @@ def rendezvous(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int =
     )
 
 
-def _credential_env(spec: s.VLMPretrainRunSpec) -> list[dict]:
-    secret = spec.checkpoint.credentials_secret
-    if not secret:
-        return []
-    keys = [("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True)]
-    return [
-        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
-        for key, optional in keys
-    ]
-
-
 def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, trainer: launch.Launch) -> dict:
     res = spec.resources
     limits: dict[str, Any] = {}
@@ -141,7 +130,9 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             {"name": "PET_LOCAL_ADDR", "value": "$(POD_IP)"}]
     if spec.checkpoint.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.checkpoint.endpoint})
-    env += _credential_env(spec)
+    env += cluster.credential_env(spec)
+    pvc_volumes, pvc_mounts, pvc_env = cluster.pvc_mounts(spec)
+    env += pvc_env
     container = {
         "name": "pytorch",  # the controller finds the training container by this name
         "image": trainer.image,
@@ -158,6 +149,7 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             {"name": "config", "mountPath": launch.CONFIG_MOUNT, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
+            *pvc_mounts,
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -177,27 +169,18 @@ def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             # NCCL and DataLoader workers need more shared memory than the 64Mi default.
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "scratch", "emptyDir": {}},
+            *pvc_volumes,
         ],
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        # The trainer never calls the Kubernetes API: no token in a pod that runs user code.
+        # The trainer never calls the Kubernetes API: no token in a pod that runs user code,
+        # whatever serviceAccountName says (cluster.pod_fields: workload identity needs none).
         "automountServiceAccountToken": False,
         # torchrun's own SIGTERM budget for its workers (stop checkpoint), then its teardown.
         "terminationGracePeriodSeconds": spec.elastic.shutdown_timeout + SHUTDOWN_MARGIN,
     }
-    pod_spec.update(_placement(res))
-    return {"metadata": {"labels": labels(run, stage, attempt)}, "spec": pod_spec}
-
-
-def _placement(res: s.Resources) -> dict[str, Any]:
-    """Where the run's pods may run and how they rank under preemption (workers and store alike)."""
-    out: dict[str, Any] = {}
-    if res.node_selector:
-        out["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        out["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
-    if res.priority_class_name:
-        out["priorityClassName"] = res.priority_class_name
-    return out
+    pod_spec.update(cluster.pod_fields(spec))
+    return {"metadata": cluster.pod_metadata(spec, labels(run, stage, attempt)),
+            "spec": cluster.merge_pod_template(pod_spec, spec)}
 
 
 def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
@@ -220,12 +203,13 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
     job = {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": _meta(name, run, stage, attempt),
+        "metadata": {**_meta(name, run, stage, attempt),
+                     "labels": {**labels(run, stage, attempt), **cluster.job_labels(spec)}},
         "spec": {
             "elasticPolicy": elastic,
             "nprocPerNode": str(spec.resources.procs_per_node),
             "runPolicy": {
-                "suspend": spec.suspend,
+                "suspend": cluster.created_suspended(spec),
                 # No backoffLimit: ExitCode pods run with restartPolicy Never, so Kubeflow's
                 # PastBackoffLimit has no in-place restarts to count, and a limit of 0 would fail
                 # the job at the first replaced pod. torchrun's maxRestarts and the operator's
@@ -246,6 +230,9 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
             },
         },
     }
+    policy = cluster.scheduling_policy(spec)
+    if policy:
+        job["spec"]["runPolicy"]["schedulingPolicy"] = policy
     check_pytorchjob(job)
     return job
 
@@ -323,7 +310,9 @@ def _store_selector(run: dict, stage: str, attempt: int) -> dict[str, str]:
 def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int = 0) -> dict:
     """The attempt's c10d rendezvous store (`vlmpretrain rendezvous-store`), outside the
     workers. It runs where the workers may run (their nodeSelector and tolerations) and
-    with their priority, so a preemption that spares the job spares its store too."""
+    with their priority, so a preemption that spares the job spares its store too; it has
+    their service account, pull secrets, scheduler and pod labels/annotations, not their
+    volumes or GPUs."""
     name = store_name(run["name"], stage, attempt)
     selector = _store_selector(run, stage, attempt)
     probe = lambda path, period: {  # noqa: E731 - two probes differ only in path and period
@@ -359,7 +348,7 @@ def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, at
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
     }
-    pod_spec.update(_placement(spec.resources))
+    pod_spec.update(cluster.pod_fields(spec))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -368,7 +357,7 @@ def build_store_deployment(run: dict, spec: s.VLMPretrainRunSpec, stage: str, at
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # never two stores for one rendezvous
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": _store_labels(run, stage, attempt)}, "spec": pod_spec},
+            "template": {"metadata": cluster.pod_metadata(spec, _store_labels(run, stage, attempt)), "spec": pod_spec},
         },
     }
 

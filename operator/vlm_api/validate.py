@@ -105,7 +105,8 @@ def _strict(node: Any) -> Any:
     field validation), int-or-string typed (the API server's structural check)."""
     if isinstance(node, dict):
         out = {k: _strict(v) for k, v in node.items()}
-        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:
+        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
             out["additionalProperties"] = False
         if out.get("x-kubernetes-int-or-string") and "type" not in out:
             out["type"] = ["integer", "string"]
@@ -130,8 +131,8 @@ def bound_problems(spec: Any) -> list[Problem]:
     if problems:
         return problems
     return [
-        Problem(path, f"looks like {kind}: credentials belong in a Secret (checkpoint.credentialsSecret), "
-                      "never in the spec")
+        Problem(path, f"looks like {kind}: credentials belong in a Secret (a credentialsSecret "
+                      "field) or the service account's workload identity, never in the spec")
         for path, kind in credentials.scan(spec)
     ]
 
@@ -373,6 +374,24 @@ def validate_text(text: str) -> list[Problem]:
             found = [Problem("<document>", f"could not be checked ({type(exc).__name__}); please report this")]
         problems += [Problem(p.path, prefix + p.reason) for p in found]
     return problems
+
+
+# Fields that still work but have a successor: (path in spec, successor).
+DEPRECATED = ((("resources", "priorityClassName"), "spec.scheduling.priorityClassName (the same, for every pod)"),)
+
+
+def deprecations(text: str) -> list[Problem]:
+    """Warnings for deprecated fields a valid manifest still sets."""
+    out = []
+    for i, doc in enumerate(load_documents(text)):
+        prefix = f"[doc {i}] " if i else ""
+        for path, successor in DEPRECATED:
+            node: Any = doc.get("spec") if isinstance(doc, dict) else None
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if node:
+                out.append(Problem("spec." + ".".join(path), f"{prefix}deprecated: use {successor}"))
+    return out
 
 
 def apply_defaults(spec: dict) -> dict:

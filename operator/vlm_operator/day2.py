@@ -5,9 +5,15 @@ place: elasticPolicy min/max and Worker replicas; torchrun re-rendezvouses, no r
 scratch), `suspend` (the job's `runPolicy.suspend`) and `checkpoint.keep` (flows to the
 trainer through the stage ConfigMap). Everything else that can change is in the
 ConfigMap too; `model`, `data` and `stages` are immutable (CEL), see core.immutable_problems.
+
+A Kueue-managed job (scheduling.queueName: the queue label) is the exception: its
+`runPolicy.suspend` is Kueue's to write (admission sets it false, eviction and preemption
+true), so no patch here ever touches it.
 """
 
 from __future__ import annotations
+
+from vlm_api.cluster import KUEUE_QUEUE_LABEL
 
 
 # The live PyTorchJob fields a day-2 change touches: all `job_patch` compares, and all of a
@@ -39,10 +45,16 @@ def job_patch(live: dict, desired: dict) -> dict | None:
         want = get_path(desired, *path)
         if want is not None and get_path(live, *path) != want:
             set_path(patch, path, want)
+    if kueue_managed(desired):
+        return patch or None
     want = bool(get_path(desired, *SUSPEND_PATH))
     if bool(get_path(live, *SUSPEND_PATH)) != want:
         set_path(patch, SUSPEND_PATH, want)
     return patch or None
+
+
+def kueue_managed(job: dict | None) -> bool:
+    return bool(get_path(job, "metadata", "labels", KUEUE_QUEUE_LABEL))
 
 
 def describe(patch: dict, desired: dict) -> list[tuple[str, str]]:

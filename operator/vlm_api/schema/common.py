@@ -65,6 +65,13 @@ URI_PATTERN = (
     r"^(s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^?#\s]*)?|file://[.]{0,2}/[^?#\s]*|[.]{0,2}/[^?#\s]*"
     r"|[^:{}?#\s/.][^:{}?#\s]*)$"
 )
+# Data shards may also live on a PersistentVolumeClaim: pvc://CLAIM/path (the claim is
+# mounted read-only on every trainer pod; vlm_api.cluster.PVC_ROOT).
+PVC_URI_PATTERN = r"pvc://[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/[^?#\s]*"
+DATA_URI_PATTERN = URI_PATTERN[:-2] + "|" + PVC_URI_PATTERN + ")$"
+DNS_SUBDOMAIN_PATTERN = f"^{DNS_SUBDOMAIN}$"
+# A container environment variable's name (Kubernetes' C_IDENTIFIER-like rule for env).
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # An S3-compatible endpoint: http(s)://host[:port][/path], no userinfo, query or fragment.
 ENDPOINT_PATTERN = (
     r"^(https?://([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*"
@@ -88,6 +95,10 @@ PATTERN_HELP = {
     K8S_QUANTITY_PATTERN: "a Kubernetes quantity such as '32', '500m', '512Gi'",
     IMAGE_PATTERN: "an image reference such as ghcr.io/acme/trainer:0.1.0 (no whitespace)",
     URI_PATTERN: "s3://bucket/key, file:///path, /path or ./path, without user:password@, a query (?...) or whitespace",
+    DATA_URI_PATTERN: "s3://bucket/key, pvc://claim/path, file:///path, /path or ./path, without user:password@, "
+                      "a query (?...) or whitespace",
+    DNS_SUBDOMAIN_PATTERN: "a DNS subdomain: lowercase letters, digits, '-' and '.'",
+    ENV_NAME_PATTERN: "an environment variable name: letters, digits, '_', '-', '.', not starting with a digit",
     ENDPOINT_PATTERN: "http(s)://host[:port][/path], without user:password@, a query (?...) or whitespace",
     OPTIONAL_QUALIFIED_NAME_PATTERN: "empty or a label key: [prefix/]name, name at most 63 characters of letters, "
                                      "digits, '-', '_', '.'",

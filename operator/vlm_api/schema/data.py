@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..quantities import MAX_SHARDS, count_shards
-from .common import NAME_PATTERN, URI_PATTERN, Model, list_map
+from .common import DATA_URI_PATTERN, NAME_PATTERN, Model, list_map
 
 
 class DataSource(Model):
@@ -20,15 +20,21 @@ class DataSource(Model):
     )
     uri: str = Field(
         max_length=2048,
-        pattern=URI_PATTERN,
-        description="Shards: s3://, file:// or a local path, with {00000..00099} brace ranges "
+        pattern=DATA_URI_PATTERN,
+        description="Shards: s3://, pvc://CLAIM/path (the claim mounted read-only), file:// or a local path, with {00000..00099} brace ranges "
         f"(at most {MAX_SHARDS:,} shards per URI); no user:password@ or query string.",
     )
     validation_uri: str | None = Field(
         None,
         max_length=2048,
-        pattern=URI_PATTERN,
+        pattern=DATA_URI_PATTERN,
         description="Held-out shards for per-modality validation loss (same format).",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) that reads this source's s3:// shards; default: data.credentialsSecret.",
     )
 
     @field_validator("uri", "validation_uri")
@@ -47,6 +53,12 @@ class DataSpec(Model):
         json_schema_extra=list_map(),
     )
     seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per training sequence (image tokens included).")
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) that reads s3:// sources without their own; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role).",
+    )
     packing: bool = Field(
         True,
         description="Pack several whole samples into each sequence (attention and positions isolated per sample; "

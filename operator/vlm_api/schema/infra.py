@@ -111,7 +111,7 @@ class Resources(Model):
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of worker pods.")
     priority_class_name: str = Field(
-        "", max_length=253, pattern=OPTIONAL_DNS_SUBDOMAIN_PATTERN, description="PriorityClass of worker pods."
+        "", max_length=253, pattern=OPTIONAL_DNS_SUBDOMAIN_PATTERN, description="Deprecated: use scheduling.priorityClassName (the same, for every pod)."
     )
 
     @field_validator("gpu_resource_name")

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import URI_PATTERN, Model, cel, free_form
+from .common import NAME_PATTERN, URI_PATTERN, Model, cel, free_form
 
 
 class ModelPart(Model):
@@ -15,7 +15,9 @@ class ModelPart(Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("has(self.path) != has(self.config)", "set exactly one of path or config")
+                cel("has(self.path) != has(self.config)", "set exactly one of path or config"),
+                cel("!has(self.credentialsSecret) || has(self.path)", "credentialsSecret needs a path to read",
+                    ".credentialsSecret"),
             ]
         }
     )
@@ -25,6 +27,12 @@ class ModelPart(Model):
         max_length=1024,
         pattern=URI_PATTERN,
         description="Directory that transformers' from_pretrained loads (local, file:// or s3://, downloaded first).",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN) that reads this s3:// path; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role). The LLM's also reads the tokenizer.",
     )
     config: dict[str, Any] | None = Field(
         None, **free_form("Inline transformers config (must contain model_type); the part starts from random weights.")
@@ -36,6 +44,8 @@ class ModelPart(Model):
             raise ValueError("set exactly one of path or config")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("config.model_type is required (e.g. llama, siglip_vision_model)")
+        if self.credentials_secret is not None and self.path is None:
+            raise ValueError("credentialsSecret needs a path to read (a part built from config reads nothing)")
         return self
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
-from .common import API_VERSION, IMAGE_PATTERN, IMMUTABLE, MULTIMODAL, PACKING_UNSUPPORTED_LLMS, FieldError, Model, cel, list_map
+from .cluster import PodTemplate, Scheduling
+from .common import API_VERSION, DNS_SUBDOMAIN_PATTERN, IMAGE_PATTERN, IMMUTABLE, MULTIMODAL, PACKING_UNSUPPORTED_LLMS, FieldError, Model, cel, list_map
 from .data import DataSpec
 from .infra import Checkpoint, Elastic, Metrics, Parallelism, Resources
 from .model import ModelSpec
@@ -33,6 +34,21 @@ class VLMPretrainRunSpec(Model):
                     "a stage mixes image data, so model.visionEncoder is required",
                     ".model",
                 ),
+                cel(  # the GPU count is resources.gpusPerNode's
+                    "!has(self.podTemplate) || !has(self.podTemplate.trainer) || !has(self.podTemplate.trainer.resources)"
+                    " || !((has(self.podTemplate.trainer.resources.limits) && self.resources.gpuResourceName in "
+                    "self.podTemplate.trainer.resources.limits) || (has(self.podTemplate.trainer.resources.requests) && "
+                    "self.resources.gpuResourceName in self.podTemplate.trainer.resources.requests))",
+                    "the GPU resource is set from resources.gpusPerNode: remove it from podTemplate.trainer.resources",
+                    ".podTemplate.trainer.resources",
+                ),
+                cel(
+                    "!has(self.scheduling) || self.scheduling.priorityClassName == '' || "
+                    "self.resources.priorityClassName == '' || "
+                    "self.scheduling.priorityClassName == self.resources.priorityClassName",
+                    "set scheduling.priorityClassName only (resources.priorityClassName is deprecated)",
+                    ".scheduling.priorityClassName",
+                ),
             ]
         }
     )
@@ -55,6 +71,22 @@ class VLMPretrainRunSpec(Model):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order.")
     suspend: bool = Field(False, description="Suspend the running stage (resumes from its last checkpoint).")
     max_retries: int = Field(3, ge=0, le=100, description="Times a failed stage job is recreated before the run fails.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Queueing (Kueue), gang scheduling, "
+                                   "scheduler and priority on a shared cluster.")
+    service_account_name: str | None = Field(
+        None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ServiceAccount of trainer and rendezvous-store pods: S3 access may then come from workload "
+        "identity (EKS IRSA / Pod Identity, GKE or Azure Workload Identity) instead of a credentialsSecret. Its "
+        "Kubernetes API token stays unmounted (workload-identity webhooks project their own).",
+    )
+    image_pull_secrets: list[Annotated[str, StringConstraints(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]] = Field(
+        default_factory=list, max_length=16,
+        description="Secrets (names) for pulling the image, on trainer and rendezvous-store pods.",
+    )
+    pod_template: PodTemplate | None = Field(
+        None, description="Merged into every trainer pod: labels, annotations, volumes, affinity, sidecars, "
+        "env, mounts, extra resources. Operator-owned fields are refused.",
+    )
 
     @model_validator(mode="after")
     def _cross(self) -> "VLMPretrainRunSpec":
@@ -74,11 +106,32 @@ class VLMPretrainRunSpec(Model):
                 raise FieldError(
                     f"stages[{i}].prune.calibration.source", f"unknown source {stage.prune.calibration.source!r}"
                 )
+        self._cluster_conflicts()
         llm_type = (self.model.llm.config or {}).get("model_type")
         if self.data.packing and llm_type in PACKING_UNSUPPORTED_LLMS:
             raise FieldError("data.packing", f"model.llm {llm_type!r} cannot keep packed samples apart "
                              f"({PACKING_UNSUPPORTED_LLMS[llm_type]}): set data.packing: false")
         return self
+
+    def _cluster_conflicts(self) -> None:
+        sched, res = self.scheduling, self.resources
+        if sched.priority_class_name and res.priority_class_name and sched.priority_class_name != res.priority_class_name:
+            raise FieldError("scheduling.priorityClassName", "set it here only (resources.priorityClassName is deprecated)")
+        if self.pod_template is None:
+            return
+        extra = self.pod_template.trainer.resources
+        owned = {res.gpu_resource_name: "resources.gpusPerNode"}
+        owned.update({"cpu": "resources.cpu"} if res.cpu else {})
+        owned.update({"memory": "resources.memory"} if res.memory else {})
+        for part, amounts in (("limits", extra.limits), ("requests", extra.requests)):
+            for name in amounts:
+                if name in owned:
+                    raise FieldError(f"podTemplate.trainer.resources.{part}[{name!r}]", f"set by {owned[name]}")
+
+    @property
+    def priority_class_name(self) -> str:
+        """The pods' PriorityClass: scheduling's, else the deprecated resources field."""
+        return self.scheduling.priority_class_name or self.resources.priority_class_name
 
     def stage_index(self, name: str) -> int:
         for i, s in enumerate(self.stages):
