@@ -72,9 +72,10 @@ def test_kustomize_builds_the_whole_base(objects):
 
 
 def test_crd_is_the_vlmpretrainrun_crd_and_applied_first(objects):
-    crd = one(objects, "CustomResourceDefinition")
-    assert crd["metadata"]["name"] == "vlmpretrainruns.pretrain.vlm.dev"
-    assert crd["spec"]["names"]["kind"] == "VLMPretrainRun"
+    crds = {o["metadata"]["name"]: o for o in objects if o["kind"] == "CustomResourceDefinition"}
+    assert sorted(crds) == ["vlmpretrainruns.pretrain.vlm.dev", "vlmpretrainsweeps.pretrain.vlm.dev"]
+    assert crds["vlmpretrainruns.pretrain.vlm.dev"]["spec"]["names"]["kind"] == "VLMPretrainRun"
+    assert crds["vlmpretrainsweeps.pretrain.vlm.dev"]["spec"]["names"]["kind"] == "VLMPretrainSweep"
     waves = {o["kind"]: int(o["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-wave", "0")) for o in objects}
     assert waves["CustomResourceDefinition"] < waves["Namespace"] <= waves["ClusterRole"] < waves["Deployment"], waves
     assert waves["CustomResourceDefinition"] == min(waves.values())

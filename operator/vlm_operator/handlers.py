@@ -16,12 +16,13 @@ from typing import Any
 
 import kopf
 
-from vlm_api import render, schema as s
+from vlm_api import render, schema as s, sweep as sw
 
-from . import config, kube, metrics, reconcile, scrape
+from . import config, kube, metrics, reconcile, scrape, sweep
 from .registry import REGISTRY
 
 RUN = (s.GROUP, s.VERSION, s.PLURAL)
+SWEEP = (s.GROUP, s.VERSION, sw.PLURAL)
 JOB = ("kubeflow.org", "v1", "pytorchjobs")
 STORE = ("apps", "v1", "deployments")
 PREFIX = s.GROUP
@@ -40,7 +41,8 @@ class _QuietEventHandlers(logging.Filter):
     store_event one per child change. Our own logs (vlm_operator.*) say what happened;
     failures of these handlers still log."""
 
-    QUIET = ("Handler 'run_event' succeeded.", "Handler 'job_event' succeeded.", "Handler 'store_event' succeeded.")
+    QUIET = ("Handler 'run_event' succeeded.", "Handler 'job_event' succeeded.", "Handler 'store_event' succeeded.",
+             "Handler 'sweep_run_event' succeeded.")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno <= logging.INFO and isinstance(record.msg, str) and record.msg in self.QUIET)
@@ -160,3 +162,18 @@ async def store_event(event: dict, body: kopf.Body, **_: Any) -> None:
     """The rendezvous store's readiness (RendezvousReady)."""
     with _timed("store_event"):
         await reconcile.on_store_event(event.get("type"), body)
+
+
+# ---- sweeps (vlm_operator.sweep): a sweep's runs are VLMPretrainRuns labelled with it
+@kopf.on.resume(*SWEEP)
+@kopf.on.create(*SWEEP)
+@kopf.on.update(*SWEEP, field="spec")
+async def sweep_change(body: kopf.Body, **_: Any) -> None:
+    with _timed("sweep"):
+        await sweep.on_change(body)
+
+
+@kopf.on.event(*RUN, labels={sw.LABEL_SWEEP: kopf.PRESENT})
+async def sweep_run_event(event: dict, body: kopf.Body, **_: Any) -> None:
+    with _timed("sweep_run_event"):
+        await sweep.on_run_event(event.get("type"), body)

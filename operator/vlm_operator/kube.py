@@ -85,6 +85,8 @@ KINDS: dict[str, Kind] = {
     "PyTorchJob": Kind("kubeflow.org", "v1", "pytorchjobs"),
     "PodMonitor": Kind("monitoring.coreos.com", "v1", "podmonitors"),
     "VLMPretrainRun": Kind("pretrain.vlm.dev", "v1alpha1", "vlmpretrainruns"),
+    "Workload": Kind("kueue.x-k8s.io", "v1beta1", "workloads"),  # read and spec.active only (day2.workload_patch)
+    "VLMPretrainSweep": Kind("pretrain.vlm.dev", "v1alpha1", "vlmpretrainsweeps"),
 }
 
 

@@ -65,6 +65,8 @@ DEFAULT_RESOURCES: dict[str, kmock.ResourceInfo] = {
     'monitoring.coreos.com/v1/podmonitors': resource_info('PodMonitor', subresources={'status'}),
     'pretrain.vlm.dev/v1alpha1/vlmpretrainruns':
         resource_info('VLMPretrainRun', subresources={'status'}, shortnames={'vlmrun', 'vpr'}),
+    'pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps':
+        resource_info('VLMPretrainSweep', subresources={'status'}, shortnames={'vlmsweep', 'vps'}),
 }
 
 # kmock's URL parser crashes on /api/v1/namespaces and misreads /api/v1/namespaces/NAME

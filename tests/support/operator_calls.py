@@ -13,9 +13,9 @@ Three ways to use it:
   scenario (every code path that talks to the API: children with a PodMonitor and a
   NetworkPolicy, 409 re-reads, a ChildConflict, scrape, rescale, suspend, config update,
   retry with the ended store's removal, next stage, invalid spec, Events, the job of a
-  run not seen yet) against a fresh emulator and returns its calls (with each call's
-  namespace); `namespaces` runs the operator with `--namespace` as the namespaced install
-  does. An RBAC test calls it directly, independent of which other tests ran.
+  run not seen yet, a sweep creating and suspending its run) against a fresh emulator
+  and returns its calls (with each call's namespace); `namespaces` runs the operator
+  with `--namespace` as the namespaced install does. An RBAC test calls it directly, independent of which other tests ran.
 
 `missing(calls, clusterrole)` lists the calls a role (a dict, e.g. loaded from
 manifests/rbac/clusterrole.yaml) does not allow; `granted(rules)` is what rules grant.
@@ -131,6 +131,16 @@ def exercise_scoped(workdir: Path, namespaces: list[str] | None = None) -> set[S
             wait(lambda: any(r.resource == "vlmpretrainruns" and r.verb == "get" and r.name == "rbac-ghost"
                              for r in kube.request_log), what="the unseen run read")
             cluster.wait_events("rbac", "StageRetry", "StageStarted", "StageStarted")
+            # A sweep: its runs created, suspended and resumed by patch, its status written.
+            sweep = {"template": spec(), "parameters": [{"path": "stages[pretrain].visualIntroduceAt", "values": [0.1]}],
+                     "objective": {"stage": "sft"}}
+            cluster.create("pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps", {
+                "apiVersion": "pretrain.vlm.dev/v1alpha1", "kind": "VLMPretrainSweep",
+                "metadata": {"name": "rbac-sweep", "namespace": NS}, "spec": sweep})
+            wait(lambda: any(n.startswith("rbac-sweep-") for n in cluster.names(RUNS)), what="the sweep's run")
+            cluster.merge("pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps", "rbac-sweep", {"spec": {"suspend": True}})
+            wait(lambda: any(r["spec"].get("suspend") for r in cluster.objects(RUNS)
+                             if r["metadata"]["name"].startswith("rbac-sweep-")), what="the sweep's run suspended")
         return scoped_calls(kube)
 
 
