@@ -17,6 +17,6 @@ if [ ! -f "$stamp" ]; then
   echo "setting up .venv (first run only: torch, transformers, kopf, ...)" >&2
   # torch first and pinned: 2.13.0 is the CPU build here; an unpinned torch pulls a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[operator,trainer,dev]'
+  .venv/bin/pip install -q --disable-pip-version-check -e '.[operator,local,dev]'  # local includes trainer
   rm -f .venv/.installed-* && touch "$stamp"
 fi

@@ -6,20 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import JOBS, Cluster, spec, wait
 
 
 # kubernetes-client 36 on urllib3 1.26 (pinned by torchx), on every error response: harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def running(cluster: Cluster, name: str = "llama") -> dict:

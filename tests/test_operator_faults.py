@@ -7,21 +7,13 @@ import collections
 
 import pytest
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import DEFAULT_RESOURCES, KubeServer
+from tests.support.kube_emulator import DEFAULT_RESOURCES
 from tests.support.operator_harness import JOBS, PODMONITORS, RUNS, Cluster, spec, wait
 from vlm_operator import metrics
 
 
 # kubernetes-client 36 on urllib3 1.26 (pinned by torchx), on every error response: harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def additions(cluster: Cluster) -> collections.Counter:

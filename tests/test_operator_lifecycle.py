@@ -12,8 +12,6 @@ import time
 import pytest
 import yaml
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import JOBS, PODMONITORS, Cluster, TrainerMetrics, crd_errors, spec, wait
 from tests.support.schemas import core_errors
 from vlm_api import stage_policy
@@ -22,13 +20,6 @@ from vlm_operator import kube as operator_kube
 
 # kubernetes-client 36 on urllib3 1.26 (pinned by torchx), on every error response: harmless.
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def sent(cluster: Cluster, method: str = "POST"):

@@ -13,19 +13,10 @@ import urllib.request
 
 import pytest
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
-from tests.support.operator_harness import FAST_ENV, JOBS, Cluster, TrainerMetrics, spec, wait
+from tests.support.operator_harness import FAST_ENV, JOBS, TrainerMetrics, spec, wait
 from vlm_operator import metrics as opmetrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 @pytest.fixture

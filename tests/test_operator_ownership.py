@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import JOBS, NS, Cluster, TrainerMetrics, spec, wait
 from vlm_api import render
 
@@ -24,13 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:Deprecat
 
 CONFIGMAPS = "v1/configmaps"
 SERVICES = "v1/services"
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def _writes(cluster: Cluster, resource: str, name: str, verbs=("patch", "update", "delete")) -> list:

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
-from tests.support.operator_harness import JOBS, Cluster, crd_errors, spec, wait
+from tests.support.operator_harness import JOBS, crd_errors, spec, wait
 from tests.support.schemas import core_errors
 from vlm_api import launch, render
 from vlm_operator.registry import REGISTRY
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def _elastic_spec() -> dict:
