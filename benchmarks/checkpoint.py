@@ -116,7 +116,7 @@ def measure_blocking(endpoint: str, tmp: Path, quick: bool) -> tuple[harness.Fig
     import torch
     from prometheus_client import CollectorRegistry
 
-    from vlm_trainer.checkpoint import CheckpointManager, CheckpointSettings, TrainState
+    from vlm_trainer.checkpoint.manager import CheckpointManager, CheckpointSettings, TrainState
 
     model, opt = _model(quick)
     params = sum(p.numel() for p in model.parameters())
@@ -168,7 +168,7 @@ def measure_upload(endpoint: str, tmp: Path, quick: bool) -> tuple[harness.Figur
     import boto3
     from boto3.s3.transfer import TransferConfig
 
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     src = tmp / "upload-src"
     src.mkdir()

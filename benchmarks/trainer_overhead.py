@@ -179,7 +179,7 @@ def metric_series(reg) -> dict:
     keys = ("families", "series", "series_without_created", "histogram_series")
     out = dict(zip(("trainer_" + k for k in keys), count(generate_latest(reg).decode())))
     try:
-        from vlm_trainer.checkpoint import CheckpointMetrics
+        from vlm_trainer.checkpoint.metrics import CheckpointMetrics
 
         CheckpointMetrics(reg)
         out.update(zip(keys, count(generate_latest(reg).decode())))

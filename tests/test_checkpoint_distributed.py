@@ -21,8 +21,9 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from tests.support import ckpt_tiny as T  # noqa: E402
 from tests.support.s3 import free_port, new_bucket  # noqa: E402
-from vlm_trainer.checkpoint import CheckpointManager, CheckpointSettings, TrainState  # noqa: E402
-from vlm_trainer.ckpt_store import open_store  # noqa: E402
+from vlm_trainer.checkpoint import CheckpointSettings, open_store  # noqa: E402
+from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
+from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,18 +26,21 @@ from tests.support.ckpt_faults import corrupt  # noqa: E402
 from tests.support.s3 import FaultProxy, new_bucket  # noqa: E402
 from vlm_trainer.checkpoint import (  # noqa: E402
     CheckpointError,
-    CheckpointManager,
     CheckpointSettings,
-    TrainState,
+    RetrySettings,
+    TransferSettings,
+    WorkerGroupConflict,
+    open_store,
 )
-from vlm_trainer.ckpt_store import RetrySettings, TransferSettings, open_store  # noqa: E402
+from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
+from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
 from vlm_trainer.schedule import init_optimizer_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
-FAST_RETRY = RetrySettings(max_attempts=4, file_attempts=3, backoff_base=0.02, connect_timeout=5, read_timeout=20)
+FAST_RETRY = RetrySettings(max_attempts=4, connect_timeout=5, read_timeout=20)
 SMALL_PARTS = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4,
                                file_concurrency=2)
 
@@ -493,7 +496,6 @@ def test_a_second_worker_group_never_writes_over_a_committed_step(tmp_path):
     that reaches an already committed step stops before uploading: the other group's checkpoint
     stays intact (every file matches its manifest) and the dropped group raises
     WorkerGroupConflict so that torchrun restarts it into the current round."""
-    from vlm_trainer.checkpoint import WorkerGroupConflict
 
     uri = (tmp_path / "ckpt").as_uri()
     ahead = manager(make_settings(uri, tmp_path / "a", interval=2, async_save=False))

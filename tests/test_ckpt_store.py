@@ -20,7 +20,7 @@ pytest.importorskip("moto.server")
 from tests.support.ckpt_faults import corrupt, raw_key, remove  # noqa: E402
 from tests.support.s3 import FAKE_SECRET, FaultProxy  # noqa: E402
 from tests.support.s3 import new_bucket as _new_bucket  # noqa: E402
-from vlm_trainer.ckpt_store import (  # noqa: E402
+from vlm_trainer.checkpoint import (  # noqa: E402
     MANIFEST_NAME,
     CheckpointCommitConflict,
     CheckpointUploadError,
@@ -35,8 +35,7 @@ from vlm_trainer.ckpt_store import (  # noqa: E402
 MiB = 1024 * 1024
 SMALL_TRANSFER = TransferSettings(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
                                   max_concurrency=4, file_concurrency=3)
-FAST_RETRY = RetrySettings(mode="standard", max_attempts=5, file_attempts=3, backoff_base=0.05,
-                           connect_timeout=5, read_timeout=10)
+FAST_RETRY = RetrySettings(mode="standard", max_attempts=5, connect_timeout=5, read_timeout=10)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -85,7 +84,7 @@ def test_step_dirnames_parse_robustly():
 
 
 def test_round_trip(store, tmp_path, caplog):
-    caplog.set_level(logging.DEBUG, logger="vlm_trainer.ckpt_store")
+    caplog.set_level(logging.DEBUG, logger="vlm_trainer.checkpoint.store")
     src = make_ckpt(tmp_path / "src")
     res = store.upload(src, "pretrain", 120, world_size=2, extra={"tokens": 123})
     st = res.stats
@@ -184,7 +183,7 @@ def test_resume_skips_incomplete(store, tmp_path, caplog):
     corrupt(store, "pretrain", 30, "__0_0.distcp")  # corrupted (same size)
     assert [r.step for r in store.committed("pretrain")] == [40, 30, 20, 10]
 
-    caplog.set_level(logging.WARNING, logger="vlm_trainer.ckpt_store")
+    caplog.set_level(logging.WARNING, logger="vlm_trainer.checkpoint.store")
     # one listing: the killed upload and the missing shard are seen; a same-size corruption is not
     chosen = store.resolve_resume("pretrain")
     assert chosen.step == 30
@@ -303,7 +302,7 @@ def test_transient_faults_are_retried(proxy, moto_endpoint, tmp_path):
                                    ("PutObject", 503), ("PutObject", "drop"),
                                    ("CompleteMultipartUpload", 500), ("PutCommitted", 503)}
     assert len(proxy.injected) == 9
-    assert res.stats.sdk_retries + res.stats.file_retries >= 7
+    assert res.stats.sdk_retries >= 7  # botocore retried them: there is no other retry loop
     # the data verifies, read back around the proxy too
     direct = open_store(f"s3://{bucket}/faults/", endpoint_url=moto_endpoint)
     assert direct.verify(direct.latest_committed("pretrain")) == []
@@ -325,22 +324,28 @@ def test_adaptive_retry_mode(proxy, moto_endpoint, tmp_path):
     assert store.verify(res.ref) == []
 
 
-def test_whole_file_retry_when_sdk_gives_up(proxy, moto_endpoint, tmp_path):
-    """botocore without retries: our whole-file retry around upload_file carries it."""
+def test_botocore_is_the_only_retry_policy(proxy, moto_endpoint, tmp_path):
+    """With botocore's retries off (max_attempts=1) one transient fault fails the upload:
+    nothing retries on top of botocore; the same fault with retries on is absorbed."""
     bucket = _new_bucket(moto_endpoint)
-    rs = RetrySettings(max_attempts=1, file_attempts=4, backoff_base=0.01)
-    store = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER, retry=rs)
-    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=6 * MiB)
-    proxy.fail("UploadPart", "drop", 1)
-    proxy.fail("PutObject", 500, 2)
-    res = store.upload(src, "s", 3, world_size=1)
-    assert res.stats.file_retries == 3 and res.stats.sdk_retries == 0
-    assert store.verify(res.ref) == []
+    src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=1000)
+    once = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER,
+                      retry=RetrySettings(max_attempts=1))
+    proxy.fail("PutObject", 500, 1)
+    with pytest.raises(CheckpointUploadError) as ei:
+        once.upload(src, "s", 3, world_size=1)
+    assert proxy.injected == [("PutObject", 500)] and ei.value.stats.sdk_retries == 0
+    assert once.committed("s") == []
+    twice = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER,
+                       retry=RetrySettings(max_attempts=2))
+    proxy.fail("PutObject", 500, 1)
+    res = twice.upload(src, "s", 3, world_size=1)
+    assert res.stats.sdk_retries == 1 and twice.verify(res.ref) == []
 
 
 def test_persistent_failure_raises(proxy, moto_endpoint, tmp_path):
     bucket = _new_bucket(moto_endpoint)
-    rs = RetrySettings(max_attempts=2, file_attempts=2, backoff_base=0.01)
+    rs = RetrySettings(max_attempts=2)
     store = open_store(f"s3://{bucket}/p/", endpoint_url=proxy.url, transfer=SMALL_TRANSFER, retry=rs)
     src = make_ckpt(tmp_path / "src", world_size=1, shard_bytes=1000)
     proxy.fail("PutObject", 500, -1)
@@ -348,7 +353,7 @@ def test_persistent_failure_raises(proxy, moto_endpoint, tmp_path):
     with pytest.raises(CheckpointUploadError, match="upload of s step 4") as ei:
         store.upload(src, "s", 4, world_size=1)
     assert time.monotonic() - t0 < 10
-    assert ei.value.stats is not None and ei.value.stats.file_retries >= 1
+    assert ei.value.stats is not None and ei.value.stats.sdk_retries >= 1
     assert "PutCommitted" not in proxy.seen  # nothing committed
     assert store.committed("s") == [] and store.resolve_resume("s") is None
 
@@ -357,7 +362,7 @@ def test_persistent_failure_raises(proxy, moto_endpoint, tmp_path):
                          retry=rs)
     with pytest.raises(CheckpointUploadError) as ei:
         missing.upload(src, "s", 1, world_size=1)
-    assert ei.value.stats.file_retries == 0
+    assert ei.value.stats.sdk_retries == 0
 
 
 # --------------------------------------------------------------------------- multi-uploader commit, final, URIs
@@ -393,7 +398,7 @@ def test_upload_files_by_several_uploaders_then_one_commit(store, tmp_path):
 
 
 def test_mark_final_and_refs_from_uris(store, tmp_path):
-    from vlm_trainer.ckpt_store import open_step_uri
+    from vlm_trainer.checkpoint import open_step_uri
 
     src = make_ckpt(tmp_path / "src", world_size=1)
     ref = store.upload(src, "pretrain", 7, world_size=1).ref

@@ -145,7 +145,7 @@ def _status(cluster: FaithfulCluster, name: str) -> dict:
 
 
 def _committed(endpoint: str, name: str, stage: str) -> list[int]:
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     return sorted(ref.step for ref in open_store(f"s3://ckpt/runs/{name}/", endpoint_url=endpoint).committed(stage))
 
@@ -222,7 +222,7 @@ def test_two_stages_survive_agent_kill_node_loss_and_operator_restart(cluster, s
         PODS, **{"training.kubeflow.org/job-name": render.job_name(name, "sft")}))
     assert f"init from {final['uri']}" in sft_logs
     # No committed checkpoint was lost (keep: 100 keeps them all) or written over by another group.
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     store = open_store(f"s3://ckpt/runs/{name}/", endpoint_url=s3)
     assert {before, lost_at, PRETRAIN_STEPS} <= set(_committed(s3, name, "pretrain"))

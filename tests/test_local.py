@@ -261,7 +261,7 @@ def _trainers_of(run_dir: Path) -> list[int]:
 
 
 def _assert_only_committed(ckpt: Path) -> list[int]:
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     store = open_store(ckpt.as_uri())
     steps = []
@@ -303,7 +303,7 @@ def test_1_max_steps_and_checkpoint_dir(work):
     ckpt = work / "ckpt"
     assert not (work / "tiny-ckpt").exists(), "--checkpoint-dir must replace spec.checkpoint.uri"
     assert _assert_only_committed(ckpt) == [30]
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     store = open_store(ckpt.as_uri())
     assert not store.latest_committed("pretrain").final  # a prefix of the stage, not its end
@@ -357,7 +357,7 @@ def test_3_two_stages_end_to_end_with_two_processes(work):
     r = _local(work)
     assert r.returncode == 0, r.stdout + r.stderr
     assert _starts(progress)[-1] == before, "pretrain resumes from its newest committed checkpoint"
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     store = open_store((work / "ckpt").as_uri())
     pre, sft = store.latest_committed("pretrain"), store.latest_committed("sft")
@@ -411,7 +411,7 @@ def test_two_agents_on_localhost_with_an_s3_checkpoint_uri(work, moto_endpoint, 
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2" in r.stdout and "x2 agent(s)" in r.stdout
     assert sorted(p.parent.name for p in (tmp_path / "run" / "logs").rglob("trainer/*/combined.log")) == ["0", "1"]
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     ref = open_store("s3://tiny-ckpt/runs/tiny/", endpoint_url=moto_endpoint).latest_committed("pretrain")
     assert ref is not None and ref.step == 5 and ref.world_size == 2

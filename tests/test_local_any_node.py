@@ -59,7 +59,7 @@ def _events(path: Path) -> list[dict]:
 
 def test_a_lost_replica_does_not_fail_a_stage_the_survivor_finished(tmp_path):
     from vlm_trainer.data import synthdata
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     synthdata.generate(tmp_path / "tiny-data", samples_per_shard=64, image_size=32,
                        shards={"text": 1, "captions": 2, "instruct": 1, "text-instruct": 1})

@@ -106,13 +106,13 @@ def test_a_metadata_file_that_runs_code_is_refused(tmp_path):
 
 
 def test_the_model_tools_read_through_the_safe_path(tmp_path):
-    from vlm_trainer import ckpt_model
+    from vlm_trainer.checkpoint import model_io
 
     marker = tmp_path / "ran"
     _dcp_checkpoint(tmp_path / "evil", trainer=Payload(marker))
     with pytest.raises(CheckpointException, match="Weights only load failed"):
-        ckpt_model.read_dcp_tree(tmp_path / "evil")
+        model_io.read_dcp_tree(tmp_path / "evil")
     assert not marker.exists()
     _dcp_checkpoint(tmp_path / "ok")
-    tree = ckpt_model.read_dcp_tree(tmp_path / "ok")
+    tree = model_io.read_dcp_tree(tmp_path / "ok")
     assert set(tree) == {"model", "trainer"} and safe_load.load_blob(tree["trainer"]) == {"step": 5}

@@ -14,7 +14,7 @@ import pytest
 from tests.fixtures_trainer import one_thread, shared_data, spec_dict, stage, trainer_config
 from vlm_api import stage_policy
 from vlm_trainer import train as T
-from vlm_trainer.ckpt_store import open_store
+from vlm_trainer.checkpoint import open_store
 from vlm_trainer.metrics import reset_registry
 
 STEPS = 4

@@ -262,7 +262,7 @@ def test_remap_fqns_renames_and_drops_everywhere():
 
 
 def test_visual_region_remap_through_lineage():
-    from vlm_trainer.ckpt_model import region_on_original
+    from vlm_trainer.visual_region.region import region_on_original
 
     # 16 layers, region 0.25 -> [2, 6, 10, 14]; layers 3, 4, 11 pruned
     kept = [i for i in range(16) if i not in (3, 4, 11)]
@@ -335,8 +335,8 @@ def test_analyze_layers_cli(trained, data, tmp_path, capsys):
 def test_prune_cli_writes_a_loadable_pruned_checkpoint(trained, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from vlm_trainer.ckpt_model import load_checkpoint_model, read_dcp_tree
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint.model_io import load_checkpoint_model, read_dcp_tree
+    from vlm_trainer.checkpoint import open_store
 
     root, config, cfg, ref = trained
     out_root = tmp_path / "pruned-store"
@@ -444,7 +444,7 @@ def test_local_run_with_a_pruning_stage(tmp_path, data):
                         "--run-dir", str(tmp_path / "runs"), "--progress", "plain"],
                        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint import open_store
 
     store = open_store(str(tmp_path / "ckpt"))
     pruned = store.latest_committed("pretrain-pruned")
@@ -464,13 +464,13 @@ def test_prune_and_analyze_an_s3_checkpoint(trained, moto_endpoint, tmp_path, ca
     back into the bucket; the pruned one is analysed without --config."""
     import boto3
 
-    from vlm_trainer.ckpt_model import local_path_of
-    from vlm_trainer.ckpt_store import open_store
+    from vlm_trainer.checkpoint.model_io import local_path_of
+    from vlm_trainer.checkpoint import open_store
 
     root, config, cfg, ref = trained
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="vr-ckpt")
     s3 = open_store("s3://vr-ckpt/runs/r1/", endpoint_url=moto_endpoint)
-    src = local_path_of(open_store(f"{root}/ckpt"), ref)
+    src = local_path_of(ref)
     s3.upload(src, "pretrain", ref.step, world_size=1, final=True, extra=ref.extra)
     p = _cli(capsys, "prune", "--checkpoint", "s3://vr-ckpt/runs/r1/pretrain/", "--config", str(config),
              "--endpoint", moto_endpoint, "--keep-fraction", "0.75", "--eval-samples", "0")

@@ -28,14 +28,15 @@ import torch.distributed as dist  # noqa: E402
 
 import ckpt_tiny as T  # noqa: E402
 from ckpt_faults import corrupt  # noqa: E402
-from vlm_trainer.checkpoint import CheckpointManager, CheckpointSettings, TrainState  # noqa: E402
-from vlm_trainer.ckpt_store import RetrySettings  # noqa: E402
+from vlm_trainer.checkpoint import CheckpointSettings, RetrySettings  # noqa: E402
+from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
+from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
 
 
 def settings(cfg, local_suffix: str) -> CheckpointSettings:
     return CheckpointSettings(uri=cfg["uri"], endpoint=cfg.get("endpoint", ""), interval=1000, keep=3,
                               local_dir=os.path.join(cfg["local"], local_suffix),
-                              retry=RetrySettings(backoff_base=0.05))
+                              retry=RetrySettings())
 
 
 def manager(cfg, stage: str, suffix: str, node: str | None = None) -> CheckpointManager:

@@ -409,7 +409,7 @@ class LocalRunner:
 
     # ---- checkpoints
     def store(self, spec: schema.VLMPretrainRunSpec):
-        from vlm_trainer.ckpt_store import open_store
+        from vlm_trainer.checkpoint import open_store
 
         return open_store(spec.checkpoint.uri, endpoint_url=spec.checkpoint.endpoint or None)
 

@@ -88,7 +88,7 @@ def caption_loss(vlm, builder, items, *, batch_size: int = 16) -> tuple[float, i
 
 
 def evaluate(loaded, *, source: str | None = None, samples: int = 128, seed: int = 0) -> GroundingResult:
-    """Grounding of an already loaded checkpoint (`vlm_trainer.ckpt_model.LoadedModel`)."""
+    """Grounding of an already loaded checkpoint (`vlm_trainer.checkpoint.model_io.LoadedModel`)."""
     from .data.loader import open_sources, validation_set
 
     spec = loaded.cfg.spec
@@ -120,7 +120,7 @@ def evaluate(loaded, *, source: str | None = None, samples: int = 128, seed: int
 def evaluate_checkpoint(uri: str, *, config=None, source: str | None = None, samples: int = 128,
                         seed: int = 0) -> GroundingResult:
     """Load a committed checkpoint (``config``: TrainerConfig, its YAML path, or None = stored) and evaluate."""
-    from .ckpt_model import load_checkpoint_model
+    from .checkpoint.model_io import load_checkpoint_model
 
     with torch.no_grad():  # scoped: callers in the same process may train afterwards
         with warnings.catch_warnings():  # DCP's note that it loads in a single process: intended

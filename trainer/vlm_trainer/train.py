@@ -40,7 +40,7 @@ checkpointer reports the final checkpoint committed; 1 on any failure; 3 when st
 SIGTERM/SIGINT before the end (the stop is agreed collectively at a step boundary).
 
 Checkpoint seam: a checkpointer object (``restore``, ``after_step``, ``finalize``,
-``close``; see :class:`NullCheckpointer`) from ``vlm_trainer.checkpoint.build_checkpointer``
+``close``; see :class:`NullCheckpointer`) from ``vlm_trainer.checkpoint.seam.build_checkpointer``
 when that module exists. It reads and writes the whole training state through
 :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (DCP-ready: model and optimizer
 via ``torch.distributed.checkpoint.state_dict``) or the parts (:meth:`Trainer.extra_state`).
@@ -139,7 +139,7 @@ class NullCheckpointer:
 def build_checkpointer(trainer: "Trainer") -> Checkpointer:
     if os.environ.get("VLM_NO_CHECKPOINT") == "1" or importlib.util.find_spec("vlm_trainer.checkpoint") is None:
         return NullCheckpointer()
-    from .checkpoint import build_checkpointer as build  # provided by the checkpoint manager
+    from .checkpoint.seam import build_checkpointer as build  # provided by the checkpoint manager
 
     return build(trainer)
 

@@ -28,7 +28,7 @@ CLI (`vlmpretrain analyze-layers`)::
 
 prints a table and writes ``DIR/influence.json`` and ``DIR/influence.png`` (bars per
 layer, image and text BI, visual-region layers marked). ``--checkpoint`` is a committed
-checkpoint (see `vlm_trainer.ckpt_model`); ``--data`` a shard URI with ``{a..b}`` ranges,
+checkpoint (see `vlm_trainer.checkpoint.model_io`); ``--data`` a shard URI with ``{a..b}`` ranges,
 optionally ``MODALITY:URI`` or ``NAME=MODALITY:URI`` (the modality is otherwise detected
 from the first sample's members).
 """
@@ -379,7 +379,8 @@ def _parse_layers(value: str | None) -> list[int] | None:
 
 def main(args: argparse.Namespace) -> int:
     """`vlmpretrain analyze-layers`."""
-    from ..ckpt_model import load_checkpoint_model, region_for
+    from ..checkpoint.model_io import load_checkpoint_model
+    from .region import region_for
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,

@@ -14,7 +14,7 @@ mean cos(h_in, h_out)) measured on calibration data, and the visual region R:
 
 The visual region R is the stage's ``trainable.llm`` selection (``visualRegion.fraction``
 or explicit ``layers``), else a fraction of 0.25, always defined on the ORIGINAL depth and
-mapped to the current indices (see `ckpt_model.region_on_original`); ``--visual-fraction``
+mapped to the current indices (see `visual_region.region.region_on_original`); ``--visual-fraction``
 / ``--visual-layers`` override it.
 
 The pruned model: the decoder layers kept, in order, re-indexed 0..depth-K-1
@@ -35,7 +35,7 @@ The pruned checkpoint (committed, ``final``) goes to ``<root>/<stage>-pruned/ste
   the tokenizer: ``AutoModelForCausalLM.from_pretrained(".../llm")`` loads it;
 * ``prune.json`` (criterion, removed/kept layers, layer map, visual region before/after,
   parameter counts, validation loss by modality before and after), ``influence.json``,
-  ``influence.png`` and ``trainer_config.yaml`` (the config the model was read with);
+  ``influence.png`` and ``trainer-config.yaml`` (the config the model was read with);
   every other file of the source checkpoint is copied as it is.
 
 The manifest's ``extra`` carries ``llm_config`` (the pruned transformers config) and
@@ -68,8 +68,10 @@ from torch import nn
 from vlm_api import stage_policy
 from vlm_api.schema import LayerSelection, TrainerConfig
 
-from ..ckpt_model import (
+from ..checkpoint import CONFIG_NAME, CheckpointCommitConflict, CheckpointRef, open_store, split_checkpoint_uri
+from ..checkpoint.model_io import (
     LoadedModel,
+    dcp_dirs,
     effective_model_spec,
     llm_config_dict,
     layers_prefix_of,
@@ -77,13 +79,10 @@ from ..ckpt_model import (
     pruned_lineage,
     pruned_stage_name,
     read_dcp_tree,
-    region_for,
-    region_on_original,
     resolve_checkpoint,
-    split_checkpoint_uri,
     write_dcp_tree,
 )
-from ..ckpt_store import CheckpointCommitConflict, CheckpointRef, open_store
+from .region import region_for, region_on_original, stage_region_selection
 from .influence import InfluenceReport, LayerInfluence, analyze, open_calibration_sources
 from ..model import count_params, find_layer_list, token_losses
 
@@ -402,12 +401,10 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
     with tempfile.TemporaryDirectory(prefix="vlm-prune-") as work:
         out = Path(work) / "ckpt"
         out.mkdir()
-        from ..ckpt_model import dcp_dirs as find_dcp
-
-        dirs = find_dcp(loaded.local_dir)
+        dirs = dcp_dirs(loaded.local_dir)
         _copy_other_files(loaded.local_dir, out, dirs)
         # the config travels with the pruned checkpoint: analyze-layers/prune need no --config for it
-        (out / "trainer_config.yaml").write_text(yaml.safe_dump(loaded.cfg.dump(), sort_keys=False))
+        (out / CONFIG_NAME).write_text(yaml.safe_dump(loaded.cfg.dump(), sort_keys=False))
         model_keys = set(_model_state_keys(vlm))
         for d in dirs:
             rel = d.relative_to(loaded.local_dir)
@@ -443,8 +440,6 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
 
 def _region_fraction(stage, fraction: float | None, layers: list[int] | None) -> float | None:
     """The fraction the visual region was selected with (None for explicit layers)."""
-    from ..ckpt_model import stage_region_selection
-
     if layers is not None:
         return None
     if fraction is not None:

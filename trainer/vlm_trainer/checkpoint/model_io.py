@@ -1,7 +1,7 @@
-"""A trained VLM from a committed checkpoint, outside the training loop (analysis, pruning).
+"""A trained VLM from a committed checkpoint, outside the training loop (analysis, pruning,
+grounding, export).
 
-Checkpoint URIs (local path, ``file://`` or ``s3://``), in the store layout of
-`vlm_trainer.ckpt_store`:
+Checkpoint URIs (local path, ``file://`` or ``s3://``), in the layout of ``layout.py``:
 
 * ``<root>/<stage>/step-000000120/``: that checkpoint (it must be committed);
 * ``<root>/<stage>/``: the newest committed checkpoint of the stage.
@@ -9,9 +9,9 @@ Checkpoint URIs (local path, ``file://`` or ``s3://``), in the store layout of
 A local checkpoint is read in place (after a shallow check against its manifest); an S3
 one is downloaded and verified (sha256) into a temporary directory first.
 
-The trainer config (model, tokenizer, data, stages) comes from ``--config`` (a
-TrainerConfig YAML or a VLMPretrainRun manifest), else from a config file stored in the
-checkpoint directory (:data:`CONFIG_FILES`), else from the manifest's ``extra.config``.
+The trainer config (model, tokenizer, data, stages) is the one the checkpoint carries
+(``layout.CONFIG_NAME``, written by the trainer and by pruning), unless ``config`` (a
+TrainerConfig YAML or a VLMPretrainRun manifest) overrides it.
 
 Architecture after pruning. A stage that declares ``prune`` leaves a committed pruned
 checkpoint under ``<root>/<stage>-pruned/``; its manifest's ``extra`` holds the pruned
@@ -19,16 +19,12 @@ LLM's transformers config (``llm_config``) and the lineage (``pruned``: kept lay
 indices of the original model, ...). Every later stage is built with that LLM config
 (:func:`effective_model_spec`); the spec in the recipe keeps the original model.
 
-The model weights are read from the DCP files (``.metadata`` + ``*.distcp``) of the
-checkpoint: the tensors under the top-level key ``model`` (what
-``torch.distributed.checkpoint.state_dict.get_model_state_dict`` produces for the VLM:
-``llm.model.layers.3.mlp.up_proj.weight``, ``vision...``, ``projector...``).
+The weights are the tensors under the DCP key ``model`` (``state.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -40,29 +36,17 @@ import yaml
 
 from vlm_api.schema import API_VERSION, KIND, ModelSpec, TrainerConfig
 
-from .ckpt_store import CheckpointRef, CheckpointStore, MANIFEST_NAME, open_store, parse_step_dirname
+from .backends import open_store
+from .errors import CheckpointNotFound
+from .layout import CONFIG_NAME, MANIFEST_NAME, CheckpointRef, split_checkpoint_uri
+from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILES = ("trainer_config.yaml", "trainer-config.yaml", "config.yaml", "trainer_config.json", "config.json")
 PRUNED_SUFFIX = "-pruned"
 
 
 # --------------------------------------------------------------------------- locating
-
-
-def split_checkpoint_uri(uri: str) -> tuple[str, str, int | None]:
-    """``<root>/<stage>/step-N/`` -> (root, stage, N); ``<root>/<stage>/`` -> (root, stage, None)."""
-    u = uri.rstrip("/")
-    head, _, last = u.rpartition("/")
-    step = parse_step_dirname(last)
-    if step is not None:
-        root, _, stage = head.rpartition("/")
-        return root + "/", stage, step
-    root, _, stage = u.rpartition("/")
-    if not stage or not root:
-        raise ValueError(f"{uri!r}: expected <root>/<stage>/step-N/ or <root>/<stage>/")
-    return root + "/", stage, None
 
 
 def resolve_checkpoint(uri: str, *, endpoint_url: str | None = None) -> tuple[CheckpointStore, CheckpointRef]:
@@ -72,30 +56,29 @@ def resolve_checkpoint(uri: str, *, endpoint_url: str | None = None) -> tuple[Ch
     committed = store.committed(stage)
     if step is None:
         if not committed:
-            raise FileNotFoundError(f"{uri}: no committed checkpoint in stage {stage!r}")
+            raise CheckpointNotFound(f"{uri}: no committed checkpoint in stage {stage!r}")
         return store, committed[0]
     for ref in committed:
         if ref.step == step:
             return store, ref
-    raise FileNotFoundError(f"{uri}: not a committed checkpoint (no valid {MANIFEST_NAME} manifest)")
+    raise CheckpointNotFound(f"{uri}: not a committed checkpoint (no valid {MANIFEST_NAME} manifest)")
 
 
-def local_path_of(store: CheckpointStore, ref: CheckpointRef) -> Path | None:
+def local_path_of(ref: CheckpointRef) -> Path | None:
     """The directory of a checkpoint of a local store (None for S3)."""
     if ref.uri.startswith("s3://"):
         return None
-    p = ref.uri[len("file://"):] if ref.uri.startswith("file://") else ref.uri
-    return Path(p)
+    return Path(ref.uri[len("file://"):] if ref.uri.startswith("file://") else ref.uri)
 
 
 def fetch(store: CheckpointStore, ref: CheckpointRef, workdir: str | os.PathLike) -> Path:
     """A local directory with the checkpoint's files: in place for a local store (shallow
     verification), else downloaded and sha256-verified under ``workdir``."""
-    local = local_path_of(store, ref)
+    local = local_path_of(ref)
     if local is not None:
         problems = store.verify(ref, deep=False)
         if problems:
-            raise FileNotFoundError(f"{ref.uri}: {'; '.join(problems)}")
+            raise CheckpointNotFound(f"{ref.uri}: {'; '.join(problems)}")
         return local
     dest = Path(workdir) / ref.stage / f"step-{ref.step}"
     if dest.exists():
@@ -134,20 +117,10 @@ def config_from_doc(doc: Any, *, stage: str | None = None, where: str = "config"
     return cfg
 
 
-def stored_config(local_dir: Path, manifest: dict | None) -> TrainerConfig | None:
-    """The TrainerConfig saved with a checkpoint, if any."""
-    for name in CONFIG_FILES:
-        for p in (local_dir / name, *local_dir.glob(f"*/{name}")):
-            if p.is_file():
-                try:
-                    return read_config_file(p)
-                except Exception as exc:  # noqa: BLE001 - another file may be the config
-                    log.debug("%s is not a trainer config: %s", p, exc)
-    extra = (manifest or {}).get("extra") or {}
-    for key in ("config", "trainer_config"):
-        if isinstance(extra.get(key), dict):
-            return config_from_doc(extra[key], where=f"manifest extra.{key}")
-    return None
+def stored_config(local_dir: Path) -> TrainerConfig | None:
+    """The TrainerConfig a checkpoint carries (``layout.CONFIG_NAME``), if it carries one."""
+    p = local_dir / CONFIG_NAME
+    return read_config_file(p) if p.is_file() else None
 
 
 # --------------------------------------------------------------------------- architecture lineage
@@ -160,15 +133,15 @@ def pruned_stage_name(stage: str) -> str:
 def pruned_lineage(store: CheckpointStore, spec, stage_index: int) -> dict | None:
     """The manifest ``extra`` of the pruned checkpoint that defines the architecture of
     stage ``stage_index``: that of the latest earlier stage declaring ``prune`` (None when
-    no earlier stage prunes). Raises FileNotFoundError when that stage's pruned checkpoint
+    no earlier stage prunes). Raises CheckpointNotFound when that stage's pruned checkpoint
     does not exist (yet)."""
     for j in range(stage_index - 1, -1, -1):
         if spec.stages[j].prune is not None:
             name = pruned_stage_name(spec.stages[j].name)
             ref = store.latest_committed(name)
             if ref is None:
-                raise FileNotFoundError(f"stage {spec.stages[j].name!r} declares prune but {store.uri}{name}/ "
-                                        "holds no committed pruned checkpoint")
+                raise CheckpointNotFound(f"stage {spec.stages[j].name!r} declares prune but {store.uri}{name}/ "
+                                         "holds no committed pruned checkpoint")
             return ref.extra
     return None
 
@@ -203,21 +176,17 @@ def read_dcp_model(vlm, dcp_dir: str | os.PathLike, *, key: str = "model") -> No
     second name of a tied weight (loaded through the first)."""
     import torch.distributed.checkpoint as dcp
 
-    from .safe_load import SafeFileSystemReader, SafeLoadPlanner
+    from ..safe_load import SafeFileSystemReader, SafeLoadPlanner
 
     meta = SafeFileSystemReader(str(dcp_dir)).read_metadata()
     have = {k[len(key) + 1:] for k in meta.state_dict_metadata if k.startswith(key + ".")}
     target = vlm.state_dict()
-    wanted, missing = {}, []
-    for name, t in target.items():
-        if name in have:
-            wanted[name] = t
-        else:
-            missing.append(name)
+    wanted = {name: t for name, t in target.items() if name in have}
     loaded_storages = {id(t.untyped_storage()) for t in wanted.values() if t.numel()}
-    truly_missing = [n for n in missing if not (target[n].numel() and id(target[n].untyped_storage()) in loaded_storages)]
-    if truly_missing:
-        raise KeyError(f"{dcp_dir}: checkpoint lacks {len(truly_missing)} model tensors, e.g. {truly_missing[:3]} "
+    missing = [n for n in target if n not in have
+               and not (target[n].numel() and id(target[n].untyped_storage()) in loaded_storages)]
+    if missing:
+        raise KeyError(f"{dcp_dir}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]} "
                        f"(the checkpoint has {len(have)}; architecture mismatch?)")
     extra = sorted(have - set(target))
     if extra:
@@ -229,7 +198,7 @@ def read_dcp_tree(dcp_dir: str | os.PathLike) -> dict:
     """Everything in a DCP checkpoint as a nested dict (model, optimizer, trainer state)."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from .safe_load import SafeEmptyStateDictLoadPlanner, SafeFileSystemReader
+    from ..safe_load import SafeEmptyStateDictLoadPlanner, SafeFileSystemReader
 
     tree: dict = {}
     _load_state_dict(tree, storage_reader=SafeFileSystemReader(str(dcp_dir)), planner=SafeEmptyStateDictLoadPlanner(),
@@ -296,21 +265,22 @@ class LoadedModel:
 def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None, stage: str | None = None,
                           endpoint_url: str | None = None, device: str = "cpu", seed: int | None = None) -> LoadedModel:
     """Build the VLM of a committed checkpoint and load its weights (see module doc)."""
-    from .model import build_vlm
-    from .data.sequences import SequenceBuilder
-    from .tokenizer import load_tokenizer
+    from ..data.sequences import SequenceBuilder
+    from ..model import build_vlm
+    from ..tokenizer import load_tokenizer
 
     cfg = config if isinstance(config, TrainerConfig) else None
     endpoint = endpoint_url or (cfg.spec.checkpoint.endpoint if cfg else None) or os.environ.get("AWS_ENDPOINT_URL") or None
     store, ref = resolve_checkpoint(uri, endpoint_url=endpoint)
-    tmp = None if local_path_of(store, ref) is not None else tempfile.TemporaryDirectory(prefix="vlm-ckpt-")
+    tmp = None if local_path_of(ref) is not None else tempfile.TemporaryDirectory(prefix="vlm-ckpt-")
     local = fetch(store, ref, tmp.name if tmp else ".")
     if cfg is None and isinstance(config, (str, os.PathLike)):
         cfg = read_config_file(config, stage=stage)
     if cfg is None:
-        cfg = stored_config(local, ref.manifest)
+        cfg = stored_config(local)
         if cfg is None:
-            raise ValueError(f"{ref.uri}: no trainer config stored with the checkpoint: pass --config FILE")
+            raise CheckpointNotFound(f"{ref.uri}: carries no {CONFIG_NAME} (written before checkpoints stored "
+                                     "their config): pass --config FILE")
     stage_name = stage or ref.stage
     if stage_name.endswith(PRUNED_SUFFIX) and stage_name not in [s.name for s in cfg.spec.stages]:
         stage_name = stage_name[: -len(PRUNED_SUFFIX)]
@@ -323,7 +293,7 @@ def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None
     model_spec = effective_model_spec(cfg.spec.model, (lineage or {}).get("llm_config"))
     dirs = dcp_dirs(local)
     if not dirs:
-        raise FileNotFoundError(f"{ref.uri}: no DCP checkpoint (.metadata) in it")
+        raise CheckpointNotFound(f"{ref.uri}: no DCP checkpoint (.metadata) in it")
     if len(dirs) > 1:
         log.warning("%s: several DCP directories %s; using %s", ref.uri, dirs, dirs[0])
     tok = load_tokenizer(model_spec)
@@ -334,80 +304,3 @@ def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None
     builder = SequenceBuilder(tok, tokens_per_image=vlm.tokens_per_image, seq_length=cfg.spec.data.seq_length)
     log.info("loaded %s (%s, %d LLM layers)", ref.uri, cfg.stage, len(vlm.decoder_layers()))
     return LoadedModel(vlm, tok, builder, cfg, model_spec, store, ref, local, dirs[0], endpoint, lineage, tmp)
-
-
-# --------------------------------------------------------------------------- visual region
-
-
-def region_on_original(selection_fraction: float | None, layers: list[int] | None, *, original_depth: int,
-                       kept_original: list[int] | None) -> list[int]:
-    """The visual region in the CURRENT model's indices.
-
-    The region is defined on the original (unpruned) depth: explicit ``layers`` or
-    ``visual_region_layers(fraction, original_depth)``. After pruning, original layer ``o``
-    is at index ``kept_original.index(o)``; layers that were removed are dropped (pruning
-    never removes the region it was given, so the same fraction maps 1:1)."""
-    from vlm_api.validate import visual_region_layers
-
-    if layers is not None:
-        chosen = sorted(set(layers))
-    else:
-        chosen = visual_region_layers(0.25 if selection_fraction is None else selection_fraction, original_depth)
-    if kept_original is None:
-        return chosen
-    pos = {o: i for i, o in enumerate(kept_original)}
-    return [pos[o] for o in chosen if o in pos]
-
-
-def region_for(loaded: LoadedModel, *, fraction: float | None = None, layers: list[int] | None = None) -> list[int]:
-    """The visual region of a loaded model, in its current layer indices.
-
-    Explicit ``layers`` are current indices (used as given). Otherwise the fraction
-    (argument, else the stage's ``trainable.llm.visualRegion.fraction``, else 0.25) or the
-    stage's explicit ``trainable.llm.layers`` is applied to the ORIGINAL depth and mapped
-    through the pruning lineage (:func:`region_on_original`)."""
-    from .visual_region.influence import resolve_visual_region
-
-    depth = len(loaded.vlm.decoder_layers())
-    if layers is not None:
-        return resolve_visual_region(depth, layers=layers)
-    lin = (loaded.lineage or {}).get("pruned") or {}
-    original_depth = int(lin.get("original_depth", depth))
-    kept = lin.get("kept_original")
-    stage_layers = None
-    if fraction is None:
-        fraction, stage_layers = stage_region_selection(loaded.stage_spec)
-        if stage_layers is not None and _prepared(loaded):
-            # a config from prune.prepare_stage_config: its layers are already current indices
-            return resolve_visual_region(depth, layers=stage_layers)
-    return region_on_original(fraction, stage_layers, original_depth=original_depth, kept_original=kept)
-
-
-def _prepared(loaded: LoadedModel) -> bool:
-    """True when the config's LLM already is the pruned architecture (a prepared config)."""
-    want = (loaded.lineage or {}).get("llm_config")
-    have = loaded.cfg.spec.model.llm.config
-    return bool(want) and have is not None and dict(have) == dict(want)
-
-
-def stage_region_selection(stage) -> tuple[float | None, list[int] | None]:
-    """(fraction, explicit layers) of a stage's ``trainable.llm`` when it is a layer
-    selection; (None, None) for all/none (the default fraction 0.25 then applies)."""
-    llm = getattr(getattr(stage, "trainable", None), "llm", None)
-    if llm is None or isinstance(llm, str):
-        return None, None
-    if llm.visual_region is not None:
-        return float(llm.visual_region.fraction), None
-    return None, list(llm.layers)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-
-
-__all__ = [
-    "LoadedModel", "load_checkpoint_model", "resolve_checkpoint", "split_checkpoint_uri", "fetch", "read_dcp_model",
-    "read_dcp_tree", "write_dcp_tree", "effective_model_spec", "pruned_lineage", "pruned_stage_name", "region_for",
-    "region_on_original", "stage_region_selection", "read_config_file", "stored_config", "llm_config_dict",
-    "layers_prefix_of",
-]
