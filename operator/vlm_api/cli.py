@@ -103,7 +103,14 @@ def _lazy(target: str):
 
     def run(args: argparse.Namespace) -> int:
         module, func = target.split(":")
-        return getattr(importlib.import_module(module), func)(args)
+        try:
+            return getattr(importlib.import_module(module), func)(args)
+        except (OSError, ValueError, KeyError) as exc:  # a bad URI, file or config: one line, no traceback
+            from .validate import clean
+
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() adds quotes
+            print(f"vlmpretrain {args.command}: {clean(text)}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -222,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation samples per source for the before/after loss (default: the stage's evalBatches x "
                         "microBatchSize; 0 skips)")
     p.set_defaults(func=_lazy("vlm_trainer.visual_region.prune:main"))
+
+    p = sub.add_parser("export", help="write a checkpoint's LLM, vision tower and projector as transformers-loadable files")
+    p.add_argument("checkpoint", metavar="CKPT", help="committed checkpoint <root>/<stage>/step-N/, or <root>/<stage>/ for its newest")
+    p.add_argument("out", metavar="OUT", help="directory to write OUT/llm/, OUT/vision/, OUT/projector/ into")
+    p.add_argument("--format", default="hf", choices=["hf"], help="hf: safetensors + configs + tokenizer (the default)")
+    p.add_argument("--config", metavar="FILE", help="TrainerConfig YAML or VLMPretrainRun manifest (default: the config stored with the checkpoint)")
+    p.add_argument("--endpoint", default=None, metavar="URL", help="S3 endpoint (default: the config's checkpoint.endpoint)")
+    p.set_defaults(func=_lazy("vlm_trainer.checkpoint.export:main"))
     return parser
 
 
