@@ -45,6 +45,7 @@ class Observed:
     store: dict | None = None  # the current attempt's rendezvous-store Deployment (spec.elastic.externalStore)
     stores: tuple[tuple[str, str, int], ...] = ()  # (name, stage, attempt) of every rendezvous store of this run
     confirmation: dict | None = None  # the current job's confirmed final checkpoint (stage_policy.confirmed_final)
+    workload: dict | None = None  # Kueue's Workload of a Kueue-managed job (when the spec changed or says suspend)
 
 
 @dataclasses.dataclass
@@ -314,7 +315,10 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
     note = f"metrics: {obs.scrape_error}" if obs.scrape_error else ""
 
     def view_for(js: st.JobState, att: int, job_name: str, stage_name: str) -> st.View:
-        return st.for_job(js, suspend=spec.suspend, stage=stage_name, attempt=att, job=job_name, note=note)
+        # A Kueue-managed job is suspended until Kueue admits it, and again when it evicts it.
+        held = js.state in ("Absent", "Suspended") or bool(day2.get_path(obs.job, *day2.SUSPEND_PATH))
+        return st.for_job(js, suspend=spec.suspend, stage=stage_name, attempt=att, job=job_name, note=note,
+                          queue=spec.scheduling.queue_name, held=held)
 
     if not obs.pytorchjob_crd:
         msg = "the PyTorchJob CRD (pytorchjobs.kubeflow.org/v1) is not installed: install the Kubeflow Training Operator"
@@ -405,6 +409,12 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
                 cm = want["metadata"]["name"]
                 patches.append(("ConfigMap", ns, cm, cp))
                 events.append(("Normal", "ConfigUpdated", f"{cm}: trainer config follows the spec (e.g. checkpoint.keep)"))
+    wp = day2.workload_patch(obs.workload, spec.suspend) if spec.scheduling.queue_name else None
+    if wp:
+        wl = obs.workload["metadata"]["name"]
+        patches.append(("Workload", ns, wl, wp))
+        events.append(("Normal", "Suspended" if spec.suspend else "Resumed",
+                       f"{job}: Kueue Workload {wl} {'deactivated' if spec.suspend else 'reactivated'}"))
     return finish(view_for(js, attempt, job, stage.name), patch=patches)
 
 

@@ -8,7 +8,11 @@ ConfigMap too; `model`, `data` and `stages` are immutable (CEL), see core.immuta
 
 A Kueue-managed job (scheduling.queueName: the queue label) is the exception: its
 `runPolicy.suspend` is Kueue's to write (admission sets it false, eviction and preemption
-true), so no patch here ever touches it.
+true), so no patch here ever touches it. `spec.suspend` goes to Kueue's Workload instead
+(`workload_patch`): `spec.active: false` makes Kueue evict the job (suspend it) and keep
+it out of the queue until `active` is true again, as `kueuectl stop workload` does;
+suspending the job itself would not hold, as Kueue un-suspends a suspended job whose
+Workload is admitted (jobframework/reconciler.go, ReconcileGenericJob step 7).
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def job_patch(live: dict, desired: dict) -> dict | None:
     if bool(get_path(live, *SUSPEND_PATH)) != want:
         set_path(patch, SUSPEND_PATH, want)
     return patch or None
+
+
+# Kueue labels the Workload it makes for a job with the job's uid (jobframework.ConstructWorkload).
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+
+
+def workload_patch(workload: dict | None, suspend: bool) -> dict | None:
+    """A merge patch that makes a Kueue Workload's `spec.active` follow `spec.suspend`."""
+    if workload is None:
+        return None
+    active = get_path(workload, "spec", "active")
+    active = True if active is None else bool(active)  # Kueue's default
+    return {"spec": {"active": not suspend}} if active == suspend else None
 
 
 def kueue_managed(job: dict | None) -> bool:

@@ -34,7 +34,7 @@ import kopf
 
 from vlm_api import render, schema as s, stage_policy
 
-from . import config, core, kube, metrics
+from . import config, core, day2, kube, metrics
 from . import status as st
 from .registry import REGISTRY, Key, RunState
 
@@ -117,6 +117,9 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
         obs.store = REGISTRY.stores.get((ns, store)) or await client.get("Deployment", ns, store)
         if obs.store is not None:
             _ensure_ours(obs.store, meta.get("uid"))
+    # Also while suspended: Kueue makes the Workload after the job, and would admit it.
+    if (check_drift or spec.suspend) and obs.job is not None and spec.scheduling.queue_name:
+        obs.workload = await _workload(client, obs.job, cfg.discovery_ttl)
     if check_drift and job_name and status.get("stage"):
         cm = await client.get("ConfigMap", ns, render.config_name(meta["name"], status["stage"]))
         if cm is not None:  # a day-2 patch never touches an object we do not own
@@ -124,6 +127,15 @@ async def _observe(client: kube.Client, run: dict, state: RunState, problems: li
         obs.configmap = cm
         problems = problems + core.immutable_problems(spec, core.running_spec(cm))
     return obs, problems
+
+
+async def _workload(client: kube.Client, job: dict, ttl: float) -> dict | None:
+    """Kueue's Workload of a job (None when Kueue is not installed or has made none yet)."""
+    if not await client.served("Workload", ttl):
+        return None
+    meta = job.get("metadata") or {}
+    found = await client.list("Workload", meta.get("namespace"), f"{day2.KUEUE_JOB_UID_LABEL}={meta.get('uid')}")
+    return found[0] if found else None
 
 
 async def _confirmation(client: kube.Client, job: dict, stage: str) -> dict | None:

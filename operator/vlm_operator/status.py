@@ -150,8 +150,10 @@ def crd_missing(message: str) -> View:
     )
 
 
-def for_job(js: JobState, *, suspend: bool, stage: str, attempt: int, job: str, note: str = "") -> View:
-    """The view while a stage job is live (not finished)."""
+def for_job(js: JobState, *, suspend: bool, stage: str, attempt: int, job: str, note: str = "",
+            queue: str | None = None, held: bool = False) -> View:
+    """The view while a stage job is live (not finished). `queue`: the run's Kueue
+    LocalQueue; `held`: its job is suspended, so Kueue has not admitted it (or evicted it)."""
     where = f"stage {stage}, job {job}" + (f" (attempt {attempt + 1})" if attempt else "")
     suffix = f"; {note}" if note else ""
     if suspend:
@@ -160,6 +162,9 @@ def for_job(js: JobState, *, suspend: bool, stage: str, attempt: int, job: str, 
             Cond("False", "Suspended", f"suspended by spec.suspend: {where}"),
             Cond("False", "Suspended", f"resumes from the last committed checkpoint when spec.suspend is false{suffix}"),
         )
+    if queue and held:
+        msg = f"{where}: queued in Kueue LocalQueue {queue}, waiting for admission (quota)"
+        return View("Pending", Cond("False", QUEUED, msg), Cond("True", QUEUED, f"{msg}{suffix}"))
     if js.state == "Suspended":  # spec says resume; the controller has not picked it up yet
         return View("Pending", Cond("False", "Resuming", f"resuming {where}"), Cond("True", "Resuming", f"{where}{suffix}"))
     if js.state == "Restarting":
@@ -184,6 +189,7 @@ def attempt_failure(js: JobState, job: str) -> tuple[str, str]:
 
 
 UNCONFIRMED = "FinalCheckpointUnconfirmed"
+QUEUED = "QueuedByKueue"
 
 
 def backoff(js: JobState, *, job: str, attempt: int, max_retries: int, at: str) -> View:

@@ -13,7 +13,7 @@ Three ways to use it:
   scenario (every code path that talks to the API: children with a PodMonitor and a
   NetworkPolicy, 409 re-reads, a ChildConflict, scrape, rescale, suspend, config update,
   retry with the ended store's removal, next stage, invalid spec, Events, the job of a
-  run not seen yet, a sweep creating and suspending its run) against a fresh emulator
+  run not seen yet, a sweep creating and suspending its run, a Kueue Workload deactivated) against a fresh emulator
   and returns its calls (with each call's namespace); `namespaces` runs the operator
   with `--namespace` as the namespaced install does. An RBAC test calls it directly, independent of which other tests ran.
 
@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from tests.support.kube_emulator import KubeServer, _verb
+from tests.support.kube_emulator import KubeServer, _verb, resource_info
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / ".artifacts"
@@ -141,6 +141,17 @@ def exercise_scoped(workdir: Path, namespaces: list[str] | None = None) -> set[S
             cluster.merge("pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps", "rbac-sweep", {"spec": {"suspend": True}})
             wait(lambda: any(r["spec"].get("suspend") for r in cluster.objects(RUNS)
                              if r["metadata"]["name"].startswith("rbac-sweep-")), what="the sweep's run suspended")
+            # A Kueue-managed run its user suspends: Kueue's Workload listed by label, deactivated.
+            workloads = "kueue.x-k8s.io/v1beta1/workloads"
+            kube.add_resource(workloads, resource_info("Workload"))
+            cluster.create_run("rbac-queued", spec(scheduling={"queueName": "q"}))
+            queued = wait(lambda: cluster.job("rbac-queued-pretrain"), what="the queued job")
+            cluster.create(workloads, {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "spec": {},
+                                       "metadata": {"name": "rbac-queued-wl", "namespace": NS,
+                                                    "labels": {"kueue.x-k8s.io/job-uid": queued["metadata"]["uid"]}}})
+            cluster.patch_spec("rbac-queued", {"suspend": True})
+            wait(lambda: cluster.get(workloads, "rbac-queued-wl")["spec"].get("active") is False,
+                 what="the Workload deactivated")
         return scoped_calls(kube)
 
 
