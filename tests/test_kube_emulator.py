@@ -1,6 +1,5 @@
 """The test emulator itself, over real HTTP with the official client, and a real kopf against it."""
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -237,10 +236,9 @@ def test_namespaces_and_kubeconfig(kube, tmp_path):
         core.create_namespace({'metadata': {'name': 'team-a'}})  # kmock alone crashes on this URL
         assert core.read_namespace('team-a').metadata.uid
         core.create_namespaced_config_map('default', cm('a'))
-    if shutil.which('kubectl'):
-        out = subprocess.run(['kubectl', '--kubeconfig', str(path), 'get', 'configmaps', '-o', 'name'],
-                             capture_output=True, text=True, timeout=20)
-        assert out.returncode == 0 and out.stdout.strip() == 'configmap/a', out.stderr
+    out = subprocess.run(['kubectl', '--kubeconfig', str(path), 'get', 'configmaps', '-o', 'name'],
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and out.stdout.strip() == 'configmap/a', out.stderr
 
 
 def test_kopf_finalizer_and_create_handler_cycle(kube, crs, core, monkeypatch):
