@@ -160,7 +160,7 @@ def prometheus_bin() -> str:
 
 @pytest.mark.slow
 def test_every_dashboard_panel_has_data_from_a_real_run(prometheus_bin, tmp_path):
-    from vlm_local import runner as L
+    from vlm_local.processes import ProcessTracker
     from vlm_trainer.data import synthdata
 
     started = time.monotonic()
@@ -183,7 +183,7 @@ def test_every_dashboard_panel_has_data_from_a_real_run(prometheus_bin, tmp_path
 
     prom_log, op_log, run_log = (open(tmp_path / n, "w+") for n in ("prometheus.log", "operator.log", "local.log"))
     prom_proc = op_proc = runner = None
-    tracker = L.ProcessTracker()
+    tracker = ProcessTracker()
     with KubeServer() as server:
         cluster = Cluster(server, tmp_path)
         try:

@@ -31,7 +31,10 @@ from pathlib import Path
 
 import pytest
 
+from vlm_local import options as O
+from vlm_local import processes as P
 from vlm_local import runner as L
+from vlm_local import steps as S
 from vlm_local import view as V
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,26 +139,26 @@ def test_formatting_helpers():
 
 
 def test_checkpoint_uris_are_made_absolute(tmp_path):
-    assert L.local_checkpoint_uri("s3://b/p/", tmp_path) == "s3://b/p/"
+    assert O.local_checkpoint_uri("s3://b/p/", tmp_path) == "s3://b/p/"
     want = (tmp_path / "runs" / "demo" / "checkpoints").as_uri()
-    assert L.local_checkpoint_uri("file://./runs/demo/checkpoints", tmp_path) == want  # not host '.'
-    assert L.local_checkpoint_uri("./runs/demo/checkpoints", tmp_path) == want
-    assert L.local_checkpoint_uri("runs/demo/checkpoints", tmp_path) == want
-    assert L.local_checkpoint_uri(f"file://{tmp_path}/x", Path("/elsewhere")) == (tmp_path / "x").as_uri()
-    assert L.local_checkpoint_uri(str(tmp_path / "x"), Path("/elsewhere")) == (tmp_path / "x").as_uri()
+    assert O.local_checkpoint_uri("file://./runs/demo/checkpoints", tmp_path) == want  # not host '.'
+    assert O.local_checkpoint_uri("./runs/demo/checkpoints", tmp_path) == want
+    assert O.local_checkpoint_uri("runs/demo/checkpoints", tmp_path) == want
+    assert O.local_checkpoint_uri(f"file://{tmp_path}/x", Path("/elsewhere")) == (tmp_path / "x").as_uri()
+    assert O.local_checkpoint_uri(str(tmp_path / "x"), Path("/elsewhere")) == (tmp_path / "x").as_uri()
 
 
 def test_parse_nnodes():
-    assert L.parse_nnodes("2") == (2, 2) and L.parse_nnodes("1:3") == (1, 3)
+    assert O.parse_nnodes("2") == (2, 2) and O.parse_nnodes("1:3") == (1, 3)
     for bad in ("0", "3:1", "x", "1:y"):
-        with pytest.raises(L.LocalRunError):
-            L.parse_nnodes(bad)
+        with pytest.raises(O.LocalRunError):
+            O.parse_nnodes(bad)
 
 
 def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
     from vlm_api import launch, render
 
-    runner = L.LocalRunner(L.LocalOptions(file=str(TINY), nnodes=(1, 2), checkpoint_dir=str(tmp_path / "c")),
+    runner = L.LocalRunner(O.LocalOptions(file=str(TINY), nnodes=(1, 2), checkpoint_dir=str(tmp_path / "c")),
                            io.StringIO(), base=tmp_path)
     run, spec = runner.load()
     local_spec = runner.localize(spec)
@@ -172,7 +175,7 @@ def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
     env = role.env
     assert env["PET_NNODES"] == "1:2" and env["PET_NPROC_PER_NODE"] == "2" and env["PET_RDZV_BACKEND"] == "c10d"
     assert env["PET_RDZV_ENDPOINT"].startswith("localhost:")
-    assert env["PET_MAX_RESTARTS"] == str(min(int(ref.env["PET_MAX_RESTARTS"]), L.LOCAL_MAX_RESTARTS)) == "3"
+    assert env["PET_MAX_RESTARTS"] == str(min(int(ref.env["PET_MAX_RESTARTS"]), S.LOCAL_MAX_RESTARTS)) == "3"
     assert env["PET_RDZV_CONF"] == ref.env["PET_RDZV_CONF"]
     assert env["VLM_PROGRESS_FILE"].endswith("progress.jsonl") and env["VLM_METRICS_PORT"] == "9999"
     # each replica's termination message (a pod's /dev/termination-log): torchx fills in the replica id
@@ -185,9 +188,9 @@ def test_localized_appdef_is_the_operators_with_local_changes(tmp_path):
 
 
 def test_missing_shards_are_reported(tmp_path):
-    runner = L.LocalRunner(L.LocalOptions(file=str(TINY)), io.StringIO(), base=tmp_path)
+    runner = L.LocalRunner(O.LocalOptions(file=str(TINY)), io.StringIO(), base=tmp_path)
     _, spec = runner.load()
-    missing = L.missing_shards(spec, spec.stages[0], tmp_path)
+    missing = O.missing_shards(spec, spec.stages[0], tmp_path)
     assert any(m.endswith("tiny-data/captions/train-0001.tar") for m in missing)
     assert not any("instruct" in m for m in missing)  # not read by the pretrain stage
 
@@ -217,16 +220,16 @@ def test_tracker_kills_workers_in_their_own_session(tmp_path):
                 break
             time.sleep(0.05)
         worker = int(pidfile.read_text())
-        tracker = L.ProcessTracker()
+        tracker = P.ProcessTracker()
         tracker.set_roots([agent.pid])
         tracker.poll()
         assert {agent.pid, worker} <= set(tracker.alive())
         os.killpg(agent.pid, signal.SIGKILL)  # what a process-group kill of the agent does ...
         agent.wait()
-        assert L._read_stat(worker) is not None  # ... the worker lives on
+        assert P.process_alive(worker)  # ... the worker lives on
         tracker.poll()
         assert tracker.signal_all(signal.SIGKILL) == [worker]
-        L._wait_gone(tracker, 5)
+        tracker.wait_gone(5)
         assert tracker.alive() == []
     finally:
         agent.kill()

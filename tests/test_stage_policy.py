@@ -37,6 +37,39 @@ def test_init_from_is_the_previous_stage_s_confirmed_final_checkpoint_only():
     assert sp.init_from(spec, 1, {first: {"uri": "s3://b/r/pretrain/step-000000100/"}}) == "s3://b/r/pretrain/step-000000100/"
 
 
+PRUNE = {"removeLayers": 1, "calibration": {"source": "caps"}}
+
+
+@given(prunes=hs.lists(hs.booleans(), min_size=1, max_size=6))
+def test_steps_are_the_stages_each_followed_by_its_pruning_step(prunes):
+    base = harness_spec()
+    stages = [{**base["stages"][1], "name": f"s{i}", **({"prune": PRUNE} if p else {})} for i, p in enumerate(prunes)]
+    spec = schema.parse_spec({**base, "stages": stages})
+    plan = sp.steps(spec)
+    assert [x.name for x in plan if not x.prune] == [st.name for st in spec.stages]
+    assert len(plan) == len(prunes) + sum(prunes) and len({x.name for x in plan}) == len(plan)
+    for k, x in enumerate(plan):
+        if x.prune:  # right after its own stage, named for it
+            assert plan[k - 1] == sp.Step(spec.stages[x.stage].name, x.stage) and x.name == f"s{x.stage}-pruned"
+    # every stage starts from the confirmed output of the step just before it
+    finals = {x.name: {"uri": f"file:///c/{x.name}/step-1/"} for x in plan}
+    for k, x in enumerate(plan):
+        start = sp.step_input(spec, x, finals)
+        assert start == (finals[plan[k - 1].name]["uri"] if k else None)
+        assert sp.step_input(spec, x, {}) is None  # nothing confirmed: no guess
+
+
+def test_the_stage_after_a_pruning_one_starts_from_the_pruned_checkpoint_only():
+    base = harness_spec()
+    spec = schema.parse_spec({**base, "stages": [{**base["stages"][0], "prune": PRUNE}, base["stages"][1]]})
+    assert [x.name for x in sp.steps(spec)] == ["pretrain", "pretrain-pruned", "sft"]
+    trained = {"pretrain": {"uri": "s3://b/pretrain/step-000000100/"}}
+    assert sp.init_from(spec, 1, trained) is None  # the unpruned model is not the next stage's start
+    pruned = {**trained, "pretrain-pruned": {"uri": "s3://b/pretrain-pruned/step-000000100/"}}
+    assert sp.init_from(spec, 1, pruned) == "s3://b/pretrain-pruned/step-000000100/"
+    assert sp.step_input(spec, sp.steps(spec)[1], trained) == "s3://b/pretrain/step-000000100/"
+
+
 def test_rdzv_id_differs_per_attempt_and_stage():
     ids = {sp.rdzv_id("uid", stage, attempt) for stage in ("a", "b") for attempt in range(3)}
     assert len(ids) == 6

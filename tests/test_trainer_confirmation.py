@@ -13,6 +13,7 @@ import pytest
 
 from tests.fixtures_trainer import one_thread, shared_data, spec_dict, stage, trainer_config
 from vlm_api import stage_policy
+from vlm_trainer import stage_io
 from vlm_trainer import train as T
 from vlm_trainer.checkpoint import open_store
 from vlm_trainer.metrics import reset_registry
@@ -97,23 +98,23 @@ def test_a_stopped_or_capped_stage_confirms_nothing(run, tmp_path):
 def test_where_the_confirmation_goes(tmp_path, monkeypatch):
     monkeypatch.delenv(stage_policy.TERMINATION_LOG_ENV, raising=False)
     monkeypatch.setattr(stage_policy, "TERMINATION_LOG", str(tmp_path / "absent" / "termination-log"))
-    assert T.termination_log_path() is None
-    assert T.write_termination_log("{}") is None  # outside Kubernetes: nowhere, silently
+    assert stage_io.termination_log_path() is None
+    assert stage_io.write_termination_log("{}") is None  # outside Kubernetes: nowhere, silently
     k8s = tmp_path / "termination-log"
     k8s.write_text("")  # the kubelet creates the file
     monkeypatch.setattr(stage_policy, "TERMINATION_LOG", str(k8s))
-    assert T.termination_log_path() == str(k8s)
-    assert T.write_termination_log('{"a":1}') == str(k8s) and k8s.read_text() == '{"a":1}'
+    assert stage_io.termination_log_path() == str(k8s)
+    assert stage_io.write_termination_log('{"a":1}') == str(k8s) and k8s.read_text() == '{"a":1}'
     k8s.chmod(0o444)
     try:
         import os
 
         if not os.access(k8s, os.W_OK):  # (root can write anyway)
-            assert T.termination_log_path() is None
+            assert stage_io.termination_log_path() is None
     finally:
         k8s.chmod(0o644)
     mine = tmp_path / "mine.json"
     monkeypatch.setenv(stage_policy.TERMINATION_LOG_ENV, str(mine))
-    assert T.termination_log_path() == str(mine)
-    T.write_termination_log('{"b":2}')
+    assert stage_io.termination_log_path() == str(mine)
+    stage_io.write_termination_log('{"b":2}')
     assert mine.read_text() == '{"b":2}' and k8s.read_text() == '{"a":1}'

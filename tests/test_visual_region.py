@@ -187,7 +187,7 @@ def test_report_json_table_and_chart(tmp_path):
 def test_pruning_never_removes_visual_region_layers():
     from vlm_api.validate import visual_region_layers
     from vlm_trainer.visual_region.influence import LayerInfluence
-    from vlm_trainer.visual_region.prune import choose_layers, layers_to_remove_count, remap_indices
+    from vlm_trainer.visual_region.selection import choose_layers, layers_to_remove_count, remap_indices
 
     rng = random.Random(0)
     for trial in range(300):
@@ -219,7 +219,7 @@ def test_prune_llm_layers_equals_skipping_them_and_round_trips(tmp_path):
     """Removing layers == replacing them by identity blocks; config + per-layer lists follow."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vlm_trainer.visual_region.prune import prune_llm_layers
+    from vlm_trainer.visual_region.surgery import prune_llm_layers
 
     cfg = AutoConfig.for_model(model_type="qwen3", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=128,
@@ -248,7 +248,7 @@ def test_prune_llm_layers_equals_skipping_them_and_round_trips(tmp_path):
 
 
 def test_remap_fqns_renames_and_drops_everywhere():
-    from vlm_trainer.visual_region.prune import remap_fqns
+    from vlm_trainer.visual_region.surgery import remap_fqns
 
     tree = {"model": {"llm.model.layers.0.w": 0, "llm.model.layers.1.w": 1, "llm.model.layers.12.w": 12,
                       "vision.encoder.layers.1.w": "v", "llm.model.norm.weight": "n"},
@@ -387,26 +387,38 @@ def test_prune_cli_writes_a_loadable_pruned_checkpoint(trained, tmp_path, capsys
         back.close()
 
 
-def test_pruning_stage_then_next_stage_continues_from_pruned_model(trained, monkeypatch):
-    """run_prune_stage_step after the pruning stage, then the next stage's trainer builds the
-    pruned architecture, initialises from the pruned checkpoint and trains the remapped region."""
+def test_pruning_step_then_next_stage_continues_from_pruned_model(trained, monkeypatch, tmp_path):
+    """The pruning step as its own process (what its job or the local runner starts) confirms
+    `pretrain-pruned`; the next stage starts from that confirmation (the stage policy), builds
+    the pruned architecture, initialises from the pruned checkpoint and trains the remapped region."""
+    from vlm_api import stage_policy
     from vlm_trainer.metrics import reset_registry
-    from vlm_trainer.visual_region.prune import after_stage, prepare_stage_config, run_prune_stage_step
     from vlm_trainer.train import Trainer
+    from vlm_trainer.visual_region.lineage import pruned_stage_config
+    from vlm_trainer.visual_region.prune import run_prune_stage_step
 
     root, config, cfg, ref = trained
-    pref = run_prune_stage_step(cfg, ref)
-    assert pref.uri.startswith(f"file://{root}/ckpt/pretrain-pruned/step-") and pref.final
-    assert run_prune_stage_step(cfg, ref).uri == pref.uri  # idempotent
-    assert after_stage(cfg, committed=True).uri == pref.uri
+    term = tmp_path / "termination.json"
+    env = {**os.environ, stage_policy.TERMINATION_LOG_ENV: str(term), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([PYTHON, "-m", "vlm_trainer.visual_region.prune", "--config", str(config),
+                        "--checkpoint", ref.uri], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    confirmed = stage_policy.parse_confirmation(term.read_text(), "pretrain-pruned")
+    assert confirmed is not None and confirmed["step"] == ref.step
+    assert confirmed["uri"].startswith(f"file://{root}/ckpt/pretrain-pruned/step-")
+    pref = run_prune_stage_step(cfg, ref)  # idempotent: the committed one
+    assert pref.uri == confirmed["uri"] and pref.final
     lineage = pref.extra["pruned"]
 
-    sft = cfg.model_copy(update={"stage": "sft", "init_from": ref.uri})  # as the operator renders it
-    ready = prepare_stage_config(sft)
+    finals = {"pretrain": {"uri": ref.uri}}
+    assert stage_policy.init_from(cfg.spec, 1, finals) is None  # not before the pruning step confirmed
+    finals["pretrain-pruned"] = confirmed
+    sft = cfg.model_copy(update={"stage": "sft", "init_from": stage_policy.init_from(cfg.spec, 1, finals)})
+    ready = pruned_stage_config(sft)
     assert ready.init_from == pref.uri
     assert ready.spec.model.llm.config["num_hidden_layers"] == DEPTH - 2
     assert ready.stage_spec.trainable.llm.layers == lineage["visual_region"]
-    assert prepare_stage_config(cfg) is cfg  # nothing to do before the first pruning
+    assert pruned_stage_config(cfg) is cfg  # nothing to do before the first pruning
 
     monkeypatch.setenv("VLM_METRICS_PORT", "0")
     monkeypatch.setenv("VLM_DATA_WORKER", "inline")
@@ -449,14 +461,19 @@ def test_local_run_with_a_pruning_stage(tmp_path, data):
     store = open_store(str(tmp_path / "ckpt"))
     pruned = store.latest_committed("pretrain-pruned")
     assert pruned is not None and pruned.extra["pruned"]["depth_after"] == DEPTH - 3
-    events = [json.loads(line) for line in (tmp_path / "runs" / "pretrain" / "progress.jsonl").read_text().splitlines()]
+    # the pruning step ran as its own step, between the stages, confirmed like them
+    summary = json.loads((tmp_path / "runs" / "summary.json").read_text())["stages"]
+    assert [(x["stage"], x["status"]) for x in summary] == [
+        ("pretrain", "completed"), ("pretrain-pruned", "completed"), ("sft", "completed")]
+    assert summary[1]["final_checkpoint"] == pruned.uri and summary[2]["init_from"] == pruned.uri
+    assert f"[pretrain-pruned] pruned layers" in p.stdout
+    events = [json.loads(line) for line in (tmp_path / "runs" / "pretrain-pruned" / "progress.jsonl").read_text().splitlines()]
     prune = [e for e in events if e["event"] == "prune"]
     assert prune and prune[-1]["uri"] == pruned.uri and prune[-1]["depth_after"] == DEPTH - 3
     assert set(prune[-1]["val_loss_before"]) == set(prune[-1]["val_loss_after"]) == {"image-text", "interleaved", "text"}
     events = [json.loads(line) for line in (tmp_path / "runs" / "sft" / "progress.jsonl").read_text().splitlines()]
     assert any(e["event"] == "end" and e["status"] == "completed" for e in events)
-    logs = "\n".join(f.read_text(errors="replace") for f in (tmp_path / "runs" / "logs").rglob("*") if f.is_file())
-    assert f"init from {pruned.uri}" in logs
+    assert any(e["event"] == "restore" and e.get("mode") == "init" and e.get("uri") == pruned.uri for e in events)
 
 
 def test_prune_and_analyze_an_s3_checkpoint(trained, moto_endpoint, tmp_path, capsys, data):

@@ -12,10 +12,15 @@ functions, so "is this stage final?" has one answer:
   replica exits non-zero while the survivors finish the stage).
 - A failed attempt is retried as a new attempt (own job, own rendezvous), at most
   `spec.maxRetries` times, after a backoff of `retryBackoff * 2**attempt` seconds (capped).
+- A stage that declares `prune` is followed by a step of its own, `<stage>-pruned`
+  (`steps`): one process prunes the stage's confirmed final checkpoint into
+  `<checkpoint.uri>/<stage>-pruned/` and confirms it like a stage; the next stage starts
+  from that confirmed pruned checkpoint. Nothing else rewrites the recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -43,12 +48,56 @@ def is_final(stage: s.Stage, step: int, final_flag: bool) -> bool:
     return bool(final_flag) or (stage.steps is not None and step >= stage.steps)
 
 
+PRUNED_SUFFIX = "-pruned"  # the schema reserves it: no stage name ends in it
+
+
+def pruned_name(stage: str) -> str:
+    """The pruning step after `stage`, and its checkpoint prefix under `checkpoint.uri`."""
+    return f"{stage}{PRUNED_SUFFIX}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a run: a stage's training, or the pruning after it."""
+
+    name: str    # the stage's name, or `<stage>-pruned`
+    stage: int   # index into spec.stages
+    prune: bool = False
+
+
+def steps(spec: s.VLMPretrainRunSpec) -> list[Step]:
+    """The steps of a run in order: each stage, then its pruning step when it declares `prune`."""
+    out = []
+    for i, stage in enumerate(spec.stages):
+        out.append(Step(stage.name, i))
+        if stage.prune is not None:
+            out.append(Step(pruned_name(stage.name), i, prune=True))
+    return out
+
+
+def output_step(stage: s.Stage) -> str:
+    """The step whose confirmed checkpoint is what `stage` hands to the next stage."""
+    return pruned_name(stage.name) if stage.prune is not None else stage.name
+
+
 def init_from(spec: s.VLMPretrainRunSpec, index: int, finals: dict | None) -> str | None:
     """The checkpoint stage `index` starts from when it has none of its own: the previous
-    stage's confirmed final checkpoint (None for the first stage, or while unconfirmed)."""
+    stage's output confirmed (its pruning step's when it prunes; None for the first stage,
+    or while unconfirmed)."""
     if index <= 0:
         return None
-    ref = (finals or {}).get(spec.stages[index - 1].name)
+    ref = (finals or {}).get(output_step(spec.stages[index - 1]))
+    if isinstance(ref, dict) and isinstance(ref.get("uri"), str) and ref["uri"]:
+        return ref["uri"]
+    return None
+
+
+def step_input(spec: s.VLMPretrainRunSpec, step: Step, finals: dict | None) -> str | None:
+    """What a step starts from: a stage's `init_from`; a pruning step's, the confirmed final
+    checkpoint of the stage it prunes (None while unconfirmed)."""
+    if not step.prune:
+        return init_from(spec, step.stage, finals)
+    ref = (finals or {}).get(spec.stages[step.stage].name)
     if isinstance(ref, dict) and isinstance(ref.get("uri"), str) and ref["uri"]:
         return ref["uri"]
     return None

@@ -309,6 +309,11 @@ class StageView:
         elif kind == "restore":
             src = "resumed" if ev.get("mode") == "resume" else "initialised"
             self.message(f"{src} from {ev.get('uri')} (step {ev.get('step')})")
+        elif kind == "prune":
+            before, after = ev.get("val_loss_before") or {}, ev.get("val_loss_after") or {}
+            losses = "; ".join(f"{m} {fmt_loss(before.get(m))} -> {fmt_loss(after.get(m))}" for m in sorted(after))
+            self.message(f"pruned layers {ev.get('removed')}: depth {ev.get('depth_before')} -> {ev.get('depth_after')}"
+                         + (f"; validation loss {losses}" if losses else "") + f"; {ev.get('uri')}")
         elif kind == "end":
             status = ev.get("status")
             detail = f": {ev['error']}" if ev.get("error") else ""

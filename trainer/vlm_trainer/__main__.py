@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from .train import main
+from .main import main
 
 if __name__ == "__main__":
     rc = main()

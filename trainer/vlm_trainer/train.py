@@ -1,4 +1,4 @@
-"""The training loop of one stage: ``python -m vlm_trainer --config FILE`` (what torchrun runs).
+"""The training loop of one stage (the process around it: `vlm_trainer/main.py`).
 
 Build order (:class:`Trainer`): process group -> tokenizer -> VLM (same seed on every
 rank) -> trainable policy -> DDP/FSDP2 -> AdamW groups -> data (probe, planner, stage
@@ -59,7 +59,6 @@ of the step and needs no checkpointing beyond the seed (kept in ``extra_state`` 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import importlib.util
@@ -67,20 +66,17 @@ import logging
 import math
 import os
 import signal
-import socket
-import sys
 import time
 from typing import Protocol
 
 import torch
-import yaml
 
 from vlm_api import stage_policy
 from vlm_api.quantities import parse_quantity
 from vlm_api.schema import TrainerConfig
 
 from .data.loader import StepLoader, open_sources, probe_stats
-from .distributed import DistContext, Parallel, init_distributed, parallelize, shutdown
+from .distributed import DistContext, Parallel, init_distributed, parallelize
 from .evaluate import EvalResult, Evaluator
 from .metrics import TrainerMetrics, peak_flops, registry, serve_for, step_flops
 from .data.mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
@@ -89,6 +85,7 @@ from .data.packing import PackingPlanner, stage_steps_for_tokens
 from .policy import apply_trainable, param_groups
 from .progress import ProgressFile
 from .schedule import LRSchedule, build_optimizer, init_optimizer_state
+from .stage_io import write_termination_log
 from .data.sequences import SequenceBuilder
 from .tokenizer import load_tokenizer
 
@@ -608,98 +605,5 @@ class Trainer:
                 self._metrics_server = None
 
 
-def termination_log_path() -> str | None:
-    """Where rank 0 confirms a finished stage: ``$VLM_TERMINATION_LOG``; else Kubernetes'
-    ``/dev/termination-log`` when it exists and is writable; else None (nowhere)."""
-    path = os.environ.get(stage_policy.TERMINATION_LOG_ENV)
-    if path:
-        return path
-    default = stage_policy.TERMINATION_LOG
-    if os.path.exists(default) and os.access(default, os.W_OK):
-        return default
-    return None
-
-
-def write_termination_log(text: str, path: str | None = None) -> str | None:
-    """Write the (small) termination message: truncate, write, flush, fsync. Returns the path,
-    or None when there is nowhere to write (no Kubernetes, no ``$VLM_TERMINATION_LOG``)."""
-    path = path or termination_log_path()
-    if path is None:
-        log.debug("no termination log (%s unset, %s absent or not writable): confirmation not written",
-                  stage_policy.TERMINATION_LOG_ENV, stage_policy.TERMINATION_LOG)
-        return None
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
-
-
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + global_step) * 65_537 + rank) % (2**63 - 1)
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def load_config(path: str) -> TrainerConfig:
-    with open(path, encoding="utf-8") as f:
-        return TrainerConfig.model_validate(yaml.safe_load(f))
-
-
-def setup_logging(rank: int) -> None:
-    level = os.environ.get("VLM_LOG_LEVEL", "INFO").upper() if rank == 0 else "WARNING"
-    logging.basicConfig(level=level, stream=sys.stdout, force=True,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm_trainer", description="Train one stage of a VLMPretrainRun.")
-    parser.add_argument("--config", required=True, help="TrainerConfig YAML rendered by the operator")
-    parser.add_argument("--max-steps", type=int, default=None, help="override TrainerConfig.max_steps")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(rank)
-    rendered = load_config(args.config)
-    if args.max_steps is not None:
-        rendered = rendered.model_copy(update={"max_steps": args.max_steps})
-    # Visual-region pruning (a stage's `prune`): later stages train the pruned model.
-    prunes = any(s.prune is not None for s in rendered.spec.stages)
-    cfg = rendered
-    if prunes:
-        from .visual_region.prune import prepare_stage_config
-
-        try:
-            cfg = prepare_stage_config(rendered, rank=rank)
-        except Exception:
-            log.exception("could not prepare the pruned model for this stage")
-            return EXIT_FAILED
-    ctx = init_distributed(cfg.spec.elastic.process_group_timeout)
-    # one line from every rank, whatever its log level: who is where, after which restart
-    rank_log = logging.getLogger("vlm_trainer.rank")
-    rank_log.setLevel(logging.INFO)
-    rank_log.info("rank %d of %d (local rank %d) on %s, pid %d, %s, elastic restart %s", ctx.rank, ctx.world_size,
-                  ctx.local_rank, socket.gethostname(), os.getpid(), ctx.device,
-                  os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    trainer = None
-    result = None
-    try:
-        trainer = Trainer(cfg, ctx=ctx)
-        trainer.install_signal_handlers()
-        result = trainer.train()
-    except Exception:
-        log.exception("training failed")
-        return EXIT_FAILED
-    finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown(ctx)
-    if prunes and result.exit_code == EXIT_OK and result.stage_finished and rank == 0:
-        from .visual_region.prune import after_stage
-
-        try:
-            after_stage(rendered, committed=True, rank=rank)
-        except Exception:
-            log.exception("pruning after the stage failed")
-            return EXIT_FAILED
-    return result.exit_code

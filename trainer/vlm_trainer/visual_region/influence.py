@@ -371,7 +371,7 @@ def open_calibration_sources(data_args: Sequence[str], *, image_spec, endpoint_u
     return out
 
 
-def _parse_layers(value: str | None) -> list[int] | None:
+def parse_layers(value: str | None) -> list[int] | None:
     if not value:
         return None
     return [int(x) for x in value.replace(" ", "").split(",") if x]
@@ -386,7 +386,7 @@ def main(args: argparse.Namespace) -> int:
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,
                                    device=args.device)
     try:
-        region = region_for(loaded, fraction=args.visual_fraction, layers=_parse_layers(args.visual_layers))
+        region = region_for(loaded, fraction=args.visual_fraction, layers=parse_layers(args.visual_layers))
         sources = open_calibration_sources(args.data, image_spec=loaded.vlm.image_spec,
                                            endpoint_url=loaded.endpoint_url)
         report = analyze(loaded.vlm, loaded.builder, sources, samples=args.samples, visual_region=region,

@@ -1,36 +1,22 @@
 """Visual-region pruning (arXiv 2412.12785): drop the least influential LLM layers OUTSIDE
 the visual region, write a loadable pruned checkpoint, report what it cost.
 
-Criterion (exact). Given block influence per decoder layer (`visual_region.influence`, BI = 1 -
-mean cos(h_in, h_out)) measured on calibration data, and the visual region R:
-
-1. candidates = every layer NOT in R (layers in R are never removed);
-2. candidates are ranked by their BI on IMAGE-token positions, ascending (``criterion``
-   ``image``, the default; ``text`` or ``all`` rank by those positions instead); when the
-   calibration data has no image positions the image BI is undefined and ``all`` is used;
-   ties are broken by the ``all`` BI, then by the higher layer index first;
-3. the first K candidates are removed. K comes from ``--remove K`` or ``--keep-fraction F``
-   (keep round(F x depth) layers); K must not exceed the candidates (depth - |R|).
+Measure block influence per decoder layer (`visual_region.influence`, BI = 1 - mean
+cos(h_in, h_out)) on calibration data, choose the layers (`visual_region.selection`),
+evaluate, remove them (`visual_region.surgery`), evaluate again, write and commit.
 
 The visual region R is the stage's ``trainable.llm`` selection (``visualRegion.fraction``
 or explicit ``layers``), else a fraction of 0.25, always defined on the ORIGINAL depth and
 mapped to the current indices (see `visual_region.region.region_on_original`); ``--visual-fraction``
-/ ``--visual-layers`` override it.
-
-The pruned model: the decoder layers kept, in order, re-indexed 0..depth-K-1
-(``model.layers.N`` contiguous; every submodule's ``layer_idx`` updated, so KV caches and
-per-layer attention types line up); the transformers config gets ``num_hidden_layers =
-depth - K`` and every per-layer list (``layer_types``, ``no_rope_layers``) filtered to the
-kept layers; ``mlp_only_layers``-style index lists are re-mapped. Visual-region remap: an
-old index ``o`` of a kept layer becomes ``o - |{removed r : r < o}|``; as R is never
-removed, R maps 1:1 (``prune.json``: ``visual_region_before`` -> ``visual_region``).
+/ ``--visual-layers`` override it. Visual-region remap: an old index ``o`` of a kept layer
+becomes ``o - |{removed r : r < o}|``; as R is never removed, R maps 1:1 (``prune.json``:
+``visual_region_before`` -> ``visual_region``).
 
 The pruned checkpoint (committed, ``final``) goes to ``<root>/<stage>-pruned/step-<N>/``
 (N = the source checkpoint's step) and holds:
 
-* the DCP files of the source with every tensor of a removed layer dropped and every
-  key / FQN of a kept layer renamed (model weights, optimizer moments, param groups), the
-  trainer state unchanged (data positions and schedule carry over);
+* the DCP files of the source with the removed layers' tensors dropped and the kept
+  layers' keys renamed, the trainer state unchanged (data positions and schedule carry over);
 * ``llm/``: the pruned LLM as ``save_pretrained`` writes it (config + safetensors) plus
   the tokenizer: ``AutoModelForCausalLM.from_pretrained(".../llm")`` loads it;
 * ``prune.json`` (criterion, removed/kept layers, layer map, visual region before/after,
@@ -39,10 +25,15 @@ The pruned checkpoint (committed, ``final``) goes to ``<root>/<stage>-pruned/ste
   every other file of the source checkpoint is copied as it is.
 
 The manifest's ``extra`` carries ``llm_config`` (the pruned transformers config) and
-``pruned`` (the lineage: original depth, kept layers as ORIGINAL indices, ...), which the
-trainer uses to build later stages (:func:`prepare_stage_config`).
+``pruned`` (the lineage: original depth, kept layers as ORIGINAL indices, ...), from which
+later stages build the pruned model (`visual_region.lineage`).
 
-CLI: ``vlmpretrain prune --checkpoint URI (--remove K | --keep-fraction F) [--out URI]``.
+A recipe's pruning step (``stage.prune``, `vlm_api.stage_policy.steps`) runs as its own
+process: ``python -m vlm_trainer.visual_region.prune --config FILE --checkpoint URI``
+(the stage's TrainerConfig and its confirmed final checkpoint); it confirms the pruned
+checkpoint like a stage (``stage_policy.confirmation`` of ``<stage>-pruned`` in
+``$VLM_TERMINATION_LOG``). By hand: ``vlmpretrain prune --checkpoint URI (--remove K |
+--keep-fraction F) [--out URI]``.
 """
 
 from __future__ import annotations
@@ -53,178 +44,39 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable
 
 import torch
 import yaml
-from torch import nn
 
 from vlm_api import stage_policy
-from vlm_api.schema import LayerSelection, TrainerConfig
+from vlm_api.schema import TrainerConfig
 
 from ..checkpoint import CONFIG_NAME, CheckpointCommitConflict, CheckpointRef, open_store, split_checkpoint_uri
 from ..checkpoint.model_io import (
     LoadedModel,
     dcp_dirs,
-    effective_model_spec,
-    llm_config_dict,
     layers_prefix_of,
+    llm_config_dict,
     load_checkpoint_model,
-    pruned_lineage,
-    pruned_stage_name,
     read_dcp_tree,
     resolve_checkpoint,
     write_dcp_tree,
 )
-from .region import region_for, region_on_original, stage_region_selection
-from .influence import InfluenceReport, LayerInfluence, analyze, open_calibration_sources
-from ..model import count_params, find_layer_list, token_losses
+from ..model import count_params, token_losses
+from ..stage_io import load_config, setup_logging, write_termination_log
+from .influence import InfluenceReport, analyze, open_calibration_sources, parse_layers
+from .region import region_for, stage_region_selection
+from .selection import choose_layers, layers_to_remove_count, remap_indices
+from .surgery import copy_other_files, prune_llm_layers, remap_fqns
 
 log = logging.getLogger(__name__)
 
 PRUNE_FORMAT = "vlm-pruned/1"
-CRITERIA = ("image", "text", "all")
-PER_LAYER_LISTS = ("layer_types", "no_rope_layers")  # one entry per layer: filtered
-LAYER_INDEX_LISTS = ("mlp_only_layers",)  # lists of layer indices: re-mapped
-
-
-# --------------------------------------------------------------------------- choosing
-
-
-def layers_to_remove_count(depth: int, *, remove: int | None = None, keep_fraction: float | None = None) -> int:
-    if (remove is None) == (keep_fraction is None):
-        raise ValueError("give exactly one of remove or keep_fraction")
-    if remove is not None:
-        k = int(remove)
-    else:
-        if not 0 < keep_fraction <= 1:
-            raise ValueError(f"keep fraction must be in (0, 1], got {keep_fraction}")
-        k = depth - max(1, math.floor(keep_fraction * depth + 0.5))
-    if k < 0 or k >= depth:
-        raise ValueError(f"cannot remove {k} of {depth} layers")
-    return k
-
-
-def choose_layers(influence: Sequence[LayerInfluence], k: int, visual_region: Iterable[int], *,
-                  criterion: str = "image") -> list[int]:
-    """The ``k`` layers to remove (sorted), per the module doc's criterion."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}")
-    region = set(visual_region)
-    candidates = [layer for layer in influence if layer.layer not in region]
-    if k > len(candidates):
-        raise ValueError(f"cannot remove {k} layers: only {len(candidates)} of {len(influence)} lie outside the "
-                         f"visual region {sorted(region)}")
-    if criterion == "image" and all(math.isnan(layer.image) for layer in candidates):
-        log.warning("no image positions in the calibration data: ranking by the all-positions influence")
-        criterion = "all"
-
-    def key(layer: LayerInfluence):
-        v = layer.get(criterion)
-        return (math.inf if math.isnan(v) else v, layer.all if not math.isnan(layer.all) else math.inf, -layer.layer)
-
-    return sorted(layer.layer for layer in sorted(candidates, key=key)[:k])
-
-
-def remap_indices(indices: Iterable[int], removed: Iterable[int]) -> list[int]:
-    """Old -> new index of kept layers: ``o - |{r in removed: r < o}|`` (removed ones dropped)."""
-    removed = sorted(set(removed))
-    out = []
-    for o in indices:
-        if o in removed:
-            continue
-        out.append(o - sum(1 for r in removed if r < o))
-    return out
-
-
-# --------------------------------------------------------------------------- pruning the model
-
-
-def _parent_and_attr(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
-    for name, mod in root.named_modules():
-        if mod is target:
-            parent_name, _, attr = name.rpartition(".")
-            return root.get_submodule(parent_name) if parent_name else root, attr
-    raise ValueError("module not found")
-
-
-def prune_llm_layers(llm: nn.Module, remove: Iterable[int]) -> list[int]:
-    """Remove decoder layers of a transformers causal LM in place; returns the kept (old) indices."""
-    config = llm.config
-    depth = int(config.num_hidden_layers)
-    layers = find_layer_list(llm, depth)
-    remove = sorted(set(int(i) for i in remove))
-    if any(not 0 <= i < depth for i in remove):
-        raise ValueError(f"layer indices {remove} out of range for {depth} layers")
-    kept = [i for i in range(depth) if i not in remove]
-    if not kept:
-        raise ValueError("cannot remove every layer")
-    parent, attr = _parent_and_attr(llm, layers)
-    new_layers = nn.ModuleList([layers[i] for i in kept])
-    for new_i, layer in enumerate(new_layers):
-        for sub in layer.modules():
-            if isinstance(getattr(sub, "layer_idx", None), int):
-                sub.layer_idx = new_i
-    setattr(parent, attr, new_layers)
-    new_index = {o: n for n, o in enumerate(kept)}
-    for key, value in list(vars(config).items()):
-        if not isinstance(value, (list, tuple)):
-            continue
-        if key in PER_LAYER_LISTS and len(value) == depth:
-            setattr(config, key, [value[i] for i in kept])
-        elif key in LAYER_INDEX_LISTS:
-            setattr(config, key, [new_index[i] for i in value if i in new_index])
-        elif len(value) == depth and depth > 1 and key not in ("architectures",):
-            log.warning("config.%s has one entry per layer (%d) but is not known to be per-layer: left as is",
-                        key, depth)
-    config.num_hidden_layers = len(kept)
-    return kept
-
-
-def remap_fqns(tree: Any, prefix: str, kept: Sequence[int]) -> Any:
-    """Rename/drop decoder-layer FQNs everywhere in a nested state (dict keys and string
-    list items): ``<prefix>.<old>.`` -> ``<prefix>.<new>.``; removed layers' entries dropped."""
-    new_index = {o: n for n, o in enumerate(kept)}
-    rx = re.compile(rf"(^|\.){re.escape(prefix)}\.(\d+)(?=\.|$)")
-    drop = object()
-
-    def rename(s: str):
-        m = rx.search(s)
-        if not m:
-            return s
-        old = int(m.group(2))
-        if old not in new_index:
-            return drop
-        return s[: m.start()] + f"{m.group(1)}{prefix}.{new_index[old]}" + s[m.end():]
-
-    def walk(obj):
-        if isinstance(obj, dict):
-            out = {}
-            for k, v in obj.items():
-                nk = rename(k) if isinstance(k, str) else k
-                if nk is drop:
-                    continue
-                out[nk] = walk(v)
-            return out
-        if isinstance(obj, list):
-            out = []
-            for v in obj:
-                if isinstance(v, str):
-                    nv = rename(v)
-                    if nv is not drop:
-                        out.append(nv)
-                else:
-                    out.append(walk(v))
-            return out
-        return obj
-
-    return walk(tree)
 
 
 # --------------------------------------------------------------------------- validation loss
@@ -305,23 +157,6 @@ def _json_num(x: float | None):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def _copy_other_files(src: Path, dst: Path, dcp_dirs: list[Path]) -> None:
-    """Every file of the source checkpoint but the manifest and the DCP files."""
-    dcp_set = {d.resolve() for d in dcp_dirs}
-    for p in src.rglob("*"):
-        if not p.is_file() or p.name == "COMMITTED":
-            continue
-        if p.parent.resolve() in dcp_set and (p.name == ".metadata" or p.suffix == ".distcp"):
-            continue
-        rel = p.relative_to(src)
-        if rel.parts and rel.parts[0] in ("llm",):  # a previous pruning's export: rewritten below
-            continue
-        if rel.name in ("prune.json", "influence.json", "influence.png"):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, dst / rel)
-
-
 def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fraction: float | None = None,
                  calibration: list | None = None, samples: int | None = None, criterion: str = "image",
                  visual_fraction: float | None = None, visual_layers: list[int] | None = None,
@@ -397,12 +232,12 @@ def prune_loaded(loaded: LoadedModel, *, remove: int | None = None, keep_fractio
     # write + commit
     out_root = out_root or split_checkpoint_uri(loaded.uri)[0]
     store = open_store(out_root, endpoint_url=loaded.endpoint_url)
-    out_stage = pruned_stage_name(loaded.ref.stage)
+    out_stage = stage_policy.pruned_name(loaded.ref.stage)
     with tempfile.TemporaryDirectory(prefix="vlm-prune-") as work:
         out = Path(work) / "ckpt"
         out.mkdir()
         dirs = dcp_dirs(loaded.local_dir)
-        _copy_other_files(loaded.local_dir, out, dirs)
+        copy_other_files(loaded.local_dir, out, dirs)
         # the config travels with the pruned checkpoint: analyze-layers/prune need no --config for it
         (out / CONFIG_NAME).write_text(yaml.safe_dump(loaded.cfg.dump(), sort_keys=False))
         model_keys = set(_model_state_keys(vlm))
@@ -513,7 +348,7 @@ def run_prune_stage_step(config: TrainerConfig, final_ckpt_ref: CheckpointRef | 
     endpoint = config.spec.checkpoint.endpoint or None
     store_src, ref = resolve_checkpoint(uri, endpoint_url=endpoint)
     out_store = open_store(config.spec.checkpoint.uri, endpoint_url=endpoint)
-    for existing in out_store.committed(pruned_stage_name(stage.name)):
+    for existing in out_store.committed(stage_policy.pruned_name(stage.name)):
         if existing.step == ref.step:
             log.info("stage %s: pruned checkpoint %s exists", stage.name, existing.uri)
             return existing
@@ -544,87 +379,11 @@ def _progress_event(config: TrainerConfig, outcome: PruneOutcome) -> None:
         pf.close()
 
 
-def prepare_stage_config(cfg: TrainerConfig, *, rank: int = 0, wait_seconds: float | None = None) -> TrainerConfig:
-    """The config a stage trains with when an earlier stage pruned the model.
-
-    * ``spec.model.llm`` = the pruned LLM config (from the latest earlier pruning stage's
-      pruned checkpoint), so the model is built with the pruned depth;
-    * ``init_from`` = that pruned checkpoint when the PREVIOUS stage prunes;
-    * every ``trainable.llm`` layer selection of this and later stages (``visualRegion``
-      or ``layers``, defined on the original depth) -> explicit ``layers`` in the pruned
-      model's indices (`ckpt_model.region_on_original`).
-
-    When the previous stage prunes and its pruned checkpoint is missing (its job ended
-    before the pruning step), rank 0 runs :func:`run_prune_stage_step` now and other ranks
-    wait for the commit (``wait_seconds``, default ``$VLM_PRUNE_WAIT_SECONDS`` or 3600).
-    Without pruning stages before this one, ``cfg`` is returned unchanged."""
-    spec = cfg.spec
-    i = spec.stage_index(cfg.stage)
-    if not any(s.prune is not None for s in spec.stages[:i]):
-        return cfg
-    store = open_store(spec.checkpoint.uri, endpoint_url=spec.checkpoint.endpoint or None)
-    prev = spec.stages[i - 1]
-    pruned_ref = None
-    if prev.prune is not None:
-        pruned_ref = store.latest_committed(pruned_stage_name(prev.name))
-        if pruned_ref is None:
-            prev_cfg = cfg.model_copy(update={"stage": prev.name, "init_from": None, "max_steps": None})
-            if rank == 0:
-                log.info("stage %s prunes but has no pruned checkpoint yet: pruning now", prev.name)
-                pruned_ref = run_prune_stage_step(prev_cfg, None)
-            else:
-                pruned_ref = _wait_for(store, pruned_stage_name(prev.name), wait_seconds)
-    lineage = pruned_lineage(store, spec, i)
-    lin = lineage.get("pruned") or {}
-    model = effective_model_spec(spec.model, lineage["llm_config"])
-    stages = list(spec.stages)
-    for j in range(i, len(stages)):
-        llm = stages[j].trainable.llm
-        if isinstance(llm, LayerSelection):
-            fraction = llm.visual_region.fraction if llm.visual_region is not None else None
-            layers = region_on_original(fraction, llm.layers, original_depth=int(lin["original_depth"]),
-                                        kept_original=lin["kept_original"])
-            if not layers:
-                raise ValueError(f"stage {stages[j].name!r}: every selected LLM layer was pruned")
-            trainable = stages[j].trainable.model_copy(update={"llm": LayerSelection(layers=layers)})
-            stages[j] = stages[j].model_copy(update={"trainable": trainable})
-    new_spec = spec.model_copy(update={"model": model, "stages": stages})
-    update: dict = {"spec": new_spec}
-    if pruned_ref is not None:
-        update["init_from"] = pruned_ref.uri
-    log.info("stage %s continues from a pruned model: %d LLM layers (kept %s of %d)%s", cfg.stage,
-             len(lin["kept_original"]), lin["kept_original"], lin["original_depth"],
-             f", init from {pruned_ref.uri}" if pruned_ref is not None else "")
-    return cfg.model_copy(update=update)
-
-
-def _wait_for(store, stage_name: str, wait_seconds: float | None) -> CheckpointRef:
-    limit = float(wait_seconds if wait_seconds is not None else os.environ.get("VLM_PRUNE_WAIT_SECONDS", "3600"))
-    deadline = time.monotonic() + limit
-    while True:
-        ref = store.latest_committed(stage_name)
-        if ref is not None:
-            return ref
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no committed checkpoint under {store.uri}{stage_name}/ after {limit:.0f}s")
-        time.sleep(5)
-
-
-def after_stage(cfg: TrainerConfig, *, committed: bool, rank: int = 0) -> CheckpointRef | None:
-    """Call once a stage's final checkpoint is committed (on global rank 0, ideally after
-    the process group is gone): runs the pruning step when the stage declares ``prune``."""
-    if cfg.stage_spec.prune is None or not committed or rank != 0:
-        return None
-    return run_prune_stage_step(cfg, None)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 def main(args: argparse.Namespace) -> int:
     """`vlmpretrain prune`."""
-    from .influence import _parse_layers
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_checkpoint_model(args.checkpoint, config=args.config, stage=args.stage, endpoint_url=args.endpoint,
                                    device=args.device)
@@ -638,7 +397,7 @@ def main(args: argparse.Namespace) -> int:
                                                    endpoint_url=loaded.endpoint_url)
         outcome = prune_loaded(loaded, remove=args.remove, keep_fraction=args.keep_fraction, calibration=calibration,
                                samples=args.samples, criterion=args.criterion, visual_fraction=args.visual_fraction,
-                               visual_layers=_parse_layers(args.visual_layers), out_root=args.out,
+                               visual_layers=parse_layers(args.visual_layers), out_root=args.out,
                                eval_samples=args.eval_samples, micro_batch_size=args.micro_batch_size,
                                influence=influence)
     finally:
@@ -648,18 +407,33 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _module_main(argv: list[str] | None = None) -> int:
-    """``python -m vlm_trainer.visual_region.prune --config FILE [--checkpoint URI]``: the pruning step of
-    the stage in a TrainerConfig (what a separate job would run)."""
-    from ..train import load_config
-
-    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.visual_region.prune", description=_module_main.__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="TrainerConfig YAML of the pruning stage")
-    parser.add_argument("--checkpoint", default=None, help="source checkpoint (default: the stage's newest final one)")
+    """``python -m vlm_trainer.visual_region.prune --config FILE [--checkpoint URI]``: a
+    recipe's pruning step (`vlm_api.stage_policy.steps`) as its own process."""
+    parser = argparse.ArgumentParser(prog="python -m vlm_trainer.visual_region.prune",
+                                     description=_module_main.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="TrainerConfig YAML of the stage to prune")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the stage's confirmed final checkpoint (default: its newest final one in the store)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ref = run_prune_stage_step(load_config(args.config), args.checkpoint)
+    setup_logging(0)
+    try:
+        config = load_config(args.config)
+        ref = run_prune_stage_step(config, args.checkpoint)
+        text = stage_policy.confirmation(stage_policy.pruned_name(config.stage), ref.step, ref.uri,
+                                         _tokens(ref))
+        write_termination_log(text)
+    except Exception:  # noqa: BLE001 - the process's end: logged, and no confirmation
+        log.exception("the pruning step failed")
+        return 1
+    log.info("step %s confirmed: %s", stage_policy.pruned_name(config.stage), ref.uri)
     print(ref.uri)
     return 0
+
+
+def _tokens(ref: CheckpointRef) -> int:
+    """The tokens trained up to the pruned checkpoint (its source's, carried in the manifest)."""
+    tokens = (ref.extra or {}).get("tokens")
+    return int(tokens) if isinstance(tokens, int) and tokens >= 0 else 0
 
 
 if __name__ == "__main__":

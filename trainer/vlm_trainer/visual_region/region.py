@@ -50,7 +50,7 @@ def region_for(loaded, *, fraction: float | None = None, layers: list[int] | Non
     if fraction is None:
         fraction, stage_layers = stage_region_selection(loaded.stage_spec)
         if stage_layers is not None and _prepared(loaded):
-            # a config from prune.prepare_stage_config: its layers are already current indices
+            # a config from lineage.pruned_stage_config: its layers are already current indices
             return _current_layers(depth, stage_layers)
     return region_on_original(fraction, stage_layers, original_depth=original_depth, kept_original=kept)
 
