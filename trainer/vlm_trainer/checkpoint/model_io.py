@@ -117,12 +117,6 @@ def config_from_doc(doc: Any, *, stage: str | None = None, where: str = "config"
     return cfg
 
 
-def stored_config(local_dir: Path) -> TrainerConfig | None:
-    """The TrainerConfig a checkpoint carries (``layout.CONFIG_NAME``), if it carries one."""
-    p = local_dir / CONFIG_NAME
-    return read_config_file(p) if p.is_file() else None
-
-
 # --------------------------------------------------------------------------- architecture lineage
 
 
@@ -272,15 +266,15 @@ def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None
     cfg = config if isinstance(config, TrainerConfig) else None
     endpoint = endpoint_url or (cfg.spec.checkpoint.endpoint if cfg else None) or os.environ.get("AWS_ENDPOINT_URL") or None
     store, ref = resolve_checkpoint(uri, endpoint_url=endpoint)
-    tmp = None if local_path_of(ref) is not None else tempfile.TemporaryDirectory(prefix="vlm-ckpt-")
-    local = fetch(store, ref, tmp.name if tmp else ".")
     if cfg is None and isinstance(config, (str, os.PathLike)):
         cfg = read_config_file(config, stage=stage)
+    if cfg is None and not ref.has_config:  # before downloading anything
+        raise CheckpointNotFound(f"{ref.uri}: carries no {CONFIG_NAME} (written before checkpoints stored "
+                                 "their config): pass --config FILE")
+    tmp = None if local_path_of(ref) is not None else tempfile.TemporaryDirectory(prefix="vlm-ckpt-")
+    local = fetch(store, ref, tmp.name if tmp else ".")
     if cfg is None:
-        cfg = stored_config(local)
-        if cfg is None:
-            raise CheckpointNotFound(f"{ref.uri}: carries no {CONFIG_NAME} (written before checkpoints stored "
-                                     "their config): pass --config FILE")
+        cfg = read_config_file(local / CONFIG_NAME)
     stage_name = stage or ref.stage
     if stage_name.endswith(PRUNED_SUFFIX) and stage_name not in [s.name for s in cfg.spec.stages]:
         stage_name = stage_name[: -len(PRUNED_SUFFIX)]

@@ -46,7 +46,6 @@ class CheckpointStore(abc.ABC):
         self.uri = uri if uri.endswith("/") else uri + "/"
         self.transfer = transfer or TransferSettings()
         self.retry = retry or RetrySettings()
-        self.last_stats: Optional[TransferStats] = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
@@ -217,7 +216,6 @@ class CheckpointStore(abc.ABC):
         stats.commit_seconds = time.perf_counter() - tc
         stats.total_seconds += time.perf_counter() - t0
         stats.sdk_retries += self._sdk_retry_count() - sdk0
-        self.last_stats = stats
         log.info("checkpoint %s step %d committed to %s: %d files, %d bytes, commit %.3fs",
                  stage, step, self.uri, len(files), manifest["total_bytes"], stats.commit_seconds)
         return UploadResult(ref=self._ref(stage, step, manifest), stats=stats)
