@@ -43,7 +43,7 @@ CASES = [
     ("source-name-pattern", DEMO, _set("spec.data.sources.0.name", "Bad_Name"), "spec.data.sources[0].name", "match", "schema"),
     ("no-sources", DEMO, _set("spec.data.sources", []), "spec.data.sources", "", "schema"),
     ("no-stages", DEMO, _set("spec.stages", []), "spec.stages", "", "schema"),
-    ("visual-at-1", DEMO, _set("spec.stages.0.visualIntroduceAt", 1.0), "spec.stages[0].visualIntroduceAt", "maximum", "schema"),
+    ("visual-above-1", DEMO, _set("spec.stages.0.visualIntroduceAt", 1.01), "spec.stages[0].visualIntroduceAt", "maximum", "schema"),
     ("visual-negative", DEMO, _set("spec.stages.0.visualIntroduceAt", -0.1), "spec.stages[0].visualIntroduceAt", "minimum", "schema"),
     ("schedule-enum", DEMO, _set("spec.stages.0.optimizer.schedule", "step"), "spec.stages[0].optimizer.schedule", "step", "schema"),
     ("lr-zero", DEMO, _set("spec.stages.0.optimizer.lr", 0), "spec.stages[0].optimizer.lr", "minimum", "schema"),

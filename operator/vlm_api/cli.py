@@ -15,11 +15,16 @@ from . import crd
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    text = crd.crd_yaml()
+    if args.kind == "sweep":
+        from .sweep_crd import SWEEP_CRD_FILE, sweep_crd_yaml
+
+        text, default = sweep_crd_yaml(), SWEEP_CRD_FILE
+    else:
+        text, default = crd.crd_yaml(), crd.CRD_FILE
     if args.check:
-        path = Path(args.output or crd.CRD_FILE)
+        path = Path(args.output or default)
         if not path.exists() or path.read_text() != text:
-            print(f"{path} is stale: run `vlmpretrain crd -o {path}`", file=sys.stderr)
+            print(f"{path} is stale: run `vlmpretrain crd --kind {args.kind} -o {path}`", file=sys.stderr)
             return 1
         print(f"{path} is up to date")
         return 0
@@ -73,7 +78,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
-    from .render import render_manifest
     from .validate import clean, load_documents, validate_text
 
     try:
@@ -87,7 +91,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
             print(f"{args.file}: {p}", file=sys.stderr)
         return 1
     try:
-        objs = [o for doc in load_documents(text) for o in render_manifest(doc, args.stage, args.init_from, args.attempt)]
+        objs = [o for doc in load_documents(text) for o in _render_doc(doc, args)]
     except (ValueError, KeyError) as exc:
         print(f"{args.file}: {clean(exc.args[0] if exc.args else exc)}", file=sys.stderr)
         return 1
@@ -96,6 +100,30 @@ def _cmd_render(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(yaml.safe_dump_all(objs, sort_keys=False))
     return 0
+
+
+def _render_doc(doc: dict, args: argparse.Namespace) -> list[dict]:
+    """A run's objects for one stage; a sweep's child runs (vlm_api.sweep_grid)."""
+    if doc.get("kind") == "VLMPretrainSweep":
+        from .sweep_grid import children
+        from .sweep_validate import with_defaults
+
+        return [m for _, _, m in children(dict(doc, spec=with_defaults(doc["spec"])))]
+    from .render import render_manifest
+
+    return render_manifest(doc, args.stage, args.init_from, args.attempt)
+
+
+def _cmd_local(args: argparse.Namespace) -> int:
+    """A run's stages (vlm_local.runner), or a sweep's runs (vlm_local.sweep)."""
+    from vlm_local.sweep import is_sweep
+
+    if is_sweep(args.file):
+        return _lazy("vlm_local.sweep:main")(args)
+    if args.parallel:
+        print("vlmpretrain local: --parallel applies to a VLMPretrainSweep", file=sys.stderr)
+        return 2
+    return _lazy("vlm_local.runner:main")(args)
 
 
 def _lazy(target: str):
@@ -150,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmpretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("crd", help="print (or write, or check) the VLMPretrainRun CRD generated from the schema")
+    p = sub.add_parser("crd", help="print (or write, or check) a CRD generated from the schema")
     p.add_argument("-o", "--output", help=f"write to this file (e.g. {crd.CRD_FILE})")
+    p.add_argument("--kind", choices=["run", "sweep"], default="run",
+                   help="the VLMPretrainRun CRD (default) or the VLMPretrainSweep CRD")
     p.add_argument("--check", action="store_true", help="exit 1 when the file differs from the schema")
     p.set_defaults(func=_cmd_crd)
 
@@ -178,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-grounding", action="store_true", help="train only; skip the true-vs-mismatched image test")
     p.set_defaults(func=_lazy("vlm_local.demo:main"))
 
-    p = sub.add_parser("local", help="run a recipe's stages on this machine (torchx local scheduler, torchrun)")
-    p.add_argument("file", metavar="FILE", help="VLMPretrainRun manifest, e.g. examples/demo.yaml")
+    p = sub.add_parser("local", help="run a recipe's stages (or a sweep's runs) on this machine (torchx local scheduler, torchrun)")
+    p.add_argument("file", metavar="FILE", help="VLMPretrainRun or VLMPretrainSweep manifest, e.g. examples/demo.yaml")
     p.add_argument("--nproc", type=int, help="worker processes per node (default: 1 on CPU, gpusPerNode with GPUs)")
     p.add_argument("--nnodes", metavar="MIN:MAX", help="torchrun agents on localhost, an elastic range (default: the recipe's)")
     p.add_argument("--checkpoint-dir", help="use this directory instead of spec.checkpoint.uri")
@@ -188,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
     p.add_argument("--run-dir", help="configs, progress files, logs, summary (default: runs/<name>)")
     p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
-    p.set_defaults(func=_lazy("vlm_local.runner:main"))
+    p.add_argument("--pvc", action="append", metavar="CLAIM=DIR", help="read pvc://CLAIM/... data from DIR (repeatable)")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="a VLMPretrainSweep: run N of its runs at once (default 1: one after another)")
+    p.add_argument("--grounding", action="store_true",
+                   help="a VLMPretrainSweep: also measure each run's true- vs mismatched-image caption loss")
+    p.set_defaults(func=_cmd_local)
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (kopf; same as `kopf run -m vlm_operator.handlers`)")
     _operator_args(p)

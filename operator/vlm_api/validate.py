@@ -319,6 +319,10 @@ TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
 def validate_object(obj: Any) -> list[Problem]:
+    if isinstance(obj, dict) and obj.get("kind") == "VLMPretrainSweep":
+        from .sweep_validate import validate_sweep_object  # it builds on this module
+
+        return validate_sweep_object(obj)
     if not isinstance(obj, dict):
         return [Problem("<document>", f"not a mapping but a {_json_type(obj)}: a manifest is a VLMPretrainRun object")]
     problems = []

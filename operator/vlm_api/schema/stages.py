@@ -167,9 +167,10 @@ class Stage(Model):
     visual_introduce_at: float = Field(
         0.0,
         ge=0,
-        lt=1,
+        le=1,
         description="Fraction of the stage before which multimodal sources weigh 0 (text sources are renormalised); "
-        "after it the stage's mixture applies. The LR schedule continues across the switch.",
+        "after it the stage's mixture applies (1: never in this stage, a text-only stage). The LR schedule "
+        "continues across the switch.",
     )
     trainable: Trainable = Field(default_factory=Trainable, description="What is trained; the rest is frozen.")
     optimizer: Optimizer = Field(default_factory=Optimizer, description="Optimizer and LR schedule.")
