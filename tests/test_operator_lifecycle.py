@@ -126,6 +126,48 @@ def test_stage_pipeline_runs_to_success(cluster):
         "StageStarted", "StageSucceeded", "StageStarted", "StageSucceeded", "RunSucceeded"]
 
 
+def test_a_pruning_stage_is_followed_by_its_own_pruning_job(cluster):
+    """`stage.prune`: after the stage, a one-worker job `<run>-<stage>-pruned` prunes the
+    stage's confirmed final checkpoint; the next stage starts from the pruned checkpoint
+    that job confirmed, and status names the step while it runs."""
+    body = spec()
+    body["stages"][0]["prune"] = {"removeLayers": 1, "calibration": {"source": "caps", "samples": 16}}
+    with cluster.operator():
+        cluster.create_run("llama", body)
+        wait(lambda: cluster.job("llama-pretrain"), what="first job")
+        cluster.set_job("llama-pretrain", "Succeeded")
+        job = wait(lambda: cluster.job("llama-pretrain-pruned"), what="the pruning step's job")
+        assert cluster.job("llama-sft") is None  # not before the pruned checkpoint is confirmed
+        trained = "s3://ckpt/runs/test/pretrain/step-000000100/"
+        worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+        container = worker["template"]["spec"]["containers"][0]
+        assert worker["replicas"] == 1 and "elasticPolicy" not in job["spec"] and not crd_errors(job)
+        assert container["command"] == ["python"] and container["args"] == [
+            "-m", "vlm_trainer.visual_region.prune", "--config", "/etc/vlm/config.yaml", "--checkpoint", trained]
+        config = yaml.safe_load(cluster.get("v1/configmaps", "llama-pretrain-pruned-config")["data"]["config.yaml"])
+        assert config["stage"] == "pretrain"  # the TrainerConfig of the stage it prunes
+        status = wait(lambda: cluster.status("llama").get("stage") == "pretrain-pruned" and cluster.status("llama"))
+        assert status["stageIndex"] == 0 and status["jobName"] == "llama-pretrain-pruned"
+
+        cluster.set_job("llama-pretrain-pruned", "Running")
+        assert cluster.wait_phase("llama", "Running")["stage"] == "pretrain-pruned"
+        cluster.set_job("llama-pretrain-pruned", "Succeeded")  # its pod confirms `pretrain-pruned`
+        wait(lambda: cluster.job("llama-sft"), what="the next stage's job")
+        status = wait(lambda: cluster.status("llama").get("stage") == "sft" and cluster.status("llama"))
+        pruned = "s3://ckpt/runs/test/pretrain-pruned/step-000000100/"
+        assert status["stageIndex"] == 1 and status["finalCheckpoints"]["pretrain-pruned"]["uri"] == pruned
+        sft = yaml.safe_load(cluster.get("v1/configmaps", "llama-sft-config")["data"]["config.yaml"])
+        assert sft["initFrom"] == pruned
+
+        cluster.set_job("llama-sft", "Succeeded")
+        done = cluster.wait_phase("llama", "Succeeded")
+    assert set(done["finalCheckpoints"]) == {"pretrain", "pretrain-pruned", "sft"}
+    assert cluster.names(JOBS) == ["llama-pretrain", "llama-pretrain-pruned", "llama-sft"]
+    assert [e["reason"] for e in cluster.events("llama")] == [
+        "StageStarted", "StageSucceeded", "StageStarted", "StageSucceeded", "StageStarted", "StageSucceeded",
+        "RunSucceeded"]
+
+
 def test_failed_job_is_retried_from_the_last_checkpoint_then_the_run_fails(cluster):
     metrics = TrainerMetrics()
     try:

@@ -110,7 +110,7 @@ def rendezvous(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int =
     )
 
 
-def _worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, trainer: launch.Launch) -> dict:
+def worker_template(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt: int, trainer: launch.Launch) -> dict:
     res = spec.resources
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
@@ -225,7 +225,7 @@ def build_pytorchjob(run: dict, spec: s.VLMPretrainRunSpec, stage: str, attempt:
                     # elastic event. torchrun exits 1 once its own restarts are spent: the job
                     # fails and the operator retries it as a new attempt (README: faults).
                     "restartPolicy": "ExitCode",
-                    "template": _worker_template(run, spec, stage, attempt, trainer),
+                    "template": worker_template(run, spec, stage, attempt, trainer),
                 }
             },
         },

@@ -246,7 +246,7 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
 
     def ended_stores(order: list[str] | None) -> list[tuple[str, str, str]]:
         """Stores of ended attempts and stages go: those before the current (stage, attempt)
-        in `order` (the stage names), all of them when the run is over (`order` None). A store
+        in `order` (the step names), all of them when the run is over (`order` None). A store
         of a later attempt or stage stays: status may lag behind children after a crash."""
         def ended(stage: str, attempt: int) -> bool:
             if order is None or stage not in order:
@@ -259,7 +259,7 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
         new["phase"] = view.phase
         new["conditions"] = view.conditions(old.get("conditions"), gen, now)
         live = view.phase not in st.TERMINAL and spec is not None and new.get("stage") and isinstance(new.get("attempt"), int)
-        kw.setdefault("delete", ended_stores([x.name for x in spec.stages] if live else None))
+        kw.setdefault("delete", ended_stores([x.name for x in stage_policy.steps(spec)] if live else None))
         created_store = next((o for o in kw.get("create") or () if o["kind"] == "Deployment"), None)
         if rendezvous and obs.store is None and created_store is not None:
             # created just now: "not ready yet", as its first watch event will say
@@ -293,26 +293,24 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
         return finish(st.invalid(msg), invalid=msg, delete=[])
 
     nstages = len(spec.stages)
-    if spec.elastic.external_store:
+    plan = stage_policy.steps(spec)  # each stage, and a pruning step after a stage that prunes
+    pos = step_position(plan, old)
+    step = plan[pos]
+    idx, stage = step.stage, spec.stages[step.stage]
+    if spec.elastic.external_store and not step.prune:  # a pruning step is one process: no rendezvous
         rendezvous.append(st.rendezvous_ready(obs.store))
-
-    idx = old.get("stageIndex")
-    if not isinstance(idx, int) or not 0 <= idx < nstages:
-        names = [x.name for x in spec.stages]
-        idx = names.index(old["stage"]) if old.get("stage") in names else 0
-    stage = spec.stages[idx]
     attempt = old.get("attempt") if isinstance(old.get("attempt"), int) and old["attempt"] >= 0 else 0
-    job = render.job_name(name, stage.name, attempt)
-    new.update(stage=stage.name, stageIndex=idx, attempt=attempt, jobName=job)
+    job = render.job_name(name, step.name, attempt)
+    new.update(stage=step.name, stageIndex=idx, attempt=attempt, jobName=job)
     finals = dict(old.get("finalCheckpoints") or {})
-    prefix = stage_policy.stage_prefix(spec, stage.name)
+    prefix = stage_policy.stage_prefix(spec, step.name)
     if obs.sample is not None and obs.sample.job == job:
-        scrape.apply(new, obs.sample, stage.name, prefix)
+        scrape.apply(new, obs.sample, step.name, prefix)
     if isinstance(new.get("worldSize"), int) and new["worldSize"] > 0:  # nodes in the rendezvous, not requested
         new["nodes"] = -(-new["worldSize"] // spec.resources.procs_per_node)
     else:
         new.pop("nodes", None)
-    note = f"metrics: {obs.scrape_error}" if obs.scrape_error else ""
+    note = f"metrics: {obs.scrape_error}" if obs.scrape_error and not step.prune else ""
 
     def view_for(js: st.JobState, att: int, job_name: str, stage_name: str) -> st.View:
         # A Kueue-managed job is suspended until Kueue admits it, and again when it evicts it.
@@ -327,34 +325,35 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
         return finish(st.crd_missing(msg), wait=cfg.crd_retry, wait_reason="PyTorchJob CRD missing", delete=[])
 
     js = st.job_state(obs.job)
-    where = f"stage {stage.name} ({idx + 1}/{nstages})"
+    where = pipeline.describe_step(spec, step)
 
     if js.state == "Absent":
-        created = _render(pipeline.children, run, spec, idx, attempt, finals, podmonitor=obs.podmonitor_crd,
+        created = _render(pipeline.children, run, spec, step, attempt, finals, podmonitor=obs.podmonitor_crd,
                                     metrics_namespaces=cfg.metrics_sources)
         if old.get("jobName") != job:
-            start = stage_policy.init_from(spec, idx, finals)
+            start = stage_policy.step_input(spec, step, finals)
             events.append(("Normal", "StageStarted", f"{where}: created {job}" + (f", initialised from {start}" if start else "")))
-        return finish(view_for(js, attempt, job, stage.name), create=created)
+        return finish(view_for(js, attempt, job, step.name), create=created)
 
     if js.state == "Succeeded" and obs.confirmation is not None:
-        finals[stage.name] = pipeline.final_record(obs.confirmation, st.fmt_time(now))
+        finals[step.name] = pipeline.final_record(obs.confirmation, st.fmt_time(now))
         new["finalCheckpoints"] = finals
         # The trainer's own figures of the stage's end, whatever the last scrape caught.
         new.update(step=obs.confirmation["step"], tokens=obs.confirmation["tokens"],
-                   lastCheckpoint={k: finals[stage.name][k] for k in ("uri", "step", "time", "stage")})
-        events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[stage.name]['uri']} "
-                       f"(step {finals[stage.name]['step']}, confirmed by the trainer)"))
-        if idx + 1 < nstages:
-            nxt = spec.stages[idx + 1]
+                   lastCheckpoint={k: finals[step.name][k] for k in ("uri", "step", "time", "stage")})
+        events.append(("Normal", "StageSucceeded", f"{where} succeeded ({job}); final checkpoint {finals[step.name]['uri']} "
+                       f"(step {finals[step.name]['step']}, confirmed by the trainer)"))
+        if pos + 1 < len(plan):
+            nxt = plan[pos + 1]
             nxt_job = render.job_name(name, nxt.name, 0)
             for key in ("step", "tokens", "loss", "imageTokenFraction", "worldSize", "restarts", "nodes"):
                 new.pop(key, None)
-            new.update(stage=nxt.name, stageIndex=idx + 1, attempt=0, jobName=nxt_job)
-            created = _render(pipeline.children, run, spec, idx + 1, 0, finals, podmonitor=obs.podmonitor_crd,
+            new.update(stage=nxt.name, stageIndex=nxt.stage, attempt=0, jobName=nxt_job)
+            created = _render(pipeline.children, run, spec, nxt, 0, finals, podmonitor=obs.podmonitor_crd,
                                         metrics_namespaces=cfg.metrics_sources)
-            start = stage_policy.init_from(spec, idx + 1, finals)
-            events.append(("Normal", "StageStarted", f"stage {nxt.name} ({idx + 2}/{nstages}): created {nxt_job}, initialised from {start}"))
+            start = stage_policy.step_input(spec, nxt, finals)
+            events.append(("Normal", "StageStarted", f"{pipeline.describe_step(spec, nxt)}: created {nxt_job}, "
+                           f"initialised from {start}"))
             return finish(view_for(st.JobState("Absent"), 0, nxt_job, nxt.name), create=created)
         new["completionTime"] = st.fmt_time(now)
         events.append(("Normal", "RunSucceeded", f"all {nstages} stages succeeded"))
@@ -380,22 +379,22 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
                 return finish(st.backoff(js, job=job, attempt=attempt, max_retries=spec.max_retries, at=retry_at),
                               wait=remaining, wait_reason=f"retry backoff after {job} failed")
             nxt_attempt = attempt + 1
-            nxt_job = render.job_name(name, stage.name, nxt_attempt)
+            nxt_job = render.job_name(name, step.name, nxt_attempt)
             new.update(attempt=nxt_attempt, jobName=nxt_job)
-            created = _render(pipeline.children, run, spec, idx, nxt_attempt, finals, podmonitor=obs.podmonitor_crd,
+            created = _render(pipeline.children, run, spec, step, nxt_attempt, finals, podmonitor=obs.podmonitor_crd,
                                         metrics_namespaces=cfg.metrics_sources)
-            resume = stage_policy.resume_point(spec, stage.name, new.get("lastCheckpoint"),
-                                               stage_policy.init_from(spec, idx, finals))
+            resume = (stage_policy.step_input(spec, step, finals) if step.prune else stage_policy.resume_point(
+                spec, stage.name, new.get("lastCheckpoint"), stage_policy.init_from(spec, idx, finals)))
             events.append(("Warning", "StageRetry", f"{job} ended without a confirmed final checkpoint ({reason}); "
                            f"retry {nxt_attempt} of {spec.max_retries} as {nxt_job}, resuming from {resume}"))
-            return finish(view_for(st.JobState("Absent"), nxt_attempt, nxt_job, stage.name), create=created)
+            return finish(view_for(st.JobState("Absent"), nxt_attempt, nxt_job, step.name), create=created)
         view = st.failed(js, job=job, retries=attempt)
         events.append(("Warning", "RunFailed", view.ready.message))
         return finish(view)
 
     # The job is live: bring it (and the stage config) to the current spec.
     patches: list[tuple[str, str, str, dict]] = []
-    if obs.check_drift and obs.job is not None:
+    if obs.check_drift and obs.job is not None and not step.prune:
         desired = _render(render.build_pytorchjob, pipeline.run_ref(run), spec, stage.name, attempt)
         jp = day2.job_patch(obs.job, desired)
         if jp:
@@ -415,7 +414,17 @@ def _decide(run: dict, problems: list[str], obs: Observed, now: datetime.datetim
         patches.append(("Workload", ns, wl, wp))
         events.append(("Normal", "Suspended" if spec.suspend else "Resumed",
                        f"{job}: Kueue Workload {wl} {'deactivated' if spec.suspend else 'reactivated'}"))
-    return finish(view_for(js, attempt, job, stage.name), patch=patches)
+    return finish(view_for(js, attempt, job, step.name), patch=patches)
+
+
+def step_position(plan: list[stage_policy.Step], status: dict) -> int:
+    """The current step of `plan`: status.stage names it (a stage or a pruning step), else
+    status.stageIndex's stage, else the first step."""
+    names = [p.name for p in plan]
+    if status.get("stage") in names:
+        return names.index(status["stage"])
+    idx = status.get("stageIndex")
+    return next((k for k, p in enumerate(plan) if p.stage == idx and not p.prune), 0)
 
 
 def blocked(run: dict, reason: str, message: str, now: datetime.datetime, cfg: Config | None = None) -> Decision:

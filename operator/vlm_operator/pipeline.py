@@ -7,14 +7,16 @@
   checkpoint under `<checkpoint.uri>/<stage>/` (the ConfigMap is per stage, shared by all
   attempts).
 - The next stage starts from the previous stage's final checkpoint as its trainer
-  confirmed it (`status.finalCheckpoints`).
+  confirmed it (`status.finalCheckpoints`); after a stage that declares `prune`, the
+  pruning step `<stage>-pruned` runs first as its own job (`vlm_api/prune_job.py`) and
+  the next stage starts from the pruned checkpoint it confirmed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vlm_api import render, schema as s, stage_policy
+from vlm_api import prune_job, render, schema as s, stage_policy
 
 
 def run_ref(run: dict) -> dict[str, str]:
@@ -22,15 +24,24 @@ def run_ref(run: dict) -> dict[str, str]:
     return {"name": meta.get("name", ""), "namespace": meta.get("namespace") or "default", "uid": meta.get("uid") or ""}
 
 
-def children(run: dict, spec: s.VLMPretrainRunSpec, index: int, attempt: int, finals: dict | None,
+def children(run: dict, spec: s.VLMPretrainRunSpec, step: stage_policy.Step, attempt: int, finals: dict | None,
              *, podmonitor: bool, metrics_namespaces: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """All objects of one stage attempt, in creation order (generic: the renderer decides
+    """All objects of one step attempt, in creation order (generic: the renderer decides
     what a stage needs, e.g. a rendezvous store Deployment + Service)."""
-    stage = spec.stages[index].name
+    if step.prune:
+        return prune_job.build_prune_children(run_ref(run), spec, step, stage_policy.step_input(spec, step, finals),
+                                              attempt=attempt, metrics_namespaces=metrics_namespaces)
     return render.build_children(
-        run_ref(run), spec, stage, attempt=attempt, init_from=stage_policy.init_from(spec, index, finals),
+        run_ref(run), spec, step.name, attempt=attempt, init_from=stage_policy.init_from(spec, step.stage, finals),
         podmonitor=bool(spec.metrics.pod_monitor and podmonitor), metrics_namespaces=metrics_namespaces,
     )
+
+
+def describe_step(spec: s.VLMPretrainRunSpec, step: stage_policy.Step) -> str:
+    """'stage sft (2/3)', 'step pretrain-pruned (pruning stage pretrain)' for events."""
+    if step.prune:
+        return f"step {step.name} (pruning stage {spec.stages[step.stage].name})"
+    return f"stage {step.name} ({step.stage + 1}/{len(spec.stages)})"
 
 
 def final_record(confirmed: dict, when: str) -> dict:
