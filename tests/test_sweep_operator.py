@@ -11,8 +11,6 @@ import threading
 
 import pytest
 
-from tests.support import operator_calls
-from tests.support.kube_emulator import KubeServer
 from tests.support.operator_harness import NS, RUNS, Cluster, spec, wait
 from vlm_api import sweep_grid
 
@@ -21,13 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:Deprecat
 SWEEPS = "pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps"
 INTRO = "stages[pretrain].visualIntroduceAt"
 VALUES = [0.0, 0.4, 0.8]
-
-
-@pytest.fixture
-def cluster(tmp_path, request):
-    with KubeServer() as server:
-        yield Cluster(server, tmp_path)
-        operator_calls.record(server, request.node.name)
 
 
 def sweep_obj(name: str = "intro", **overrides) -> dict:
