@@ -3,8 +3,10 @@
 Fast tests: progress rendering on synthetic progress files, URI and option handling, the
 process tracker (workers in their own sessions), the derangement of the grounding test.
 
-Slow tests (`-m slow`, real torchrun through torchx's local scheduler, 2 workers) run one
-pipeline on tests/data/tiny-local.yaml in a shared directory, in order:
+Slow tests (`-m slow`, real torchrun through torchx's local scheduler, 2 workers) check one
+pipeline on tests/data/tiny-local.yaml in a shared directory, run once by module-scoped
+fixtures (one per phase, each on the previous one's result), so the tests pass alone and in
+any order:
 
 1. ``--max-steps 30 --checkpoint-dir C``: pretrain stops at step 30 (committed, not final),
    the SFT stage does not start, nothing lands in the recipe's own checkpoint URI;
@@ -263,20 +265,22 @@ def _trainers_of(run_dir: Path) -> list[int]:
     return [pid for pid, cmd in _proc_cmdlines().items() if key in cmd and "vlm_trainer" in cmd and pid != os.getpid()]
 
 
-def _assert_only_committed(ckpt: Path) -> list[int]:
+def _committed(ckpt: Path) -> tuple[list[int], list[str]]:
+    """(pretrain's step directories, problems: a step directory with files but no valid COMMITTED manifest)."""
     from vlm_trainer.checkpoint import open_store
 
     store = open_store(ckpt.as_uri())
-    steps = []
+    steps, problems = [], []
     for stage in ("pretrain", "sft"):
         for ref in store.checkpoints(stage):
             files = [p for p in Path(ref.uri[len("file://"):]).rglob("*") if p.is_file()]
-            if files:
-                assert ref.committed, f"{ref.uri} has files but no valid COMMITTED manifest"
-                assert store.verify(ref) == [], ref.uri
+            if files and not ref.committed:
+                problems.append(f"{ref.uri} has files but no valid COMMITTED manifest")
+            elif files and store.verify(ref):
+                problems.append(f"{ref.uri}: {store.verify(ref)}")
             if stage == "pretrain":
                 steps.append(ref.step)
-    return steps
+    return steps, problems
 
 
 def _starts(progress: Path) -> list[int]:
@@ -289,6 +293,15 @@ def _local(work: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedP
                           cwd=work, capture_output=True, text=True, timeout=timeout)
 
 
+def _output(r: subprocess.CompletedProcess) -> str:
+    return r.stdout + r.stderr
+
+
+# The pipeline runs once per module, one phase per fixture, each phase on the previous one's
+# result; a phase records what its test checks (later phases overwrite the run directory).
+# Any test, alone or in any order, runs the phases it needs.
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from vlm_trainer.data import synthdata
@@ -299,97 +312,141 @@ def work(tmp_path_factory):
     return d
 
 
-@pytest.mark.slow
-def test_1_max_steps_and_checkpoint_dir(work):
-    r = _local(work, "--max-steps", "30")
-    assert r.returncode == 0, r.stdout + r.stderr
-    ckpt = work / "ckpt"
-    assert not (work / "tiny-ckpt").exists(), "--checkpoint-dir must replace spec.checkpoint.uri"
-    assert _assert_only_committed(ckpt) == [30]
+@pytest.fixture(scope="module")
+def capped(work):
+    """1. `--max-steps 30 --checkpoint-dir C`."""
     from vlm_trainer.checkpoint import open_store
 
-    store = open_store(ckpt.as_uri())
-    assert not store.latest_committed("pretrain").final  # a prefix of the stage, not its end
-    assert store.checkpoints("sft") == [], "a stage cut short by --max-steps must not feed the next one"
-    assert "run again without --max-steps" in r.stdout
-    cfg = (work / "runs/tiny/pretrain/config.yaml").read_text()
-    assert "maxSteps: 30" in cfg and ckpt.as_uri() in cfg
-    summary = json.loads((work / "runs/tiny/summary.json").read_text())
-    assert summary["stages"][0]["step"] == 30 and summary["stages"][0]["status"] == "capped"
-    logs = list((work / "runs/tiny/logs").rglob("combined.log"))
-    assert logs and any("[default1]" in p.read_text() for p in logs), "every rank's output in the run directory"
+    r = _local(work, "--max-steps", "30")
+    store = open_store((work / "ckpt").as_uri())
+    run = work / "runs/tiny"
+    return {
+        "result": r,
+        "committed": _committed(work / "ckpt"),
+        "latest": store.latest_committed("pretrain"),
+        "sft": store.checkpoints("sft"),
+        "config": (run / "pretrain/config.yaml").read_text() if (run / "pretrain/config.yaml").exists() else "",
+        "summary": json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None,
+        "logs": [p.read_text() for p in (run / "logs").rglob("combined.log")],
+    }
 
 
-@pytest.mark.slow
-def test_2_resume_then_sigint_leaves_only_committed_checkpoints(work):
+@pytest.fixture(scope="module")
+def interrupted(work, capped):
+    """2. The same command without `--max-steps` (a resume); SIGINT after the next committed checkpoint."""
+    assert capped["result"].returncode == 0, _output(capped["result"])
     progress = work / "runs/tiny/pretrain/progress.jsonl"
     seen = len(V.read_events(progress))
     proc = subprocess.Popen(VLM + ["local", str(TINY), "--nproc", "2", "--checkpoint-dir", str(work / "ckpt"),
                                    "--progress", "plain"], cwd=work, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    checkpointed = False
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            new = V.read_events(progress)[seen:]
-            if any(e["event"] == "checkpoint" and e["step"] >= 50 for e in new):
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(e["event"] == "checkpoint" and e["step"] >= 50 for e in V.read_events(progress)[seen:]):
+                checkpointed = True
                 break
-            assert proc.poll() is None, proc.stdout.read()
             time.sleep(0.2)
-        else:
-            pytest.fail("no checkpoint after the resume")
-        assert _starts(progress)[-1] == 30, "the second run must resume from the committed step 30"
+        starts = _starts(progress)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, out
-    assert "interrupted" in out and "run the same command again to resume" in out
-    assert _trainers_of(work / "runs" / "tiny") == [], "no trainer process may outlive the runner"
-    steps = _assert_only_committed(work / "ckpt")
-    assert steps and max(steps) >= 50 and max(steps) < 1000
-    ends = [e for e in V.read_events(progress) if e["event"] == "end"]
-    assert ends[-1]["status"] == "stopped"
-    assert max(steps) == ends[-1]["step"], "the trainer checkpoints the step it stopped at"
+    return {
+        "checkpointed": checkpointed,
+        "starts": starts,
+        "returncode": proc.returncode,
+        "output": out,
+        "left": _trainers_of(work / "runs" / "tiny"),
+        "committed": _committed(work / "ckpt"),
+        "ends": [e for e in V.read_events(progress) if e["event"] == "end"],
+    }
+
+
+@pytest.fixture(scope="module")
+def completed(work, interrupted):
+    """3. Again: pretrain resumes from its newest checkpoint and finishes; SFT runs from its final checkpoint."""
+    from vlm_trainer.checkpoint import open_store
+
+    steps, _ = _committed(work / "ckpt")
+    r = _local(work)
+    store = open_store((work / "ckpt").as_uri())
+    run = work / "runs/tiny"
+    return {
+        "before": max(steps, default=None),
+        "result": r,
+        "starts": _starts(run / "pretrain/progress.jsonl"),
+        "pretrain": store.latest_committed("pretrain"),
+        "sft": store.latest_committed("sft"),
+        "sft_events": V.read_events(run / "sft/progress.jsonl"),
+        "summary": json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else None,
+    }
 
 
 @pytest.mark.slow
-def test_3_two_stages_end_to_end_with_two_processes(work):
-    progress = work / "runs/tiny/pretrain/progress.jsonl"
-    before = max(_assert_only_committed(work / "ckpt"))
-    r = _local(work)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert _starts(progress)[-1] == before, "pretrain resumes from its newest committed checkpoint"
-    from vlm_trainer.checkpoint import open_store
+def test_1_max_steps_and_checkpoint_dir(work, capped):
+    r = capped["result"]
+    assert r.returncode == 0, _output(r)
+    assert not (work / "tiny-ckpt").exists(), "--checkpoint-dir must replace spec.checkpoint.uri"
+    assert capped["committed"] == ([30], [])
+    assert not capped["latest"].final  # a prefix of the stage, not its end
+    assert capped["sft"] == [], "a stage cut short by --max-steps must not feed the next one"
+    assert "run again without --max-steps" in r.stdout
+    assert "maxSteps: 30" in capped["config"] and (work / "ckpt").as_uri() in capped["config"]
+    stage = capped["summary"]["stages"][0]
+    assert stage["step"] == 30 and stage["status"] == "capped"
+    assert any("[default1]" in text for text in capped["logs"]), "every rank's output in the run directory"
 
-    store = open_store((work / "ckpt").as_uri())
-    pre, sft = store.latest_committed("pretrain"), store.latest_committed("sft")
+
+@pytest.mark.slow
+def test_2_resume_then_sigint_leaves_only_committed_checkpoints(interrupted):
+    out = interrupted["output"]
+    assert interrupted["checkpointed"], f"no checkpoint after the resume: {out}"
+    assert interrupted["starts"][-1] == 30, "the second run must resume from the committed step 30"
+    assert interrupted["returncode"] == 130, out
+    assert "interrupted" in out and "run the same command again to resume" in out
+    assert interrupted["left"] == [], "no trainer process may outlive the runner"
+    steps, problems = interrupted["committed"]
+    assert problems == []
+    assert steps and max(steps) >= 50 and max(steps) < 1000
+    assert interrupted["ends"][-1]["status"] == "stopped"
+    assert max(steps) == interrupted["ends"][-1]["step"], "the trainer checkpoints the step it stopped at"
+
+
+@pytest.mark.slow
+def test_3_two_stages_end_to_end_with_two_processes(completed):
+    r = completed["result"]
+    assert r.returncode == 0, _output(r)
+    assert completed["starts"][-1] == completed["before"], "pretrain resumes from its newest committed checkpoint"
+    pre, sft = completed["pretrain"], completed["sft"]
     assert pre.final and pre.step == 1000 and sft.final and sft.step == 8
     assert pre.world_size == 2 and sft.world_size == 2
-    sft_events = V.read_events(work / "runs/tiny/sft/progress.jsonl")
-    restore = [e for e in sft_events if e["event"] == "restore"]
+    restore = [e for e in completed["sft_events"] if e["event"] == "restore"]
     assert restore and restore[0]["uri"] == pre.uri and restore[0]["mode"] == "init"
-    summary = json.loads((work / "runs/tiny/summary.json").read_text())
-    assert [s["status"] for s in summary["stages"]] == ["completed", "completed"]
-    assert all(s["validation_loss"].get("image-text") for s in summary["stages"])
+    stages = completed["summary"]["stages"]
+    assert [s["status"] for s in stages] == ["completed", "completed"]
+    assert all(s["validation_loss"].get("image-text") for s in stages)
     assert "val image-text" in r.stdout and "val text" in r.stdout  # the summary table
 
 
 @pytest.mark.slow
-def test_4_rerun_trains_nothing(work):
+def test_4_rerun_trains_nothing(work, completed):
+    assert completed["result"].returncode == 0, _output(completed["result"])
     t0 = time.monotonic()
     r = _local(work, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, _output(r)
     assert r.stdout.count("already complete") == 2 and "torchrun" not in r.stdout
     assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.slow
-def test_5_grounding_gap_on_the_final_checkpoint(work, monkeypatch):
+def test_5_grounding_gap_on_the_final_checkpoint(work, completed, monkeypatch):
     from vlm_trainer.grounding import evaluate_checkpoint
 
+    assert completed["result"].returncode == 0, _output(completed["result"])
     monkeypatch.chdir(work)  # the recipe's data paths are relative to where it ran
-
     r = evaluate_checkpoint((work / "ckpt" / "sft").as_uri() + "/", config=str(work / "runs/tiny/sft/config.yaml"))
     print(f"tiny grounding: true {r.true_loss:.4f} mismatched {r.mismatched_loss:.4f} ratio {r.ratio:.2f}")
     assert r.samples >= 64
