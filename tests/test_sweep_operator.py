@@ -7,15 +7,19 @@ validation loss per modality); the operator creates and watches the child runs i
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
 from tests.support.operator_harness import NS, RUNS, Cluster, spec, wait
-from vlm_api import sweep_grid
+from vlm_api import sweep_crd, sweep_grid
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
 
+REPO = Path(__file__).resolve().parents[1]
 SWEEPS = "pretrain.vlm.dev/v1alpha1/vlmpretrainsweeps"
 INTRO = "stages[pretrain].visualIntroduceAt"
 VALUES = [0.0, 0.4, 0.8]
@@ -127,6 +131,14 @@ def test_sweep_runs_every_point_within_max_concurrent_and_picks_the_best(cluster
         assert meta["labels"]["pretrain.vlm.dev/sweep"] == "intro"
         assert run["spec"]["checkpoint"]["uri"] == f"s3://ckpt/runs/test/{meta['name']}/"
         assert run["spec"]["seed"] == int(meta["labels"]["pretrain.vlm.dev/seed"])
+    # kubectl prints the CRD's columns (server-side printing from the applied sweep CRD).
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    subprocess.run(["kubectl", "apply", "--validate=false", "-f", str(REPO / sweep_crd.SWEEP_CRD_FILE)], env=env,
+                   check=True, capture_output=True)
+    header, row = subprocess.run(["kubectl", "get", "vps", "-n", NS], env=env, check=True, capture_output=True,
+                                 text=True).stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "DONE", "BEST", "AGE"]
+    assert row.split()[:4] == ["intro", "Succeeded", "6/6", str(loss_of(names[2]))]
 
 
 def test_a_restarted_operator_creates_no_duplicates(cluster):
