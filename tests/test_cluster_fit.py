@@ -121,8 +121,8 @@ def test_credentials_each_purpose_its_own_secret_else_the_shared_one_else_ambien
     spec_dict["model"]["llm"]["credentialsSecret"] = "models-reader"
     spec = schema.parse_spec(spec_dict)
     by_name = {s.name: s for s in spec.data.sources}
-    assert cluster.data_secret(spec, by_name["obelics"]) == "shared-corpora-reader"
-    assert cluster.data_secret(spec, by_name["datacomp-dr"]) == "data-reader"
+    assert cluster.data_secret(spec.data, by_name["obelics"]) == "shared-corpora-reader"
+    assert cluster.data_secret(spec.data, by_name["datacomp-dr"]) == "data-reader"
     assert cluster.model_secret(spec.model.vision_encoder) is None  # default chain
     env = _pod(_children(obj)["PyTorchJob"])["spec"]["containers"][0]["env"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}

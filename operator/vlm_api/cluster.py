@@ -139,10 +139,10 @@ def secret_env_prefix(secret: str) -> str:
     return "VLM_S3_" + secret.upper().replace("-", "_") + "_"
 
 
-def data_secret(spec: s.VLMPretrainRunSpec, source: s.DataSource) -> str | None:
+def data_secret(data: s.DataSpec, source: s.DataSource) -> str | None:
     """The Secret that reads a source: its own, else data.credentialsSecret; None: the
     default chain (checkpoint.credentialsSecret's AWS_* env, else ambient identity)."""
-    return source.credentials_secret or spec.data.credentials_secret
+    return source.credentials_secret or data.credentials_secret
 
 
 def model_secret(part: s.ModelPart | None) -> str | None:
@@ -151,7 +151,7 @@ def model_secret(part: s.ModelPart | None) -> str | None:
 
 def named_secrets(spec: s.VLMPretrainRunSpec) -> list[str]:
     """Secrets other than checkpoint.credentialsSecret the trainer reads with, sorted."""
-    names = {data_secret(spec, src) for src in spec.data.sources}
+    names = {data_secret(spec.data, src) for src in spec.data.sources}
     names |= {model_secret(spec.model.llm), model_secret(spec.model.vision_encoder)}
     return sorted(n for n in names if n)
 
@@ -216,6 +216,17 @@ def parse_pvc_dirs(text: str | None) -> dict[str, str]:
         if sep and claim and directory:
             out[claim.strip()] = directory.strip()
     return out
+
+
+def local_pvc_env(pairs: list[str] | None) -> dict[str, str]:
+    """`vlmpretrain local --pvc CLAIM=DIR ...` as the worker env that maps pvc://CLAIM/ to DIR."""
+    dirs = {}
+    for pair in pairs or []:
+        claim, sep, directory = pair.partition("=")
+        if not sep or not claim or not directory or "," in pair:
+            raise ValueError(f"--pvc {pair!r}: expected CLAIM=DIR")
+        dirs[claim] = os.path.abspath(directory)
+    return {PVC_ENV: ",".join(f"{c}={d}" for c, d in dirs.items())} if dirs else {}
 
 
 def resolve_pvc(uri: str, dirs: dict[str, str] | None = None) -> str:

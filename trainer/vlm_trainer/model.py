@@ -33,6 +33,8 @@ from torch import nn
 
 from vlm_api.schema import ModelPart, ModelSpec
 
+from vlm_api.cluster import secret_credentials
+
 from .remote import localize
 from .tokenizer import TokenizerBundle
 
@@ -353,7 +355,7 @@ def _part_config(part: ModelPart, **overrides):
     if part.config is not None:
         cfg = dict(part.config)
         return AutoConfig.for_model(**cfg, **overrides), None
-    path = localize(part.path)
+    path = localize(part.path, credentials=secret_credentials(part.credentials_secret))
     return AutoConfig.from_pretrained(path, **overrides), path
 
 
@@ -379,7 +381,7 @@ def build_vision(part: ModelPart) -> tuple[nn.Module, ImageSpec, bool]:
         cfg = AutoConfig.for_model(**dict(part.config))
         path = None
     else:
-        path = localize(part.path)
+        path = localize(part.path, credentials=secret_credentials(part.credentials_secret))
         cfg = AutoConfig.from_pretrained(path)
     if getattr(cfg, "vision_config", None) is not None:  # a two-tower (SigLIP / CLIP) config: keep the vision tower
         cfg = cfg.vision_config

@@ -4,7 +4,8 @@ Local paths and ``file://`` URIs are used in place. ``s3://bucket/prefix/`` is
 downloaded once (every object under the prefix) into a cache directory
 (``$VLM_CACHE_DIR``, default ``~/.cache/vlm-trainer``) with boto3; the endpoint comes
 from the standard environment (``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``) or
-``$VLM_S3_ENDPOINT``, credentials from boto3's default chain. Nothing else is fetched:
+``$VLM_S3_ENDPOINT``, credentials from the part's credentialsSecret (passed in by the
+caller, vlm_api.cluster.secret_credentials) or boto3's default chain. Nothing else is fetched:
 there is no hub download anywhere in the trainer.
 """
 
@@ -46,7 +47,7 @@ def safe_relative(key: str, prefix: str) -> str | None:
     return rel
 
 
-def localize(path: str, *, kind: str = "model") -> str:
+def localize(path: str, *, kind: str = "model", credentials: dict[str, str] | None = None) -> str:
     if path.startswith("file://"):
         return path[len("file://"):]
     if not path.startswith("s3://"):
@@ -64,7 +65,8 @@ def localize(path: str, *, kind: str = "model") -> str:
     from botocore.config import Config
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("VLM_S3_ENDPOINT") or None
-    client = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"} if endpoint else {}))
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"} if endpoint else {}),
+                          **(credentials or {}))
     n = 0
     root = dest.resolve()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

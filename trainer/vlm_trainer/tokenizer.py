@@ -22,6 +22,8 @@ import logging
 
 from vlm_api.schema import ModelSpec
 
+from vlm_api.cluster import secret_credentials
+
 from .remote import localize
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,9 @@ def load_tokenizer(model: ModelSpec) -> TokenizerBundle:
         path = spec.path or model.llm.path
         if path is None:  # the API validator rejects this; keep a clear message anyway
             raise ValueError("model.tokenizer: set path or builtin when the LLM is built from config")
-        tok = AutoTokenizer.from_pretrained(localize(path, kind="tokenizer"))
+        # the tokenizer reads with the LLM's credentialsSecret
+        creds = secret_credentials(model.llm.credentials_secret)
+        tok = AutoTokenizer.from_pretrained(localize(path, kind="tokenizer", credentials=creds))
         if image_token not in tok.get_vocab():
             from tokenizers import AddedToken
 

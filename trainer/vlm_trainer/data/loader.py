@@ -42,6 +42,7 @@ import traceback
 
 import numpy as np
 
+from vlm_api.cluster import data_secret, resolve_pvc, secret_credentials
 from vlm_api.schema import DataSpec
 
 from .mixture import MixturePlanner, Slot, SourceStats, StepPlan, micro_batches, rank_slice
@@ -62,8 +63,11 @@ def open_sources(data: DataSpec, names, *, image: ImageSpec | None, seed: int, s
         uri = src.uri if split == "train" else src.validation_uri
         if uri is None:
             continue
-        out[name] = ShardedSource(name=name, modality=src.modality, shards=uri, seed=seed,
-                                  shuffle=(split == "train"), image=transform, endpoint_url=endpoint_url)
+        # pvc://CLAIM/... is read where the claim is mounted (VLM_PVC_DIRS); each source reads
+        # S3 with its own credentialsSecret, else the data spec's, else the default chain.
+        out[name] = ShardedSource(name=name, modality=src.modality, shards=resolve_pvc(uri), seed=seed,
+                                  shuffle=(split == "train"), image=transform, endpoint_url=endpoint_url,
+                                  credentials=secret_credentials(data_secret(data, src)))
     return out
 
 

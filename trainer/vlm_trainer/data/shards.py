@@ -182,16 +182,17 @@ DECODERS: dict[str, Callable[[dict[str, bytes], ImageTransform], list[TextSeg | 
 # ----------------------------------------------------------------------------- opening shards
 
 
-def s3_client(endpoint_url: str | None = None):
+def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | None = None):
     """boto3 S3 client; ``endpoint_url`` (or env ``AWS_ENDPOINT_URL``) selects an S3-compatible
-    store, addressed path-style since those rarely serve virtual-host buckets."""
+    store, addressed path-style since those rarely serve virtual-host buckets. ``credentials``:
+    a source's own keys (vlm_api.cluster.secret_credentials); none: boto3's default chain."""
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     config = Config(
         retries={"mode": "standard", "max_attempts": 5},
         s3={"addressing_style": "path"} if endpoint else {},
     )
     # A private session: boto3's default session is not safe to share between threads.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config, **(credentials or {}))
 
 
 def local_path(url: str) -> str:
@@ -223,6 +224,7 @@ class ShardedSource:
     image: ImageTransform = field(default_factory=ImageTransform)
     samples_per_shard: int | None = None
     endpoint_url: str | None = None
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)  # never shown
     # Bad samples by exception type, plus reads of corrupt shards and repeated member names.
     skipped: collections.Counter = field(default_factory=collections.Counter, init=False)
     _counts: dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -359,6 +361,6 @@ class ShardedSource:
         if url.startswith("s3://"):
             bucket, _, key = url[len("s3://"):].partition("/")
             if self._client is None:
-                self._client = s3_client(self.endpoint_url)
+                self._client = s3_client(self.endpoint_url, self.credentials)
             return self._client.get_object(Bucket=bucket, Key=key)["Body"]
         return open(local_path(url), "rb")
