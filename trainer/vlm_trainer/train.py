@@ -59,7 +59,6 @@ of the step and needs no checkpointing beyond the seed (kept in ``extra_state`` 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import importlib.util
 import logging
@@ -78,14 +77,14 @@ from vlm_api.schema import TrainerConfig
 from .data.loader import StepLoader, open_sources, probe_stats
 from .distributed import DistContext, Parallel, init_distributed, parallelize
 from .evaluate import EvalResult, Evaluator
-from .metrics import TrainerMetrics, peak_flops, registry, serve_for, step_flops
+from .observe import StepObserver
 from .data.mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
 from .model import build_vlm, check_packing, count_params, flattens, loss_sum, packed_attention
 from .data.packing import PackingPlanner, stage_steps_for_tokens
 from .policy import apply_trainable, param_groups
-from .progress import ProgressFile
 from .schedule import LRSchedule, build_optimizer, init_optimizer_state
 from .stage_io import write_termination_log
+from .trainer_state import Progress, extra_state, load_extra_state
 from .data.sequences import SequenceBuilder
 from .tokenizer import load_tokenizer
 
@@ -142,23 +141,6 @@ def build_checkpointer(trainer: "Trainer") -> Checkpointer:
 
 
 # --------------------------------------------------------------------------- state
-
-
-@dataclasses.dataclass
-class Progress:
-    step: int = 0  # completed optimizer steps in this stage
-    global_step_offset: int = 0  # steps of earlier stages whose schedule this one continues
-    text_tokens: int = 0
-    image_tokens: int = 0
-    skipped_samples: int = 0
-
-    @property
-    def global_step(self) -> int:
-        return self.global_step_offset + self.step
-
-    @property
-    def tokens(self) -> int:
-        return self.text_tokens + self.image_tokens
 
 
 @dataclasses.dataclass
@@ -248,20 +230,10 @@ class Trainer:
         self.progress = Progress()
         self.last_eval: EvalResult | None = None
 
-        # observability
-        self.metrics = TrainerMetrics(registry())
-        self.metrics.set_static(run=cfg.run.name, stage=self.stage.name, stage_index=self.stage_index,
-                                stage_steps=self.total_steps, world_size=self.ctx.world_size,
-                                device=self._device_name(), strategy=self.par.strategy)
-        self._metrics_server, self.metrics_port = None, None
-        if serve_metrics:
-            self._metrics_server, self.metrics_port = serve_for(
-                rank=self.ctx.rank, local_rank=self.ctx.local_rank,
-                port=int(os.environ.get("VLM_METRICS_PORT", spec.metrics.port)), reg=self.metrics.registry)
-        self.progress_file = ProgressFile.from_env(run=cfg.run.name, stage=self.stage.name, enabled=self.ctx.is_main)
-        self.peak_flops = peak_flops(self._device_name(), self.par.compute_dtype is not None)
-        self.log_every = max(1, int(os.environ.get("VLM_LOG_EVERY", "10")))
-        self._ratio_window = collections.deque(maxlen=max(1, int(os.environ.get("VLM_RATIO_WINDOW", "20"))))
+        # observability: metrics (and their server), the progress file, log lines
+        self.observer = StepObserver(self, serve=serve_metrics)
+        self.metrics, self.progress_file = self.observer.metrics, self.observer.progress_file
+        self.metrics_port = self.observer.port
         self.checkpointer = checkpointer if checkpointer is not None else build_checkpointer(self)
         if self.ctx.is_main:
             layout = (f"{self.stage.batch_tokens} real tokens packed into ~{self.global_batch} sequences of {seq_len} "
@@ -292,55 +264,18 @@ class Trainer:
             return parse_quantity(self.stage.tokens)
         return self.total_steps * self.stage.batch_tokens
 
-    def _device_name(self) -> str:
+    def device_name(self) -> str:
         if self.ctx.device.type == "cuda":
             return torch.cuda.get_device_name(self.ctx.device)
         return "cpu"
 
     # ---- the checkpoint seam
     def extra_state(self) -> dict:
-        """Everything but model and optimizer tensors (small, picklable, identical on all ranks)."""
-        return {
-            "format": "vlm-trainer/1",
-            "stage": self.stage.name,
-            "step": self.progress.step,
-            "global_step_offset": self.progress.global_step_offset,
-            "text_tokens": self.progress.text_tokens,
-            "image_tokens": self.progress.image_tokens,
-            "skipped_samples": self.progress.skipped_samples,
-            "data": self.planner.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "rng": {"scheme": "reseed(seed, global_step, rank)", "seed": self.seed},
-            "world_size": self.ctx.world_size,
-            "total_steps": self.total_steps,
-        }
+        """Everything but model and optimizer tensors (`trainer_state.extra_state`)."""
+        return extra_state(self)
 
     def load_extra_state(self, state: dict, *, mode: str = "resume") -> None:
-        """``resume``: the same stage continues exactly. ``init``: a new stage starts from a
-        previous stage's state: data positions carry over; with ``continueSchedule`` the
-        schedule continues from the previous last lr and the global step count goes on."""
-        if state.get("rng", {}).get("seed", self.seed) != self.seed:
-            log.warning("checkpoint seed %s differs from spec.seed %s", state["rng"]["seed"], self.seed)
-        if mode == "resume":
-            if state.get("stage") not in (None, self.stage.name):
-                raise ValueError(f"checkpoint of stage {state.get('stage')!r} cannot resume stage {self.stage.name!r}")
-            self.progress = Progress(step=int(state["step"]), global_step_offset=int(state.get("global_step_offset", 0)),
-                                     text_tokens=int(state.get("text_tokens", 0)), image_tokens=int(state.get("image_tokens", 0)),
-                                     skipped_samples=int(state.get("skipped_samples", 0)))
-            self.planner.load_state_dict(state["data"])
-            if int(state.get("total_steps", self.total_steps)) != self.total_steps:
-                log.warning("checkpoint planned %s steps, this stage now has %d", state.get("total_steps"), self.total_steps)
-            if self.stage.optimizer.continue_schedule and state["schedule"].get("continued"):
-                self.schedule = LRSchedule(self.stage.optimizer, self.total_steps, start_lr=state["schedule"]["peak"])
-            self.schedule.load_state_dict(state["schedule"])
-        elif mode == "init":
-            self.planner.load_state_dict(state["data"], positions_only=True)
-            if self.stage.optimizer.continue_schedule:
-                prev = int(state.get("global_step_offset", 0)) + int(state.get("step", 0))
-                self.progress = Progress(global_step_offset=prev)
-                self.schedule = LRSchedule(self.stage.optimizer, self.total_steps, start_lr=state["schedule"]["last_lr"])
-        else:
-            raise ValueError(f"mode must be resume or init, not {mode!r}")
+        load_extra_state(self, state, mode=mode)
 
     def model_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -428,13 +363,7 @@ class Trainer:
         result = self.evaluator.run(self.par)
         self.last_eval = result
         if self.ctx.is_main:
-            for m, v in result.by_modality.items():
-                self.metrics.val_loss.labels(modality=m).set(v)
-            for s, v in result.by_source.items():
-                self.metrics.val_source_loss.labels(source=s).set(v)
-            self.progress_file.write("eval", step=self.progress.step, losses=result.by_modality, sources=result.by_source)
-            log.info("eval step %d: %s", self.progress.step,
-                     " ".join(f"{m}={v:.4f}" for m, v in result.by_modality.items()))
+            self.observer.evaluated(result)
         return result
 
     def _eval_due(self, step: int) -> bool:
@@ -461,8 +390,7 @@ class Trainer:
                             micro_batch_size=self.stage.micro_batch_size,
                             worker=os.environ.get("VLM_DATA_WORKER", "process"))
         t_start = time.perf_counter()
-        window = {"t": time.perf_counter(), "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0, "positions": 0,
-                  "samples": 0, "sequences": 0}
+        self.observer.start()
         last_loss = None
         stopped = False
         self.vlm.train()
@@ -483,7 +411,7 @@ class Trainer:
                 self.progress.skipped_samples += out["skipped"]
                 last_loss = out["loss"]
                 dt = time.perf_counter() - t0
-                self._observe(rank_step, out, dt, wait, window)
+                self.observer.observe(rank_step, out, dt, wait)
                 if self._eval_due(self.progress.step):
                     self.evaluate()
                 self.checkpointer.after_step(self, self.progress.step)
@@ -536,73 +464,11 @@ class Trainer:
             log.info("stage %s confirmed: final checkpoint step %s %s (%s)", self.stage.name, ref["step"], ref["uri"], path)
         return text
 
-    def _observe(self, rank_step, out: dict, dt: float, wait: float, window: dict) -> None:
-        m, step = self.metrics, self.progress.step
-        tokens = out["text_tokens"] + out["image_tokens"]
-        self._ratio_window.append((out["image_tokens"], tokens))
-        img, tot = map(sum, zip(*self._ratio_window))
-        ratio = img / tot if tot else 0.0
-        images = out["image_tokens"] // max(self.tokens_per_image, 1) if self.tokens_per_image else 0
-        window["tokens"] += tokens
-        window["wait"] += wait
-        window["steps"] += 1
-        window["positions"] += out["positions"]
-        window["samples"] += out["samples"]
-        window["sequences"] += out["sequences"]
-        padding = 1.0 - tokens / out["positions"] if out["positions"] else 0.0
-        per_sequence = out["samples"] / out["sequences"] if out["sequences"] else 0.0
-        window["flops"] += step_flops(llm_params=self.llm_params, vision_params=self.vision_params, tokens=tokens,
-                                      patches=images * self.tokens_per_image, vision_trains=self.policy.vision_encoder)
-        m.steps.inc()
-        m.tokens.labels(modality="text").inc(out["text_tokens"])
-        m.tokens.labels(modality="image").inc(out["image_tokens"])
-        for src, n in rank_step.plan.counts.items():
-            if n:
-                m.samples.labels(source=src).inc(n)
-        if math.isfinite(out["loss"]):
-            m.loss.set(out["loss"])
-        m.image_ratio.set(ratio)
-        target = self.planner.target_image_fraction(step - 1)
-        m.image_target.set(target)
-        m.lr.set(out["lr"])
-        m.grad_norm.set(out["grad_norm"])
-        m.step_seconds.observe(dt)
-        m.data_wait.inc(wait)
-        elapsed = time.perf_counter() - window["t"]
-        tps = window["tokens"] / elapsed if elapsed > 0 else 0.0
-        self.progress_file.write("step", step=step, total_steps=self.total_steps, loss=out["loss"], lr=out["lr"],
-                                 grad_norm=out["grad_norm"], tokens=self.progress.tokens, text_tokens=out["text_tokens"],
-                                 image_tokens=out["image_tokens"], image_token_ratio=ratio, tokens_per_s=tps,
-                                 step_s=round(dt, 4), data_wait_s=round(wait, 4), positions=out["positions"],
-                                 sequences=out["sequences"],
-                                 samples=out["samples"], samples_per_sequence=round(per_sequence, 3),
-                                 padding_fraction=round(padding, 5),
-                                 **({"pack_buffer": rank_step.plan.buffer} if self.packing else {}))
-        if step % self.log_every == 0 or step == self.stop_at:
-            mfu = window["flops"] / (elapsed * self.peak_flops * self.ctx.world_size) if elapsed > 0 else 0.0
-            w_padding = 1.0 - window["tokens"] / window["positions"] if window["positions"] else 0.0
-            w_per_seq = window["samples"] / window["sequences"] if window["sequences"] else 0.0
-            m.tokens_per_second.set(tps)
-            m.mfu.set(mfu)
-            m.padding_fraction.set(w_padding)
-            m.samples_per_sequence.set(w_per_seq)
-            if self.ctx.is_main:
-                log.info("step %d/%d | loss %.4f | lr %.3g | %.0f tok/s | img %.3f (target %.3f) | grad %.3f | "
-                         "pad %.1f%% | %.1f samples/seq | data wait %.1f%% | mfu %.2f%%", step, self.total_steps,
-                         out["loss"], out["lr"], tps, ratio, target, out["grad_norm"], 100 * w_padding, w_per_seq,
-                         100 * window["wait"] / elapsed if elapsed > 0 else 0.0, 100 * mfu)
-            window.update(t=time.perf_counter(), tokens=0, flops=0.0, wait=0.0, steps=0, positions=0, samples=0,
-                          sequences=0)
-
     def close(self) -> None:
         try:
             self.checkpointer.close()
         finally:
-            self.progress_file.close()
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
-                self._metrics_server = None
+            self.observer.close()
 
 
 def _step_seed(seed: int, global_step: int, rank: int) -> int:
