@@ -50,13 +50,14 @@ def _file_error(path: str, exc: BaseException) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .sweep_validate import validate_any
     from .validate import Problem, deprecations, validate_text
 
     bad = 0
     for path in args.files:
         try:
             text = _read(path)
-            problems = validate_text(text)
+            problems = validate_text(text, validate_any)
         except (OSError, ValueError) as exc:
             print(_file_error(path, exc))
             bad += 1
@@ -78,6 +79,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_render(args: argparse.Namespace) -> int:
     import yaml
 
+    from .sweep_validate import validate_any
     from .validate import clean, load_documents, validate_text
 
     try:
@@ -85,7 +87,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(_file_error(args.file, exc), file=sys.stderr)
         return 1
-    problems = validate_text(text)
+    problems = validate_text(text, validate_any)
     if problems:
         for p in problems:
             print(f"{args.file}: {p}", file=sys.stderr)

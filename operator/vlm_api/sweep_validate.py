@@ -133,3 +133,10 @@ def validate_sweep_object(obj: dict) -> list[v.Problem]:
         return [v.Problem("apiVersion", f"must be {API_VERSION}, got {v.show(obj.get('apiVersion'))}")]
     problems = object_problems(obj)
     return problems or spec_problems(obj["spec"])
+
+
+def validate_any(obj: Any) -> list[v.Problem]:
+    """One manifest document: a sweep, else a run (`validate.validate_text(text, validate_any)`)."""
+    if isinstance(obj, dict) and obj.get("kind") == sw.KIND:
+        return validate_sweep_object(obj)
+    return v.validate_object(obj)

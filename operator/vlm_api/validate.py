@@ -23,7 +23,7 @@ import dataclasses
 import math
 import re
 import unicodedata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 import yaml
@@ -319,10 +319,6 @@ TOP_LEVEL = ("apiVersion", "kind", "metadata", "spec", "status")
 
 
 def validate_object(obj: Any) -> list[Problem]:
-    if isinstance(obj, dict) and obj.get("kind") == "VLMPretrainSweep":
-        from .sweep_validate import validate_sweep_object  # it builds on this module
-
-        return validate_sweep_object(obj)
     if not isinstance(obj, dict):
         return [Problem("<document>", f"not a mapping but a {_json_type(obj)}: a manifest is a VLMPretrainRun object")]
     problems = []
@@ -359,7 +355,10 @@ def load_documents(text: str) -> list[Any]:
     return limits.load_all(text)
 
 
-def validate_text(text: str) -> list[Problem]:
+def validate_text(text: str, check: Callable[[Any], list[Problem]] | None = None) -> list[Problem]:
+    """Every document's problems; `check` validates one document (default: as a run;
+    `sweep_validate.validate_any` also takes sweeps)."""
+    check = check or validate_object
     try:
         docs = load_documents(text)
     except yaml.YAMLError as exc:
@@ -373,7 +372,7 @@ def validate_text(text: str) -> list[Problem]:
     for i, doc in enumerate(docs):
         prefix = f"[doc {i}] " if len(docs) > 1 else ""
         try:
-            found = validate_object(doc)
+            found = check(doc)
         except Exception as exc:  # noqa: BLE001 - a validator bug is one line, never a traceback
             found = [Problem("<document>", f"could not be checked ({type(exc).__name__}); please report this")]
         problems += [Problem(p.path, prefix + p.reason) for p in found]
