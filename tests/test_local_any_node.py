@@ -7,13 +7,13 @@ that a replica was lost) and starts stage 2 from that checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -43,9 +43,8 @@ def _recipe(path: Path) -> Path:
 def _replica_agent(runner_pid: int, replica: int) -> int | None:
     """The torchrun agent torchx started for `replica` (a direct child of the runner)."""
     try:
-        kids = [int(k) for t in os.listdir(f"/proc/{runner_pid}/task")
-                for k in Path(f"/proc/{runner_pid}/task/{t}/children").read_text().split()]
-    except OSError:
+        kids = [p.pid for p in psutil.Process(runner_pid).children()]
+    except psutil.Error:
         return None
     for pid in kids:
         if TU.proc_env(pid).get("TORCHELASTIC_ERROR_FILE", "").endswith(f"/trainer/{replica}/error.json"):
