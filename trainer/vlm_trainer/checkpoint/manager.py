@@ -393,7 +393,10 @@ class CheckpointManager:
 
     def _progress(self, event: str, **fields) -> None:
         if self.progress is not None:
-            self.progress.write(event, **fields)
+            try:
+                self.progress.write(event, **fields)
+            except (OSError, ValueError):  # a full disk, or closed by a trainer that did not wait
+                log.debug("progress write failed", exc_info=True)
 
     def wait(self) -> Optional[SaveOutcome]:
         """Wait for the save in flight (if any); its outcome."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from vlm_api import stage_policy
 from vlm_api.schema import API_VERSION, KIND, ModelSpec, TrainerConfig
 
 from .backends import open_store
@@ -42,9 +43,6 @@ from .layout import CONFIG_NAME, MANIFEST_NAME, CheckpointRef, split_checkpoint_
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
-
-PRUNED_SUFFIX = "-pruned"
-
 
 # --------------------------------------------------------------------------- locating
 
@@ -120,10 +118,6 @@ def config_from_doc(doc: Any, *, stage: str | None = None, where: str = "config"
 # --------------------------------------------------------------------------- architecture lineage
 
 
-def pruned_stage_name(stage: str) -> str:
-    return f"{stage}{PRUNED_SUFFIX}"
-
-
 def pruned_lineage(store: CheckpointStore, spec, stage_index: int) -> dict | None:
     """The manifest ``extra`` of the pruned checkpoint that defines the architecture of
     stage ``stage_index``: that of the latest earlier stage declaring ``prune`` (None when
@@ -131,7 +125,7 @@ def pruned_lineage(store: CheckpointStore, spec, stage_index: int) -> dict | Non
     does not exist (yet)."""
     for j in range(stage_index - 1, -1, -1):
         if spec.stages[j].prune is not None:
-            name = pruned_stage_name(spec.stages[j].name)
+            name = stage_policy.pruned_name(spec.stages[j].name)
             ref = store.latest_committed(name)
             if ref is None:
                 raise CheckpointNotFound(f"stage {spec.stages[j].name!r} declares prune but {store.uri}{name}/ "
@@ -239,11 +233,9 @@ class LoadedModel:
 
     @property
     def stage_name(self) -> str:
-        """The recipe stage this checkpoint belongs to (``x`` for ``x-pruned``)."""
-        st = self.ref.stage
-        if st.endswith(PRUNED_SUFFIX) and st not in [s.name for s in self.cfg.spec.stages]:
-            return st[: -len(PRUNED_SUFFIX)]
-        return st
+        """The recipe stage this checkpoint belongs to (``x`` for ``x-pruned``: the schema
+        reserves the suffix for pruning steps)."""
+        return self.ref.stage.removesuffix(stage_policy.PRUNED_SUFFIX)
 
     @property
     def stage_spec(self):
@@ -275,9 +267,7 @@ def load_checkpoint_model(uri: str, *, config: str | TrainerConfig | None = None
     local = fetch(store, ref, tmp.name if tmp else ".")
     if cfg is None:
         cfg = read_config_file(local / CONFIG_NAME)
-    stage_name = stage or ref.stage
-    if stage_name.endswith(PRUNED_SUFFIX) and stage_name not in [s.name for s in cfg.spec.stages]:
-        stage_name = stage_name[: -len(PRUNED_SUFFIX)]
+    stage_name = (stage or ref.stage).removesuffix(stage_policy.PRUNED_SUFFIX)
     if stage_name in [s.name for s in cfg.spec.stages] and stage_name != cfg.stage:
         cfg = cfg.model_copy(update={"stage": stage_name})
     # The architecture: a pruned checkpoint says it; else the latest earlier pruning stage's.
