@@ -105,6 +105,7 @@ def test_sweep_runs_every_point_within_max_concurrent_and_picks_the_best(cluster
             finish(cluster, run, fail=(run == names[5]))
         status = wait(lambda: sweep_status(cluster).get("phase") == "Succeeded" and sweep_status(cluster),
                       timeout=15, what="sweep Succeeded")
+        cluster.wait_events("intro", "SweepSucceeded")
     assert watch.most == 2
     assert sorted(children(cluster)) == sorted(names)
     assert status["done"] == "6/6"
@@ -196,3 +197,18 @@ def test_an_invalid_sweep_says_which_path_and_creates_nothing(cluster):
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert "spec.parameters[0].path" in ready["message"] and "visualIntroduceAt?" in ready["message"]
     assert children(cluster) == {}
+
+
+def test_a_run_name_taken_by_someone_else_is_skipped_not_adopted(cluster):
+    names = run_names(seeds=(0,))
+    with cluster.operator():
+        foreign = cluster.create_run(names[0], spec(), labels={"team": "other"})
+        cluster.create(SWEEPS, sweep_obj(seeds=[0], maxConcurrent=1))
+        wait(lambda: names[1] in children(cluster), what="the next point started instead")
+        status = wait(lambda: sweep_status(cluster).get("points") and sweep_status(cluster), what="points")
+        cluster.wait_events("intro", "RunConflict")
+    point = next(p for p in status["points"] if p["run"] == names[0])
+    assert point["phase"] == "Failed" and "not this sweep's" in point["message"]
+    assert cluster.run(names[0])["metadata"]["uid"] == foreign["metadata"]["uid"]
+    assert "ownerReferences" not in cluster.run(names[0])["metadata"]  # never adopted
+    assert names[2] not in children(cluster)  # one slot, held by the second point

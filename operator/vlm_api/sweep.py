@@ -112,6 +112,7 @@ class SweepPoint(Model):
     stages: dict[str, dict[str, float]] | None = Field(
         None, description="Final validation loss per modality of every confirmed stage.")
     tokens: int | None = Field(None, description="Tokens trained over the confirmed stages.")
+    message: str | None = Field(None, description="Why the point failed, where the run cannot say.")
 
 
 class SweepBest(Model):

@@ -83,6 +83,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     if _QUIET not in logging.getLogger("kopf.objects").filters:
         logging.getLogger("kopf.objects").addFilter(_QUIET)
     REGISTRY.reset()
+    sweep.reset()
     metrics.RUNS.source = REGISTRY.phases
     metrics.serve(cfg.metrics_port)
     _loop_stop = asyncio.Event()

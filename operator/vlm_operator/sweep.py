@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 _LOCKS: dict[Key, asyncio.Lock] = {}
 _AGAIN: set[Key] = set()
+# Child names found held by someone else's run (409 on create, not owned): per sweep.
+_TAKEN: dict[Key, set[str]] = {}
 # Validation is CPU work (every point is a run spec): once per name and spec.
 _PROBLEMS: dict[str, list[str]] = {}
 
@@ -53,10 +55,12 @@ async def _problems(sweep: dict) -> list[str]:
     return _PROBLEMS[key]
 
 
-async def _act(client: kube.Client, sweep: dict, ns: str) -> None:
-    name = sweep["metadata"]["name"]
+async def _act(client: kube.Client, sweep: dict, ns: str) -> bool:
+    """One pass; True when it found a taken name (its slot goes to the next point: another pass)."""
+    name, uid = sweep["metadata"]["name"], sweep["metadata"].get("uid")
     now = datetime.datetime.now(datetime.timezone.utc)
     problems = await _problems(sweep)
+    conflict = False
     if problems:
         status = sweep_plan.invalid(sweep, "; ".join(problems)[:1000], now)
     else:
@@ -64,20 +68,33 @@ async def _act(client: kube.Client, sweep: dict, ns: str) -> None:
 
         sweep = dict(sweep, spec=with_defaults(sweep["spec"]))
         runs = await client.list("VLMPretrainRun", ns, label_selector=f"{sw.LABEL_SWEEP}={name}")
-        plan = sweep_plan.plan(sweep, runs, now)
+        taken = _TAKEN.setdefault((ns, name), set())
+        plan = sweep_plan.plan(sweep, runs, now, frozenset(taken))
         for run, value in [(r, True) for r in plan.suspend] + [(r, False) for r in plan.resume]:
             await client.patch("VLMPretrainRun", ns, run, {"spec": {"suspend": value}})
         for manifest in plan.create:
             kopf.adopt(manifest, owner=sweep)
+            run = manifest["metadata"]["name"]
             stored, created = await client.create(manifest)
             if created:
-                log.info("sweep %s/%s: started run %s", ns, name, manifest["metadata"]["name"])
-                await client.post_event(sweep, "Normal", "RunStarted", f"run {manifest['metadata']['name']} created")
+                log.info("sweep %s/%s: started run %s", ns, name, run)
+                await client.post_event(sweep, "Normal", "RunStarted", f"run {run} created")
+            elif not any(r.get("uid") == uid for r in (stored.get("metadata") or {}).get("ownerReferences") or []):
+                taken.add(run)
+                conflict = True
+                await client.post_event(sweep, "Warning", "RunConflict",
+                                        f"a VLMPretrainRun named {run} exists and is not this sweep's: point skipped")
+                continue
             runs.append(stored)
-        status = sweep_plan.plan(sweep, runs, now).status if plan.create else plan.status
+        status = sweep_plan.plan(sweep, runs, now, frozenset(taken)).status if plan.create else plan.status
     old = sweep.get("status") or {}
     if any(old.get(k) != v for k, v in status.items()):
         await client.patch_status("VLMPretrainSweep", ns, name, status)
+        if status["phase"] != old.get("phase") and status["phase"] in ("Succeeded", "Failed", "Invalid"):
+            ready = next((c for c in status["conditions"] if c["type"] == "Ready"), {})
+            await client.post_event(sweep, "Normal" if status["phase"] == "Succeeded" else "Warning",
+                                    f"Sweep{status['phase']}", ready.get("message", ""))
+    return conflict
 
 
 async def reconcile(ns: str, name: str, body: dict | None = None) -> None:
@@ -95,10 +112,19 @@ async def reconcile(ns: str, name: str, body: dict | None = None) -> None:
             body = None  # later passes read the sweep fresh
             if sweep is None:
                 _LOCKS.pop(key, None)
+                _TAKEN.pop(key, None)
                 return
-            await _act(client, sweep, ns)
+            if await _act(client, sweep, ns):
+                _AGAIN.add(key)
             if key not in _AGAIN:
                 return
+
+
+def reset() -> None:
+    """Forget per-sweep state (a new operator process in the same interpreter: tests)."""
+    _LOCKS.clear()
+    _AGAIN.clear()
+    _TAKEN.clear()
 
 
 async def on_change(body: Any) -> None:

@@ -53,7 +53,9 @@ def invalid(sweep: dict, message: str, now: datetime.datetime) -> dict:
             "conditions": view.conditions(prev, meta.get("generation"), now)}
 
 
-def plan(sweep: dict, runs: list[dict], now: datetime.datetime) -> Plan:
+def plan(sweep: dict, runs: list[dict], now: datetime.datetime, taken: frozenset[str] = frozenset()) -> Plan:
+    """`taken`: child names held by objects this sweep does not own (never adopted: such a
+    point counts as failed, so it neither blocks a slot nor is retried forever)."""
     spec, meta = sweep["spec"], sweep.get("metadata") or {}
     have = owned(runs, sweep)
     wanted = list(g.children(sweep))
@@ -65,7 +67,7 @@ def plan(sweep: dict, runs: list[dict], now: datetime.datetime) -> Plan:
     else:
         plan_.resume = [n for n in active if (have[n].get("spec") or {}).get("suspend")]
         slots = max(0, int(spec.get("maxConcurrent", 1)) - len(active))
-        plan_.create = [m for _, _, m in wanted if m["metadata"]["name"] not in have][:slots]
+        plan_.create = [m for _, _, m in wanted if m["metadata"]["name"] not in set(have) | taken][:slots]
     starting = {m["metadata"]["name"] for m in plan_.create}
     objective = spec["objective"]
     points = []
@@ -75,6 +77,8 @@ def plan(sweep: dict, runs: list[dict], now: datetime.datetime) -> Plan:
         record = {"name": g.point_name(meta["name"], point), "parameters": point, "seed": seed, "run": run_name}
         record.update(g.run_result((run or {}).get("status"), objective["stage"]))
         record["phase"] = "Pending" if run_name in starting else _phase(run)
+        if run is None and run_name in taken:
+            record.update(phase="Failed", message=f"a VLMPretrainRun named {run_name} exists and is not this sweep's")
         points.append(record)
     plan_.status = _status(sweep, points, objective, suspend, now)
     return plan_
