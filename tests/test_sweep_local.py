@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +24,11 @@ VLM = [sys.executable, "-m", "vlm_api.cli"]
 INTRO = "stages[pretrain].visualIntroduceAt"
 
 
-def tiny_sweep(path: Path) -> Path:
+def tiny_sweep(path: Path, steps: int = 6) -> Path:
     """tests/data/tiny-local.yaml cut to one short stage, swept over two introduction points."""
     run = yaml.safe_load(TINY.read_text())
     pretrain = run["spec"]["stages"][0]
-    pretrain.update(steps=6, evalBatches=1, evalInterval=0)
+    pretrain.update(steps=steps, evalBatches=1, evalInterval=0)
     run["spec"]["stages"] = [pretrain]
     sweep = {"apiVersion": "pretrain.vlm.dev/v1alpha1", "kind": "VLMPretrainSweep", "metadata": {"name": "tinysweep"},
              "spec": {"template": run["spec"], "parameters": [{"path": INTRO, "values": [0.0, 0.5]}], "seeds": [0],
@@ -95,3 +98,26 @@ def test_local_sweep_writes_results_and_resumes(work):
     again = json.loads((root / "results.json").read_text())
     assert again["points"][0] == results["points"][0]
     assert again["points"][1]["validationLoss"] == results["points"][1]["validationLoss"]  # its stage was complete
+
+
+def test_ctrl_c_stops_the_sweep_and_leaves_the_point_to_resume(work):
+    """SIGINT to the terminal's process group (Ctrl-C): the running point's runner stops its
+    stage, no other point starts, the sweep exits 130 and the stopped point has no result."""
+    tiny_sweep(work / "long.yaml", steps=5000)
+    root = work / "runs" / "long"
+    text = (work / "long.yaml").read_text().replace("name: tinysweep", "name: long")
+    (work / "long.yaml").write_text(text)
+    proc = subprocess.Popen(VLM + ["local", "long.yaml", "--nproc", "1"], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = sweep_grid.run_name("long", {INTRO: 0.0}, 0)
+    progress = root / first / "pretrain" / "progress.jsonl"
+    deadline = time.monotonic() + 300
+    while not (progress.is_file() and '"event": "step"' in progress.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first point never trained"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-3000:]
+    assert f"stopped   {first}" in out
+    assert not (root / first / "point.json").exists()
+    assert not (root / sweep_grid.run_name("long", {INTRO: 0.5}, 0)).exists()  # never started

@@ -15,7 +15,8 @@ the sweep's run directory (default `runs/<sweep>`):
 A point's losses are what the trainer confirmed with each stage's final checkpoint (the
 termination log, as on a cluster), never a progress line. Re-running the same command
 resumes: a point that succeeded is skipped, any other is run again (its runner resumes
-from its newest committed checkpoint).
+from its newest committed checkpoint). Ctrl-C stops the running points (their runners
+stop at a step boundary) and starts no other; the results cover what has finished.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -38,6 +41,7 @@ from . import sweep_results
 from .runner import LocalRunError, free_port
 
 TERMINATION_GLOB = "termination-*.json"
+INTERRUPTED = 130  # the runner's exit code after Ctrl-C (vlm_local.runner.EXIT_INTERRUPTED)
 
 
 def load(path: str) -> dict:
@@ -150,12 +154,20 @@ def run_sweep(path: str, *, parallel: int = 1, nproc: int | None = None, run_dir
     out.flush()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
-    def one(item: tuple[dict, int, dict]) -> dict:
+    stop = threading.Event()  # Ctrl-C: the runners stop their stages; no further point starts
+
+    def one(item: tuple[dict, int, dict]) -> dict | None:
         point, seed, manifest = item
         run = manifest["metadata"]["name"]
+        if stop.is_set():
+            return None
         out.write(f"  start {run} {json.dumps(point, sort_keys=True)} seed {seed}\n")
         out.flush()
         rc, wall = _run_point(manifest, root / run, nproc, env)
+        if rc in (INTERRUPTED, -signal.SIGINT) or stop.is_set():
+            stop.set()
+            out.write(f"  stopped   {run}: run the same command again to resume it\n")
+            return None  # no point.json: the next invocation resumes it
         record = point_result(point, seed, manifest, root / run, rc, wall, spec["objective"])
         stage = spec["objective"]["stage"]
         if with_grounding and record["status"] == "succeeded":
@@ -169,13 +181,23 @@ def run_sweep(path: str, *, parallel: int = 1, nproc: int | None = None, run_dir
         return record
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for record in pool.map(one, todo):
+        futures = [pool.submit(one, item) for item in todo]
+        try:
+            concurrent.futures.wait(futures)
+        except KeyboardInterrupt:  # the runners, in the same process group, got the SIGINT too
+            stop.set()
+            concurrent.futures.wait(futures)
+    for future in futures:
+        record = future.result()
+        if record is not None:
             records[record["run"]] = record
     ordered = [records[m["metadata"]["name"]] for _, _, m in children if m["metadata"]["name"] in records]
     written = sweep_results.write(root, sweep, ordered)
     out.write("\n" + (root / "results.md").read_text())
     out.write(f"\nresults: {', '.join(os.path.relpath(p) for p in written)}\n")
     out.flush()
+    if stop.is_set():
+        return INTERRUPTED
     return 0 if any(r["status"] == "succeeded" for r in ordered) else 1
 
 
