@@ -50,6 +50,9 @@ REJECTIONS = [
      "spec.parameters[0].path", "address its items by name"),
     ("name-on-a-mapping", lambda o: o["spec"]["parameters"][0].update(path="model[llm].config"),
      "spec.parameters[0].path", "not a list of named items"),
+    ("into-a-string", lambda o: o["spec"]["parameters"].append(
+        {"path": "stages[pretrain].trainable.llm.visualRegion.fraction", "values": [0.5]}),
+     "spec.parameters[2].path", "stages[pretrain].trainable.llm is \"all\" in the template, not a mapping"),
     ("seed-is-the-sweeps", lambda o: o["spec"]["parameters"].append({"path": "seed", "values": [1, 2]}),
      "spec.parameters[2].path", "spec.seeds sets it"),
     ("malformed-path", lambda o: o["spec"]["parameters"][0].update(path="stages[pretrain]..lr"),

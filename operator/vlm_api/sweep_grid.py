@@ -87,6 +87,9 @@ def apply(spec: dict, path: str, value: Any) -> dict:
     segments = parse_path(path)
     for i, (field, name) in enumerate(segments):
         last = i == len(segments) - 1
+        if not isinstance(node, dict):
+            where = ".".join(f"{f}[{n}]" if n else f for f, n in segments[:i])
+            raise KeyError(f"{path}: {where} is {json.dumps(node)} in the template, not a mapping")
         if name is None and last:
             node[field] = copy.deepcopy(value)
             break

@@ -110,7 +110,10 @@ def grid_problems(spec: dict) -> list[v.Problem]:
         return [v.Problem("spec.seeds", f"{points} points x {len(spec['seeds'])} seeds = {runs} runs: at most {MAX_RUNS}")]
     for i, p in enumerate(params):
         for j, value in enumerate(p["values"]):
-            found = v.validate_spec(g.apply(template, p["path"], value))
+            try:
+                found = v.validate_spec(g.apply(template, p["path"], value))
+            except KeyError as exc:
+                return [v.Problem(f"spec.parameters[{i}].path", f"addresses nothing: {exc.args[0]}")]
             if found:
                 cause = f"{p['path']} = {json.dumps(value, separators=(',', ':'))}"
                 problems.append(_caused(f"spec.parameters[{i}].values[{j}]", cause, found[0]))
@@ -118,7 +121,10 @@ def grid_problems(spec: dict) -> list[v.Problem]:
         return problems
     bad = 0
     for point in g.grid(params):
-        found = v.validate_spec(g.child_spec(template, point, 0, "x"))
+        try:
+            found = v.validate_spec(g.child_spec(template, point, 0, "x"))
+        except KeyError as exc:  # an earlier path of the point replaced what a later one enters
+            found = [v.Problem("spec", exc.args[0])]
         if found:
             bad += 1
             if bad <= MAX_POINT_PROBLEMS:
