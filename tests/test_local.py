@@ -98,16 +98,29 @@ def test_stage_state_and_plain_lines():
     assert "\r" not in text
 
 
+def _frames(text: str) -> list[str]:
+    """What a terminal shows after each of rich's in-place redraws, colours stripped."""
+    from rich.text import Text
+
+    return [Text.from_ansi(f).plain.strip() for f in text.split("\r\x1b[2K")]
+
+
 def test_bar_mode_redraws_in_place():
-    out = io.StringIO()
+    out = io.StringIO()  # mode="bar": a rich Console with force_terminal=True writes to it
     st = V.StageState("sft")
     view = V.StageView(st, out, mode="bar", min_interval=0)
-    view.feed(_events(stage="sft", steps=10, total=10))
+    evs = _events(stage="sft", steps=10, total=10)
+    view.feed(evs[:6])  # start + steps 1-5
+    view.feed(evs[6:])
     view.close()
     text = out.getvalue()
-    assert "\r\x1b[2K" in text and "sft 100% |" in text and "10/10" in text and "eta 0:00" in text
-    assert "[sft] final checkpoint step 10 committed" in text
-    assert text.endswith("\n")
+    frames = _frames(text)
+    assert len(frames) >= 3  # redrawn in place, not one line per update
+    assert any(f.startswith("sft  50% ") and "5/10 | loss 4.500" in f for f in frames)
+    assert frames[-1].startswith("sft 100% ") and "10/10 | loss 4.000 | 2.0k tok/s | img 12.5%" in frames[-1]
+    assert frames[-1].endswith("eta 0:00")
+    assert "[sft] final checkpoint step 10 committed file:///c/sft/step-000000010/\n" in text
+    assert text.endswith("\n\x1b[?25h")  # the last bar stays, on its own line, and the cursor is back
 
 
 def test_resumed_stage_and_summary_table(tmp_path):
@@ -127,6 +140,13 @@ def test_resumed_stage_and_summary_table(tmp_path):
                                 "text", "ckpts", "wall"]
     assert "40/40 (from 10)" in lines[2] and "40.0k" in lines[2] and "0.500" in lines[2] and "1:15" in lines[2]
     assert lines[3].startswith("sft") and "3/8" in lines[3]
+    plain, drawn = io.StringIO(), io.StringIO()
+    V.write_summary([st, other], plain, "plain")
+    assert plain.getvalue() == table + "\n"
+    V.write_summary([st, other], drawn, "bar")  # rich's table
+    rows = [r for r in _frames(drawn.getvalue())[0].splitlines() if r.strip()]
+    assert rows[0].split() == lines[0].split() and set(rows[1].strip()) == {"─"}
+    assert rows[2].split()[:3] == ["pretrain", "completed", "40/40"] and "1:15" in rows[2]
     d = V.summary_dict([st, other])
     assert d[0]["validation_loss"] == {"text": 1.25, "image-text": 0.5} and d[1]["error"] == "x"
 

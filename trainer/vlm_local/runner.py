@@ -70,7 +70,7 @@ from .options import LocalOptions, LocalRunError, add_arguments, free_port, gpu_
     missing_shards, port_free
 from .processes import ProcessTracker, set_child_subreaper
 from .steps import StepExecution, rel
-from .view import StageState, state_from_file, summary_dict, summary_table
+from .view import StageState, state_from_file, summary_dict, write_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -394,7 +394,7 @@ class LocalRunner(StepExecution):
         if not result.stages:
             return
         self.say("")
-        self.say(summary_table(result.stages))
+        write_summary(result.stages, self.out, self.opts.progress)
         self.say("")
         rd = rel(result.run_dir, self.base)
         self.say(f"checkpoints: {result.checkpoint_uri}  (<stage>/step-<N>/, valid once COMMITTED is present)")

@@ -82,89 +82,93 @@ class StepExecution:
                           nproc=nproc, metrics_port=metrics_port)
         state = StageState(stage.name, init_from=init_from)
         view = StageView(state, self.out, mode=self.opts.progress)
-        tail = ProgressTail(progress_path)
-        log_root = run_dir / "logs"
-        t0 = time.monotonic()
-        handle, agents = local_app.submit(runner, app, log_root)
-        app_id = handle.rsplit("/", 1)[-1]
-        app_log_dir = next(iter(sorted(log_root.glob(f"*/{app_id}"))), log_root / app_id)
-        view.message(f"torchrun x{spec.resources.nodes.max} agent(s) x {nproc} process(es); logs: "
-                     f"{rel(app_log_dir, self.base)}")
-        self.tracker.set_roots(agents)
-        sent_term = killed = False
-        app_state = None
-        attempts_seen = 1
-        restarts_allowed = min(spec.elastic.max_restarts, LOCAL_MAX_RESTARTS)
-        from torchx.specs import is_terminal
+        try:
+            tail = ProgressTail(progress_path)
+            log_root = run_dir / "logs"
+            t0 = time.monotonic()
+            handle, agents = local_app.submit(runner, app, log_root)
+            app_id = handle.rsplit("/", 1)[-1]
+            app_log_dir = next(iter(sorted(log_root.glob(f"*/{app_id}"))), log_root / app_id)
+            view.message(f"torchrun x{spec.resources.nodes.max} agent(s) x {nproc} process(es); logs: "
+                         f"{rel(app_log_dir, self.base)}")
+            self.tracker.set_roots(agents)
+            sent_term = killed = False
+            app_state = None
+            attempts_seen = 1
+            restarts_allowed = min(spec.elastic.max_restarts, LOCAL_MAX_RESTARTS)
+            from torchx.specs import is_terminal
 
-        while True:
+            while True:
+                self.tracker.poll()
+                view.feed(tail.read())
+                if self.interrupts and not sent_term:
+                    sent_term = True
+                    view.message("interrupted: stopping the trainer at the next step boundary "
+                                 "(Ctrl-C again to kill now)")
+                    self.tracker.signal_all(signal.SIGTERM)  # agents pass it on; workers stop at a step boundary
+                overdue = self.interrupts >= 2 or time.monotonic() - self._interrupt_time > STOP_GRACE_S
+                if sent_term and not killed and overdue:
+                    killed = True
+                    view.message("killing the trainer processes")
+                    self.tracker.signal_all(signal.SIGKILL)
+                attempts = len({p.name for p in _attempt_dirs(app_log_dir)})
+                if attempts > attempts_seen and not self.interrupts:
+                    attempts_seen = attempts
+                    view.message(f"the worker group failed and torchrun restarted it (restart {attempts - 1} "
+                                 f"of at most {restarts_allowed}); it resumes from the newest committed checkpoint")
+                status = runner.status(handle)
+                app_state = status.state if status is not None else None
+                if app_state is None or is_terminal(app_state):
+                    break
+                time.sleep(0.2)
             self.tracker.poll()
             view.feed(tail.read())
-            if self.interrupts and not sent_term:
-                sent_term = True
-                view.message("interrupted: stopping the trainer at the next step boundary "
-                             "(Ctrl-C again to kill now)")
-                self.tracker.signal_all(signal.SIGTERM)  # agents pass it on; workers stop at a step boundary
-            if sent_term and not killed and (self.interrupts >= 2 or time.monotonic() - self._interrupt_time > STOP_GRACE_S):
-                killed = True
-                view.message("killing the trainer processes")
-                self.tracker.signal_all(signal.SIGKILL)
-            attempts = len({p.name for p in _attempt_dirs(app_log_dir)})
-            if attempts > attempts_seen and not self.interrupts:
-                attempts_seen = attempts
-                view.message(f"the worker group failed and torchrun restarted it (restart {attempts - 1} "
-                             f"of at most {restarts_allowed}); it resumes from the newest committed checkpoint")
-            status = runner.status(handle)
-            app_state = status.state if status is not None else None
-            if app_state is None or is_terminal(app_state):
-                break
-            time.sleep(0.2)
-        self.tracker.poll()
-        view.feed(tail.read())
-        lingering = self.tracker.signal_all(signal.SIGKILL, exclude_roots=False)
-        if lingering:
-            view.message(f"killed lingering trainer process(es) {sorted(lingering)}")
-            self.tracker.wait_gone(10)
-        state.wall_s = time.monotonic() - t0
-        state.note = rel(app_log_dir, self.base)
-        succeeded = app_state is not None and app_state.name == "SUCCEEDED"
-        exits = local_app.replica_exit_codes(app_log_dir)
-        lost = {i: rc for i, rc in exits.items() if rc != 0}
-        # Done = confirmed by a replica (or the final checkpoint committed), whatever the exit codes.
-        messages = {p.name: _read_text(p) for p in sorted(stage_dir.glob(TERMINATION_GLOB))}
-        final = stage_policy.confirmed_final(list(messages.values()), stage.name)
-        by = [name for name, m in messages.items() if stage_policy.parse_confirmation(m, stage.name)]
-        committed = self.final_checkpoint(store, stage) if store is not None else None
-        if final is None and committed is not None:
-            tokens = ((committed.manifest or {}).get("extra") or {}).get("tokens")
-            final = {"stage": stage.name, "step": committed.step, "uri": committed.uri,
-                     "tokens": int(tokens) if isinstance(tokens, int) else None}
-            view.message(f"no replica confirmed the stage, but its final checkpoint (step {committed.step}) is "
-                         f"committed: {committed.uri}")
-        elif final is not None:
-            view.message(f"final checkpoint step {final['step']} confirmed ({', '.join(by)}): {final['uri']}")
-        capped = self.capped(store, stage) if final is None and store is not None and not self.interrupts else None
-        if final is not None or capped is not None:
-            state.status, state.error = ("completed", None) if final is not None else ("capped", None)
-            if final is not None:
-                state.final_checkpoint = final["uri"]
-            state.step = max(state.step, final["step"] if final is not None else capped.step)
-            if lost or not succeeded:
-                what = ", ".join(_replica_end(i, rc) for i, rc in sorted(lost.items())) or (
-                    f"torchx reports the app {app_state.name if app_state is not None else 'gone'}")
-                done = (f"the stage completed (final checkpoint step {final['step']})" if final is not None
-                        else f"--max-steps {self.opts.max_steps} was reached (committed checkpoint step {capped.step})")
-                note = f"{what}, but {done}"
-                view.message(note)
-                state.note = f"{note}; logs {state.note}"
-        elif self.interrupts:
-            state.status = "stopped"
-        elif state.status not in ("completed", "failed", "stopped"):
-            state.status = "completed" if succeeded else "failed"
-        if final is None and not succeeded and state.status == "completed":
-            state.status = "failed"
-            state.error = state.error or f"torchx reports the app {app_state.name if app_state else 'gone'}"
-        view.close()
+            lingering = self.tracker.signal_all(signal.SIGKILL, exclude_roots=False)
+            if lingering:
+                view.message(f"killed lingering trainer process(es) {sorted(lingering)}")
+                self.tracker.wait_gone(10)
+            state.wall_s = time.monotonic() - t0
+            state.note = rel(app_log_dir, self.base)
+            succeeded = app_state is not None and app_state.name == "SUCCEEDED"
+            exits = local_app.replica_exit_codes(app_log_dir)
+            lost = {i: rc for i, rc in exits.items() if rc != 0}
+            # Done = confirmed by a replica (or the final checkpoint committed), whatever the exit codes.
+            messages = {p.name: _read_text(p) for p in sorted(stage_dir.glob(TERMINATION_GLOB))}
+            final = stage_policy.confirmed_final(list(messages.values()), stage.name)
+            by = [name for name, m in messages.items() if stage_policy.parse_confirmation(m, stage.name)]
+            committed = self.final_checkpoint(store, stage) if store is not None else None
+            if final is None and committed is not None:
+                tokens = ((committed.manifest or {}).get("extra") or {}).get("tokens")
+                final = {"stage": stage.name, "step": committed.step, "uri": committed.uri,
+                         "tokens": int(tokens) if isinstance(tokens, int) else None}
+                view.message(f"no replica confirmed the stage, but its final checkpoint (step {committed.step}) is "
+                             f"committed: {committed.uri}")
+            elif final is not None:
+                view.message(f"final checkpoint step {final['step']} confirmed ({', '.join(by)}): {final['uri']}")
+            capped = self.capped(store, stage) if final is None and store is not None and not self.interrupts else None
+            if final is not None or capped is not None:
+                state.status, state.error = ("completed", None) if final is not None else ("capped", None)
+                if final is not None:
+                    state.final_checkpoint = final["uri"]
+                state.step = max(state.step, final["step"] if final is not None else capped.step)
+                if lost or not succeeded:
+                    what = ", ".join(_replica_end(i, rc) for i, rc in sorted(lost.items())) or (
+                        f"torchx reports the app {app_state.name if app_state is not None else 'gone'}")
+                    done = (f"the stage completed (final checkpoint step {final['step']})" if final is not None
+                            else f"--max-steps {self.opts.max_steps} was reached "
+                                 f"(committed checkpoint step {capped.step})")
+                    note = f"{what}, but {done}"
+                    view.message(note)
+                    state.note = f"{note}; logs {state.note}"
+            elif self.interrupts:
+                state.status = "stopped"
+            elif state.status not in ("completed", "failed", "stopped"):
+                state.status = "completed" if succeeded else "failed"
+            if final is None and not succeeded and state.status == "completed":
+                state.status = "failed"
+                state.error = state.error or f"torchx reports the app {app_state.name if app_state else 'gone'}"
+        finally:
+            view.close()  # also on an error: rich hides the cursor while it draws
         if state.status == "failed":
             if lost:
                 self.say(f"[{stage.name}] no replica confirmed the stage's final checkpoint; "
@@ -218,39 +222,41 @@ class StepExecution:
                "PYTHONUNBUFFERED": "1", **self.opts.env}
         state = StageState(step.name, init_from=source)
         view = StageView(state, self.out, mode=self.opts.progress)
-        tail = ProgressTail(progress_path)
-        view.message(f"pruning {source}; log: {rel(log_path, self.base)}")
-        t0 = time.monotonic()
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", PRUNE_MODULE, "--config", str(config_path),
-                                     "--checkpoint", source], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)
-        self.tracker.set_roots([proc.pid])
-        sent_term = False
-        while proc.poll() is None:
-            self.tracker.poll()
+        try:
+            tail = ProgressTail(progress_path)
+            view.message(f"pruning {source}; log: {rel(log_path, self.base)}")
+            t0 = time.monotonic()
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen([sys.executable, "-m", PRUNE_MODULE, "--config", str(config_path),
+                                         "--checkpoint", source], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            self.tracker.set_roots([proc.pid])
+            sent_term = False
+            while proc.poll() is None:
+                self.tracker.poll()
+                view.feed(tail.read())
+                if self.interrupts and not sent_term:
+                    sent_term = True
+                    view.message("interrupted: stopping the pruning step")
+                    self.tracker.signal_all(signal.SIGTERM)
+                if sent_term and (self.interrupts >= 2 or time.monotonic() - self._interrupt_time > STOP_GRACE_S):
+                    self.tracker.signal_all(signal.SIGKILL)
+                time.sleep(0.2)
             view.feed(tail.read())
-            if self.interrupts and not sent_term:
-                sent_term = True
-                view.message("interrupted: stopping the pruning step")
-                self.tracker.signal_all(signal.SIGTERM)
-            if sent_term and (self.interrupts >= 2 or time.monotonic() - self._interrupt_time > STOP_GRACE_S):
-                self.tracker.signal_all(signal.SIGKILL)
-            time.sleep(0.2)
-        view.feed(tail.read())
-        state.wall_s = time.monotonic() - t0
-        final = stage_policy.confirmed_final([_read_text(term)], step.name)
-        committed = store.latest_committed(step.name) if final is None else None
-        if committed is not None and committed.final:
-            final = {"stage": step.name, "step": committed.step, "uri": committed.uri, "tokens": None}
-        if final is not None:
-            state.status, state.final_checkpoint, state.step = "completed", final["uri"], final["step"]
-            view.message(f"pruned checkpoint confirmed: {final['uri']}")
-        else:
-            state.status = "stopped" if self.interrupts else "failed"
-            state.error = f"the pruning step exited {proc.returncode} without a confirmed checkpoint"
-        state.note = rel(log_path, self.base)
-        view.close()
+            state.wall_s = time.monotonic() - t0
+            final = stage_policy.confirmed_final([_read_text(term)], step.name)
+            committed = store.latest_committed(step.name) if final is None else None
+            if committed is not None and committed.final:
+                final = {"stage": step.name, "step": committed.step, "uri": committed.uri, "tokens": None}
+            if final is not None:
+                state.status, state.final_checkpoint, state.step = "completed", final["uri"], final["step"]
+                view.message(f"pruned checkpoint confirmed: {final['uri']}")
+            else:
+                state.status = "stopped" if self.interrupts else "failed"
+                state.error = f"the pruning step exited {proc.returncode} without a confirmed checkpoint"
+            state.note = rel(log_path, self.base)
+        finally:
+            view.close()  # also on an error: rich hides the cursor while it draws
         if state.status == "failed":
             tail_lines = (_read_text(log_path) or "").splitlines()[-25:]
             self.say(f"---- last {len(tail_lines)} lines of {rel(log_path, self.base)}")

@@ -4,14 +4,14 @@ The trainer's global rank 0 appends JSON lines to ``$VLM_PROGRESS_FILE`` (see
 `vlm_trainer.progress` for the events). This module, which imports no torch, turns them
 into
 
-* a one-line progress bar per stage when the output is a terminal (steps, loss,
+* a one-line progress bar per stage (rich) when the output is a terminal (steps, loss,
   tokens/s, measured image-token fraction, padding and samples per sequence when packed,
   ETA), redrawn in place, with eval, checkpoint and restart events printed above it;
 * plain log lines otherwise (CI, ``| tee``), one every ~5% of the stage plus every
   eval/checkpoint/end event;
-* a final summary table (per stage: status, steps, tokens trained and stated by the
-  recipe, padding fraction and samples per sequence, final train loss, validation loss per
-  modality, checkpoints written, wall time).
+* a final summary table (per stage: status, steps, tokens trained and stated by the recipe,
+  padding fraction and samples per sequence, final train loss, validation loss per modality,
+  checkpoints written, wall time), drawn by rich on a terminal, plain columns otherwise.
 
 :class:`ProgressTail` reads complete new lines of a growing file; :class:`StageState`
 folds events into what the summary needs; :class:`StageView` draws. All three work on a
@@ -24,11 +24,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections import deque
 from typing import IO, Iterable
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress
+from rich.table import Table
 
 
 # --------------------------------------------------------------------------- reading
@@ -260,13 +264,14 @@ class StageView:
                  min_interval: float = 0.1, plain_every_s: float = 15.0):
         self.state = state
         self.out = out or sys.stdout
-        if mode == "auto":
-            mode = "bar" if _isatty(self.out) else "plain"
-        self.mode = mode
+        self.mode = resolve_mode(mode, self.out)
+        # rich draws the bar; `--progress bar` draws it even when the output is not a terminal
+        self._console = Console(file=self.out, force_terminal=True) if self.mode == "bar" else None
+        self._progress: Progress | None = None
+        self._task = None
         self.min_interval = min_interval
         self.plain_every_s = plain_every_s
         self._last_draw = 0.0
-        self._bar_shown = False
         self._last_plain_step: int | None = None
         self._last_plain_time = 0.0
 
@@ -323,11 +328,13 @@ class StageView:
     # ---- output
     def message(self, text: str) -> None:
         """A line above the bar (or a plain log line)."""
-        self._clear()
-        self.out.write(f"[{self.state.stage}] {text}\n")
-        self.out.flush()
-        if self.mode == "bar":
-            self.draw(force=True)
+        line = f"[{self.state.stage}] {text}"
+        if self._console is None:
+            self.out.write(line + "\n")
+            self.out.flush()
+            return
+        self._console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.draw(force=True)
 
     def status_text(self) -> str:
         st = self.state
@@ -340,52 +347,50 @@ class StageView:
         parts += [f"eta {fmt_duration(st.eta_seconds())}"]
         return " | ".join(parts)
 
-    def bar_text(self, width: int) -> str:
+    def bar_detail(self) -> str:
+        """What the bar shows right of itself (the stage name and percentage go left)."""
         st = self.state
-        target = st.target or 0
-        frac = min(1.0, st.step / target) if target else 0.0
-        right = (f" {st.step}/{target or '?'} | loss {fmt_loss(st.loss)} | {fmt_count(st.tokens_per_s)} tok/s"
-                 f" | img {100 * (st.image_ratio or 0):.1f}%"
-                 + (f" | {_packing_text(st)}" if st.padding is not None else "")
-                 + f" | eta {fmt_duration(st.eta_seconds())}")
-        left = f"{st.stage} {100 * frac:3.0f}% "
-        room = width - len(left) - len(right) - 2
-        if room >= 10:
-            filled = int(round(frac * room))
-            bar = "|" + "#" * filled + "-" * (room - filled) + "|"
-        else:
-            bar = ""
-        return (left + bar + right)[: max(10, width)]
+        return (f"{st.step}/{st.target or '?'} | loss {fmt_loss(st.loss)} | {fmt_count(st.tokens_per_s)} tok/s"
+                f" | img {100 * (st.image_ratio or 0):.1f}%"
+                + (f" | {_packing_text(st)}" if st.padding is not None else "")
+                + f" | eta {fmt_duration(st.eta_seconds())}")
 
     def draw(self, force: bool = False) -> None:
-        if self.mode != "bar" or self.state.status == "pending":
+        if self._console is None or self.state.status == "pending":
             return
         now = time.monotonic()
         if not force and now - self._last_draw < self.min_interval:
             return
         self._last_draw = now
-        width = shutil.get_terminal_size((100, 20)).columns - 1
-        self.out.write("\r\x1b[2K" + self.bar_text(width))
-        self.out.flush()
-        self._bar_shown = True
-
-    def _clear(self) -> None:
-        if self._bar_shown:
-            self.out.write("\r\x1b[2K")
-            self._bar_shown = False
+        if self._progress is None:
+            # Redrawn only here (no refresh thread): the display changes when events arrive.
+            self._progress = Progress("{task.description}", "{task.percentage:>3.0f}%", BarColumn(bar_width=None),
+                                      "{task.fields[detail]}", console=self._console, auto_refresh=False,
+                                      redirect_stdout=False, redirect_stderr=False)
+            self._task = self._progress.add_task(self.state.stage, detail="")
+            self._progress.start()
+        st = self.state
+        self._progress.update(self._task, completed=st.step, total=st.target, detail=self.bar_detail())
+        self._progress.refresh()
 
     def close(self) -> None:
         """Leave the last bar on screen and move to a new line."""
-        if self.mode == "bar" and self.state.status != "pending":
-            self.draw(force=True)
-            self.out.write("\n")
-            self.out.flush()
-            self._bar_shown = False
+        self.draw(force=True)
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
 
 
 def _packing_text(st: StageState) -> str:
     per_seq = f" | {st.samples_per_seq:.1f}/seq" if st.samples_per_seq is not None else ""
     return f"pad {100 * st.padding:.1f}%{per_seq}"
+
+
+def resolve_mode(mode: str, out) -> str:
+    """``bar`` or ``plain`` for ``--progress auto|bar|plain`` on output ``out``."""
+    if mode != "auto":
+        return mode
+    return "bar" if _isatty(out) else "plain"
 
 
 def _isatty(out) -> bool:
@@ -433,6 +438,25 @@ def render_table(header: list[str], rows: list[list[str]]) -> str:
 
 def summary_table(states: list[StageState]) -> str:
     return render_table(*summary_rows(states))
+
+
+def write_summary(states: list[StageState], out: IO[str], mode: str = "auto") -> None:
+    """The summary table: drawn by rich where the progress is a bar, plain text otherwise."""
+    if resolve_mode(mode, out) == "plain":
+        out.write(summary_table(states) + "\n")
+        out.flush()
+        return
+    header, rows = summary_rows(states)
+    table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+    for name in header:
+        table.add_column(name, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console(file=out, force_terminal=True)
+    # never truncate a cell: wider than the terminal, it wraps there like the plain table
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    console.width = max(console.width, natural)
+    console.print(table)
 
 
 def summary_dict(states: list[StageState]) -> list[dict]:
