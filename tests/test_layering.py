@@ -146,6 +146,23 @@ def test_the_import_graph_is_read_correctly():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+# Which packages each may import (docs/architecture.md): the API package none of the others,
+# the operator and the trainer only the API, the local runner the API and the trainer.
+# `vlm_api.cli` is the command line of all four: it imports a subcommand's module on use.
+MAY_IMPORT = {
+    "vlm_api": {"vlm_api"},
+    "vlm_operator": {"vlm_api", "vlm_operator"},
+    "vlm_trainer": {"vlm_api", "vlm_trainer"},
+    "vlm_local": {"vlm_api", "vlm_trainer", "vlm_local"},
+}
+
+
+def test_packages_import_only_the_layers_below():
+    wrong = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+                   if a != "vlm_api.cli" and b.split(".")[0] not in MAY_IMPORT[a.split(".")[0]])
+    assert not wrong, f"imports across layers: {wrong}"
+
+
 def test_no_import_circles():
     """Also through imports inside functions: a circle there is hidden, not gone."""
     cycles = _cycles(import_graph())
