@@ -208,6 +208,27 @@ def test_brace_expansion_keeps_padding_and_multiplies():
     assert len(expand_braces("s3://data/dcdr/{00000..09999}.tar")) == 10000
 
 
+def test_brace_alternatives_are_refused_so_counting_and_expansion_agree():
+    """braceexpand (the reader's expansion) also expands {a,b}; validation counts ranges
+    only, so it refuses alternatives, with the field's path, rather than miscount them."""
+    from vlm_api import quantities
+
+    for uri in ("s3://b/{a,b}.tar", "s3://b/{0..1}-{x,y}.tar", "s3://b/{{0..1},{5..6}}.tar", "s3://b/{,}.tar"):
+        with pytest.raises(ValueError, match="alternatives like {a,b} are not supported"):
+            quantities.count_shards(uri)
+        with pytest.raises(ValueError, match="alternatives"):
+            expand_braces(uri)
+    for uri in ("s3://b/x.tar", "s3://b/{7..7}.tar", "a{0..2}/{08..11}-{1..3}.tar", "a{8..010}"):
+        shards = expand_braces(uri)
+        assert len(shards) == len(set(shards)) == quantities.count_shards(uri)
+    assert expand_braces("a{8..010}") == ["a008", "a009", "a010"]  # as webdataset pads (braceexpand)
+    spec = copy.deepcopy(RUN["spec"])
+    spec["data"]["sources"][1]["validationUri"] = "s3://data/val-{a,b}.tar"
+    assert [str(p) for p in validate.validate_spec(spec)] == [
+        "spec.data.sources[1].validationUri: brace alternatives like {a,b} are not supported; "
+        "name shards with ranges like {000..099}"]
+
+
 def test_brace_ranges_are_counted_not_expanded():
     """Validation counts shards arithmetically: a million-shard range costs microseconds,
     and an oversized one is refused before a single string is built."""

@@ -1,20 +1,23 @@
 """Parsing of the human-friendly quantities the API accepts.
 
 `tokens: 100B`, `globalBatchTokens: 4M`, `checkpoint.interval: 30m`, and webdataset-style
-brace ranges in shard URIs (`shard-{00000..01023}.tar`). Pure functions, no dependencies,
-shared by validation, the renderer and the trainer so every layer agrees on the meaning.
+brace ranges in shard URIs (`shard-{00000..01023}.tar`, expanded by braceexpand as webdataset
+does). Pure functions shared by validation, the renderer and the trainer so every layer
+agrees on the meaning.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
+
+from braceexpand import braceexpand
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?[KMBGT]?$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(s|m|h|d))+$"
 _DURATION_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_ALTERNATIVES = re.compile(r"\{[^{}]*,[^{}]*\}")
 
 
 def parse_quantity(value: int | float | str) -> int:
@@ -74,10 +77,12 @@ MAX_SHARDS = 1_000_000  # shards one URI may name (all its brace ranges multipli
 MAX_BRACE_RANGES = 8  # brace ranges in one URI
 
 
-def brace_ranges(uri: str) -> list[tuple[int, int, int]]:
-    """The `{lo..hi}` ranges of a shard URI as (lo, hi, zero-padding width), checked
-    (balanced, lo <= hi, at most MAX_BRACE_RANGES) but never expanded. Errors name the
-    offending range, never the whole URI (it may carry more than the user meant to show)."""
+def brace_ranges(uri: str) -> list[tuple[int, int]]:
+    """The `{lo..hi}` ranges of a shard URI as (lo, hi), checked (balanced, lo <= hi, at
+    most MAX_BRACE_RANGES) but never expanded. Numeric ranges are the only brace form:
+    `{a,b}` alternatives are refused, so what validation counts is what
+    :func:`expand_braces` reads. Errors name the offending range, never the whole URI (it
+    may carry more than the user meant to show)."""
     ranges = []
     for match in _BRACE.finditer(uri):
         lo_text, hi_text = match.group(1), match.group(2)
@@ -86,9 +91,10 @@ def brace_ranges(uri: str) -> list[tuple[int, int, int]]:
         lo, hi = int(lo_text), int(hi_text)
         if lo > hi:
             raise ValueError(f"brace range {{{lo_text}..{hi_text}}} is empty: start > end")
-        width = len(lo_text) if lo_text.startswith("0") and len(lo_text) > 1 else 0
-        ranges.append((lo, hi, width))
+        ranges.append((lo, hi))
     rest = _BRACE.sub("", uri)
+    if _ALTERNATIVES.search(rest):
+        raise ValueError("brace alternatives like {a,b} are not supported; name shards with ranges like {000..099}")
     if "{" in rest or "}" in rest:
         raise ValueError("unbalanced or malformed brace range; use {000..099}")
     if len(ranges) > MAX_BRACE_RANGES:
@@ -100,7 +106,7 @@ def count_shards(uri: str, limit: int = MAX_SHARDS) -> int:
     """How many shards a URI names: the product of its brace ranges' sizes, computed
     arithmetically (validation never expands a range). Raises ValueError past `limit`."""
     total = 1
-    for lo, hi, _ in brace_ranges(uri):
+    for lo, hi in brace_ranges(uri):
         total *= hi - lo + 1
     if total > limit:
         raise ValueError(f"brace ranges name {total} shards; at most {limit} per URI")
@@ -108,16 +114,9 @@ def count_shards(uri: str, limit: int = MAX_SHARDS) -> int:
 
 
 def expand_braces(uri: str, limit: int = MAX_SHARDS) -> list[str]:
-    """Expand `{000..099}` ranges (zero padding kept, several ranges multiply out). The
-    count is checked first (`count_shards`), so an oversized URI fails before any string
-    is built; readers that need the shard list call this, validation never does."""
+    """The shard URIs a URI names, in order, as webdataset expands them (braceexpand:
+    zero padding kept, several ranges multiply out). The URI is checked and counted first
+    (`count_shards`), so an oversized or malformed one fails before any string is built;
+    readers that need the shard list call this, validation never does."""
     count_shards(uri, limit)
-    ranges = brace_ranges(uri)
-    if not ranges:
-        return [uri]
-    parts = _BRACE.split(uri)[::3]  # the literal text around the ranges
-    choices = [[str(i).zfill(width) for i in range(lo, hi + 1)] for lo, hi, width in ranges]
-    out = []
-    for combo in itertools.product(*choices):
-        out.append("".join(p + c for p, c in zip(parts, combo)) + parts[-1])
-    return out
+    return list(braceexpand(uri, escape=False))  # no brace escapes: a backslash is part of a path
