@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.support.faithful_cluster import FaithfulCluster, faithful_cluster  # noqa: F401 (fixture)
@@ -330,13 +331,13 @@ def test_restart_in_place_and_evict(faithful_cluster):
     assert pod['status']['containerStatuses'][0]['lastState']['terminated']['exitCode'] == 137
     assert pod['status']['phase'] == 'Running'
     pid = c.kill_container('al', signal.SIGTERM)  # PID 1 has no handler: ignored
-    assert os.path.exists(f'/proc/{pid}')
+    assert psutil.pid_exists(pid)
     t0 = time.monotonic()
     c.evict('al')
     c.wait_pod('al', lambda p: p['metadata'].get('deletionTimestamp'))
     c.wait_gone(PODS, 'al')
     assert 0.9 < time.monotonic() - t0 < 10  # waited the grace period, then SIGKILL
-    assert not os.path.exists(f'/proc/{pid}')
+    assert not psutil.pid_exists(pid)
     last = c.history(PODS, 'al')[-1]
     assert last['status']['phase'] == 'Failed'
 

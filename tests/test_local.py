@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from vlm_local import options as O
@@ -269,20 +270,14 @@ def test_derangement_changes_every_caption():
 # --------------------------------------------------------------------------- slow: the pipeline
 
 
-def _proc_cmdlines() -> dict[int, str]:
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                out[int(name)] = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                pass
-    return out
-
-
 def _trainers_of(run_dir: Path) -> list[int]:
     key = str(run_dir)
-    return [pid for pid, cmd in _proc_cmdlines().items() if key in cmd and "vlm_trainer" in cmd and pid != os.getpid()]
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if key in cmd and "vlm_trainer" in cmd and p.pid != os.getpid():
+            out.append(p.pid)
+    return out
 
 
 def _committed(ckpt: Path) -> tuple[list[int], list[str]]:

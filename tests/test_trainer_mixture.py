@@ -234,8 +234,16 @@ def test_worker_process_dies_with_its_trainer(tmp_path):
     import sys
     import time
 
+    import psutil
+
     from tests.fixtures_trainer import REPO
     from tests.support import torchrun_util as TU
+
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
 
     code = (
         "import sys, time, pathlib; sys.path.insert(0, %r)\n"
@@ -255,13 +263,12 @@ def test_worker_process_dies_with_its_trainer(tmp_path):
         "ld.next(); print(ld._proc.pid, flush=True); time.sleep(120)\n") % (str(REPO), str(tmp_path / "data"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        child = int(proc.stdout.readline())
-        assert child in TU.children(proc.pid)
-        assert open(f"/proc/{child}/comm").read().strip() == "vlm-data"
+        child = psutil.Process(int(proc.stdout.readline()))
+        assert child.pid in TU.children(proc.pid)
+        assert child.name() == "vlm-data"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        TU.wait_for(lambda: not os.path.exists(f"/proc/{child}") or "Z" in open(f"/proc/{child}/stat").read().split()[2],
-                    10, "the data worker to exit")
+        TU.wait_for(lambda: gone(child), 10, "the data worker to exit")
     finally:
         if proc.poll() is None:
             proc.kill()

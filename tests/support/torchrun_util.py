@@ -1,5 +1,5 @@
-"""Helpers for tests and benchmarks that start real torchrun agents: process trees read
-from /proc (torchrun's workers run in their own session, so killing the launcher's process
+"""Helpers for tests and benchmarks that start real torchrun agents: process trees from
+psutil (torchrun's workers run in their own session, so killing the launcher's process
 group does not stop them: everything is stopped explicitly, by pid), progress files."""
 
 from __future__ import annotations
@@ -14,47 +14,31 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
+
 PYTHON = sys.executable
 VLMPRETRAIN = str(Path(sys.executable).parent / "vlmpretrain")
 ELASTIC_CONF = "last_call_timeout=3,keep_alive_interval=1,keep_alive_max_attempt=2"
 
 
 def children(pid: int) -> list[int]:
-    """All descendants of pid (depth first), from /proc/<pid>/task/*/children."""
-    out: list[int] = []
+    """All descendants of pid, each after its parent (psutil)."""
     try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids = [int(x) for x in f.read().split()]
-        except OSError:
-            continue
-        for k in kids:
-            out.append(k)
-            out.extend(children(k))
-    return out
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def proc_env(pid: int) -> dict:
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
+        return psutil.Process(pid).environ()
+    except psutil.Error:
         return {}
-    env = {}
-    for item in raw.split(b"\0"):
-        if b"=" in item:
-            k, v = item.split(b"=", 1)
-            env[k.decode(errors="replace")] = v.decode(errors="replace")
-    return env
 
 
 def workers(agent_pid: int) -> dict[int, int]:
     """{global rank: pid} of a torchrun agent's live worker processes (not their forked
-    data workers, which share the worker's environment and come after it depth first)."""
+    data workers, which share the worker's environment and come after it)."""
     out: dict[int, int] = {}
     for pid in children(agent_pid):
         env = proc_env(pid)
