@@ -20,17 +20,34 @@ kubectl_minor() {
     2>/dev/null || echo 0
 }
 
+# Download URL, check it against URL.sha256, install it as .venv/bin/kubectl. Python's
+# urllib, not curl: a fresh Debian 12 may have neither curl nor wget.
+install_kubectl() {
+  .venv/bin/python - "$1" <<'PY'
+import hashlib, os, sys, urllib.request
+url = sys.argv[1]
+try:
+    with urllib.request.urlopen(url, timeout=120) as r:
+        binary = r.read()
+    with urllib.request.urlopen(url + ".sha256", timeout=60) as r:
+        want = r.read().decode().split()[0]
+except OSError as exc:
+    sys.exit(f"{url}: {exc}")
+if hashlib.sha256(binary).hexdigest() != want:
+    sys.exit(f"{url}: SHA-256 mismatch")
+with open(".venv/bin/kubectl.part", "wb") as f:
+    f.write(binary)
+os.chmod(".venv/bin/kubectl.part", 0o755)
+os.replace(".venv/bin/kubectl.part", ".venv/bin/kubectl")
+PY
+}
+
 if ! command -v kubectl >/dev/null || [ "$(kubectl_minor)" -lt 22 ]; then
   arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
   url="https://dl.k8s.io/release/${KUBECTL_VERSION}/bin/linux/${arch}/kubectl"
   echo "installing kubectl ${KUBECTL_VERSION} into .venv/bin (from ${url})" >&2
-  tmp=$(mktemp -d)
-  if ! { curl -fsSL -o "$tmp/kubectl" "$url" && curl -fsSL -o "$tmp/kubectl.sha256" "$url.sha256" \
-         && echo "$(cat "$tmp/kubectl.sha256")  $tmp/kubectl" | sha256sum --check --quiet; }; then
-    rm -rf "$tmp"
-    echo "could not install kubectl ${KUBECTL_VERSION} from ${url}; put kubectl 1.22 or newer on PATH" >&2
+  if ! install_kubectl "$url"; then
+    echo "could not install kubectl ${KUBECTL_VERSION}; put kubectl 1.22 or newer on PATH" >&2
     exit 1
   fi
-  install -m 0755 "$tmp/kubectl" .venv/bin/kubectl
-  rm -rf "$tmp"
 fi
