@@ -7,7 +7,7 @@ import pytest
 # --------------------------------------------------------------------------- tiers
 # unit: fast, pure or in-process (`scripts/test.sh --fast`); integration: the API emulator,
 # kubectl, promtool, moto S3 or subprocesses; slow: end to end, real torchrun. A test's own
-# tier marker (or its module's `pytestmark`) wins over its module's entry here.
+# tier marker (or its module's `pytestmark`) wins; modules without one are listed here.
 TIERS = ("unit", "integration", "slow")
 MODULE_TIERS = {
     "unit": [
@@ -24,11 +24,7 @@ MODULE_TIERS = {
         "test_operator_ownership", "test_operator_rdzv", "test_remote", "test_shards",
         "test_sweep_operator", "test_trainer_mixture", "test_visual_region",
     ],
-    "slow": [
-        "test_cluster_e2e", "test_dashboard_live", "test_faithful_cluster", "test_local_any_node",
-        "test_packing_distributed", "test_rdzv_store", "test_trainer_distributed",
-        "test_trainer_readonly_root",
-    ],
+    "slow": ["test_dashboard_live", "test_faithful_cluster"],
 }
 _TIER_OF = {module: tier for tier, modules in MODULE_TIERS.items() for module in modules}
 
