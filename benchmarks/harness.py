@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "vlm-bench/2"  # 2: ci95, verdicts, per-area git, own-tree contention (a /1 latest.json is not merged)
 
@@ -158,10 +160,9 @@ def alternation_order(repeats: int, warmup: int = 1, *, labels: tuple[str, str] 
 
 class ForeignCpu:
     """Share of the machine's CPU used by *other* processes between :meth:`start` and
-    :meth:`stop`: machine busy time (``/proc/stat``) minus the CPU time of this process's
-    tree (:func:`tree_cpu_seconds`: its threads, every live descendant such as the
-    trainer's data worker or a moto server, and the children they reaped), over all cores.
-    ``None`` without /proc."""
+    :meth:`stop`: machine busy time minus the CPU time of this process's tree
+    (:func:`tree_cpu_seconds`: its threads, every live descendant such as the trainer's
+    data worker or a moto server, and the children they reaped), over all cores."""
 
     def __init__(self, pid: int | None = None):
         self.pid = pid
@@ -169,17 +170,16 @@ class ForeignCpu:
         self._own = 0.0
 
     def start(self) -> "ForeignCpu":
-        self._m = _cpu_jiffies()
+        self._m = _machine_cpu_seconds()
         self._own = tree_cpu_seconds(self.pid)
         return self
 
     def stop(self) -> float | None:
-        end = _cpu_jiffies()
+        end = _machine_cpu_seconds()
         own = tree_cpu_seconds(self.pid) - self._own
-        if not self._m or not end or end[1] <= self._m[1]:
+        if end[1] <= self._m[1]:
             return None
-        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        busy = (end[0] - self._m[0]) - own * hz
+        busy = (end[0] - self._m[0]) - own
         return max(0.0, min(1.0, busy / (end[1] - self._m[1])))
 
 
@@ -278,14 +278,8 @@ def recovery_seconds(events: Sequence[dict], t_kill: float) -> float:
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; falls back to ru_maxrss = peak)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Resident set size of this process."""
+    return psutil.Process().memory_info().rss
 
 
 def tree_pss_bytes() -> int:
@@ -293,9 +287,8 @@ def tree_pss_bytes() -> int:
     forked data worker): shared copy-on-write pages counted once. Falls back to RSS."""
     def pss(pid: int) -> int:
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
+            return getattr(psutil.Process(pid).memory_full_info(), "pss", 0)  # Linux only
+        except psutil.Error:
             return 0
 
     own = pss(os.getpid())
@@ -306,25 +299,18 @@ def tree_pss_bytes() -> int:
 
 # --------------------------------------------------------------------------- contention
 
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            parts = f.readline().split()[1:]
-    except OSError:
-        return None
-    vals = [int(x) for x in parts[:8]]
-    idle = vals[3] + vals[4]  # idle + iowait
-    total = sum(vals)
-    return total - idle, total
+def _machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, all cores."""
+    t = psutil.cpu_times()
+    # guest time is counted in user/nice already; iowait is idle
+    total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+    return total - t.idle - getattr(t, "iowait", 0.0), total
 
 
 def _tree(pid: int | None = None) -> list:
     """psutil.Process of ``pid`` (default: this process) and all its live descendants,
     found by parent pid, so helpers that start their own session or process group
     (torchrun workers, moto and emulator servers) are included. Empty if it is gone."""
-    import psutil
-
     try:
         root = psutil.Process(pid)
         return [root] + root.children(recursive=True)
@@ -342,8 +328,6 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
     live descendant, and the children each of them reaped (``children_user/system``).
     A descendant that exits moves its time into its parent's reaped-children time when
     reaped, so a difference of two readings stays right while helpers come and go."""
-    import psutil
-
     total = 0.0
     for proc in _tree(pid):
         try:
@@ -352,11 +336,6 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
             continue
         total += t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
     return total
-
-
-def _tree_jiffies(root: int) -> int:
-    """:func:`tree_cpu_seconds` in USER_HZ ticks (the unit of /proc/stat)."""
-    return int(round(tree_cpu_seconds(root) * os.sysconf("SC_CLK_TCK")))
 
 
 class CpuMonitor:
@@ -379,14 +358,14 @@ class CpuMonitor:
         return self
 
     def _run(self) -> None:
-        prev = _cpu_jiffies()
-        prev_group = _tree_jiffies(self.pgid) if self.pgid else 0
+        prev = _machine_cpu_seconds()
+        prev_group = tree_cpu_seconds(self.pgid) if self.pgid else 0.0
         while not self._stop.wait(self.interval):
-            cur = _cpu_jiffies()
-            group = _tree_jiffies(self.pgid) if self.pgid else 0
-            if prev and cur and cur[1] > prev[1]:
+            cur = _machine_cpu_seconds()
+            group = tree_cpu_seconds(self.pgid) if self.pgid else 0.0
+            if cur[1] > prev[1]:
                 busy = cur[0] - prev[0]
-                mine = max(0, group - prev_group)  # both files count in USER_HZ ticks
+                mine = max(0.0, group - prev_group)
                 self.samples.append(max(0.0, min(1.0, (busy - mine) / (cur[1] - prev[1]))))
             prev, prev_group = cur, group
 
@@ -401,10 +380,10 @@ class CpuMonitor:
 
 def foreign_busy(seconds: float = 2.0) -> float | None:
     """Share of the machine's CPU used (by anyone but this idle harness) over ``seconds``."""
-    a = _cpu_jiffies()
+    a = _machine_cpu_seconds()
     time.sleep(seconds)
-    b = _cpu_jiffies()
-    if not a or not b or b[1] <= a[1]:
+    b = _machine_cpu_seconds()
+    if b[1] <= a[1]:
         return None
     return (b[0] - a[0]) / (b[1] - a[1])
 
@@ -680,15 +659,8 @@ def machine_info() -> dict:
     return info
 
 
-def _mem_total() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _mem_total() -> int:
+    return psutil.virtual_memory().total
 
 
 def timestamp() -> str:

@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -60,7 +62,6 @@ ENV = {
     "VLM_OPERATOR_RESYNC_INTERVAL": "300",
     "PYTHONUNBUFFERED": "1",
 }
-CLK = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- the emulator process
@@ -332,17 +333,12 @@ def _operator_cmd(kind: str) -> list[str]:
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _vmrss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return psutil.Process(pid).memory_info().rss
 
 
 def _wait(done, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -34,9 +34,9 @@ of the CPU are left out when enough clean ones remain.
 
 Also measured in the same run: data wait / step time (the trainer's own ``data_wait``
 accounting over the A steps) and RSS growth between the end of warm-up and 500 trainer
-steps later (PSS of the trainer process and its data worker, ``/proc/*/smaps_rollup``; the
-bare model and its optimizer exist before the first sample, so its growth is the loop's,
-conservatively including the bare loop's).
+steps later (PSS of the trainer process and its data worker, psutil's
+``memory_full_info``; the bare model and its optimizer exist before the first sample, so
+its growth is the loop's, conservatively including the bare loop's).
 """
 
 from __future__ import annotations

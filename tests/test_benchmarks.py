@@ -188,14 +188,13 @@ def test_foreign_cpu_counts_live_descendants_as_ours(monkeypatch):
     other processes': on a machine where nothing else runs, the foreign share is ~0 while
     the child has burnt a second of CPU and is still alive (not reaped: os.times() would
     not see it)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    clock = {"total": 0}
+    clock = {"total": 0.0}
 
     def machine_where_only_we_run():
-        clock["total"] += 10 * hz  # each reading: 10 s of machine time later
-        return int(harness.tree_cpu_seconds() * hz), clock["total"]
+        clock["total"] += 10.0  # each reading: 10 s of machine time later
+        return harness.tree_cpu_seconds(), clock["total"]
 
-    monkeypatch.setattr(harness, "_cpu_jiffies", machine_where_only_we_run)
+    monkeypatch.setattr(harness, "_machine_cpu_seconds", machine_where_only_we_run)
     code = ("import time, sys\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
             "print(1, flush=True)\ntime.sleep(60)")
     meter = harness.ForeignCpu().start()
@@ -394,7 +393,7 @@ def test_process_tree_cpu_includes_descendants_in_other_sessions():
     try:
         child = int(proc.stdout.readline())
         assert os.getpgid(child) != os.getpgid(proc.pid)
-        assert harness._tree_jiffies(proc.pid) >= 0.8 * os.sysconf("SC_CLK_TCK")  # the child's ~1 s of CPU
+        assert harness.tree_cpu_seconds(proc.pid) >= 0.8  # the child's ~1 s of CPU
     finally:
         proc.stdin.write("\n")
         proc.stdin.flush()
