@@ -186,6 +186,9 @@ class Client:
         if configuration is None:
             configuration = load_configuration()
         configuration.connection_pool_maxsize = max(threads, getattr(configuration, "connection_pool_maxsize", 1) or 1)
+        # One retry policy for the API, call()'s: urllib3 would otherwise retry a dropped
+        # connection 3 more times underneath each of its attempts.
+        configuration.retries = False
         self.host = configuration.host
         self._api = kubernetes.client.ApiClient(configuration)
         self._api.user_agent = USER_AGENT
