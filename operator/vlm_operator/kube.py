@@ -38,7 +38,8 @@ from . import metrics
 
 log = logging.getLogger(__name__)
 
-# kubernetes-client 36 + urllib3 1.26 (torchx pins it): harmless, once per error response.
+# kubernetes-client 36 calls urllib3's deprecated HTTPResponse.getheaders() (urllib3 1.26 and 2.x
+# alike): harmless, once per error response.
 warnings.filterwarnings("ignore", message=r"HTTPResponse\.getheaders\(\) is deprecated", category=DeprecationWarning)
 
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
