@@ -16,8 +16,6 @@ import yaml
 
 from vlm_api import sweep_grid
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "data" / "tiny-local.yaml"
 VLM = [sys.executable, "-m", "vlm_api.cli"]
@@ -48,6 +46,7 @@ def work(tmp_path_factory):
     return d
 
 
+@pytest.mark.integration
 def test_render_prints_the_child_runs(work):
     r = subprocess.run(VLM + ["render", "sweep.yaml"], cwd=work, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -56,6 +55,7 @@ def test_render_prints_the_child_runs(work):
     assert [o["spec"]["stages"][0]["visualIntroduceAt"] for o in runs] == [0.0, 0.5]
 
 
+@pytest.mark.integration
 def test_validate_names_the_path_and_the_point(work):
     bad = yaml.safe_load((work / "sweep.yaml").read_text())
     bad["spec"]["parameters"][0]["values"].append(1.5)
@@ -65,6 +65,7 @@ def test_validate_names_the_path_and_the_point(work):
     assert r.stdout.startswith("bad.yaml: spec.parameters[0].values[2]: stages[pretrain].visualIntroduceAt = 1.5"), r.stdout
 
 
+@pytest.mark.integration
 def test_local_sweep_writes_results_and_resumes(work):
     r = subprocess.run(VLM + ["local", "sweep.yaml", "--nproc", "1"], cwd=work, capture_output=True, text=True,
                        timeout=600)
@@ -100,6 +101,7 @@ def test_local_sweep_writes_results_and_resumes(work):
     assert again["points"][1]["validationLoss"] == results["points"][1]["validationLoss"]  # its stage was complete
 
 
+@pytest.mark.slow  # a stage long enough to interrupt: ~40 s
 def test_ctrl_c_stops_the_sweep_and_leaves_the_point_to_resume(work):
     """SIGINT to the terminal's process group (Ctrl-C): the running point's runner stops its
     stage, no other point starts, the sweep exits 130 and the stopped point has no result."""
