@@ -66,6 +66,13 @@ def test_validate_names_the_path_and_the_point(work):
 
 
 @pytest.mark.integration
+def test_single_run_options_are_refused_for_a_sweep(work):
+    r = subprocess.run(VLM + ["local", "sweep.yaml", "--max-steps", "3", "--stage", "pretrain"], cwd=work,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--max-steps, --stage: options of a single run" in r.stderr, r.stderr
+
+
+@pytest.mark.integration
 def test_local_sweep_writes_results_and_resumes(work):
     r = subprocess.run(VLM + ["local", "sweep.yaml", "--nproc", "1"], cwd=work, capture_output=True, text=True,
                        timeout=600)

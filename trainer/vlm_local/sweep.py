@@ -201,7 +201,16 @@ def run_sweep(path: str, *, parallel: int = 1, nproc: int | None = None, run_dir
     return 0 if any(r["status"] == "succeeded" for r in ordered) else 1
 
 
+# `vlmpretrain local` options of a single run that a sweep does not take (each run has its own).
+RUN_ONLY = ("nnodes", "checkpoint_dir", "max_steps", "metrics_port", "stage")
+
+
 def main(args) -> int:
+    given = [f"--{k.replace('_', '-')}" for k in RUN_ONLY if getattr(args, k, None) is not None]
+    if given:
+        print(f"error: {', '.join(given)}: options of a single run; a sweep's runs take them from its template",
+              file=sys.stderr)
+        return 2
     try:
         return run_sweep(args.file, parallel=args.parallel or 1, nproc=args.nproc, run_dir=args.run_dir,
                          with_grounding=bool(getattr(args, "grounding", False)))
