@@ -140,3 +140,25 @@ def test_export_hf_loads_with_transformers_and_matches_the_trainer(trained, tmp_
     summary = json.loads((out / "export.json").read_text())
     assert summary["checkpoint"] == ref.uri and summary["step"] == 2 and set(summary["parts"]) == {
         "llm", "vision", "projector"}
+
+
+def test_export_from_s3_needs_only_the_uri(trained, moto_endpoint, tmp_path, capsys):
+    """The same checkpoint in S3 (moto over HTTP): its files, config included, are
+    downloaded and sha256-verified; the exported LLM is the trainer's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.s3 import new_bucket
+
+    t, _, root, ref, _ = trained
+    src = tmp_path / "src"
+    shutil.copytree(root / "ckpt" / "pretrain" / "step-000000002", src)
+    (src / "COMMITTED").unlink()
+    s3 = open_store(f"s3://{new_bucket(moto_endpoint)}/runs/x", endpoint_url=moto_endpoint)
+    s3_ref = s3.upload(src, "pretrain", 2, world_size=1, final=True).ref
+    assert s3_ref.has_config
+    p = _cli(capsys, "export", s3.uri + "pretrain/", str(tmp_path / "hf"), "--endpoint", moto_endpoint)
+    assert p.returncode == 0, p.stderr[-3000:]
+    llm = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "llm")
+    trained_llm = dict(t.vlm.llm.named_parameters())
+    assert all(torch.equal(trained_llm[k], v) for k, v in llm.named_parameters())
+    assert json.loads((tmp_path / "hf" / "export.json").read_text())["checkpoint"] == s3_ref.uri
