@@ -12,10 +12,12 @@ import subprocess
 import threading
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.support.operator_harness import NS, RUNS, Cluster, spec, wait
 from vlm_api import sweep_crd, sweep_grid
+from vlm_api.validate import _strict as strict_schema
 
 pytestmark = pytest.mark.filterwarnings("ignore:HTTPResponse.getheaders:DeprecationWarning")
 
@@ -107,6 +109,9 @@ def test_sweep_runs_every_point_within_max_concurrent_and_picks_the_best(cluster
                       timeout=15, what="sweep Succeeded")
         cluster.wait_events("intro", "SweepSucceeded")
     assert watch.most == 2
+    # What the operator wrote is what the CRD's status schema holds (nothing the API server would prune).
+    root = sweep_crd.build_sweep_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert list(jsonschema.Draft4Validator(strict_schema(root["properties"]["status"])).iter_errors(status)) == []
     assert sorted(children(cluster)) == sorted(names)
     assert status["done"] == "6/6"
     by_run = {p["run"]: p for p in status["points"]}
