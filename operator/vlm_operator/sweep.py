@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 _LOCKS: dict[Key, asyncio.Lock] = {}
 _AGAIN: set[Key] = set()
+# Per child run (ns, name): what its last event said that a sweep reports (`_news`).
+_SEEN: dict[Key, tuple] = {}
 # Child names found held by someone else's run (409 on create, not owned): per sweep.
 _TAKEN: dict[Key, set[str]] = {}
 # Validation is CPU work (every point is a run spec): once per name and spec.
@@ -125,6 +127,7 @@ def reset() -> None:
     _LOCKS.clear()
     _AGAIN.clear()
     _TAKEN.clear()
+    _SEEN.clear()
 
 
 async def on_change(body: Any) -> None:
@@ -137,13 +140,29 @@ async def on_change(body: Any) -> None:
         raise kopf.TemporaryError(f"Kubernetes API: {exc}", delay=config.CONFIG.api_retry) from exc
 
 
+def _news(event_type: str | None, run: dict) -> tuple:
+    """What of a run a sweep reports or acts on: a status write of metrics alone is no news."""
+    status, spec = run.get("status") or {}, run.get("spec") or {}
+    finals = json.dumps(status.get("finalCheckpoints"), sort_keys=True)
+    return event_type == "DELETED", status.get("phase"), finals, spec.get("suspend")
+
+
 async def on_run_event(event_type: str | None, body: Any) -> None:
-    """A run labelled with a sweep changed (or was deleted): reconcile that sweep. Never raises."""
-    meta = (dict(body).get("metadata") or {}) if body is not None else {}
+    """A run labelled with a sweep changed (or was deleted): reconcile that sweep, unless
+    nothing the sweep shows changed (a run's status moves with every scrape). Never raises."""
+    run = dict(body) if body is not None else {}
+    meta = run.get("metadata") or {}
     name = (meta.get("labels") or {}).get(sw.LABEL_SWEEP)
     if not name:
         return
     ns = meta.get("namespace") or "default"
+    news, key = _news(event_type, run), (ns, meta.get("name") or "")
+    if _SEEN.get(key) == news:
+        return
+    if event_type == "DELETED":
+        _SEEN.pop(key, None)
+    else:
+        _SEEN[key] = news
     await _reconcile_or_retry(ns, name, f"a {event_type} run event")
 
 
