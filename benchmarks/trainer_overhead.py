@@ -222,7 +222,7 @@ class _Interleaver:
     # wrappers installed on the trainer instance
     def wrap(self) -> None:
         tr = self.trainer
-        inner_step, inner_observe = tr.train_step, tr._observe
+        inner_step, inner_observe = tr.train_step, tr.observer.observe
 
         def train_step(rank_step):
             t0 = time.perf_counter()
@@ -231,12 +231,12 @@ class _Interleaver:
             self.batches.append(rank_step.micro)
             return out
 
-        def observe(rank_step, out, dt, wait, window):
+        def observe(rank_step, out, dt, wait):
             self._wait = wait
-            return inner_observe(rank_step, out, dt, wait, window)
+            return inner_observe(rank_step, out, dt, wait)
 
         tr.train_step = train_step
-        tr._observe = observe
+        tr.observer.observe = observe
 
     # Checkpointer protocol
     def restore(self, trainer) -> None:
