@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import crd
+from .local_arguments import local_arguments
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -211,16 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("vlm_local.demo:main"))
 
     p = sub.add_parser("local", help="run a recipe's stages (or a sweep's runs) on this machine (torchx local scheduler, torchrun)")
-    p.add_argument("file", metavar="FILE", help="VLMPretrainRun or VLMPretrainSweep manifest, e.g. examples/demo.yaml")
-    p.add_argument("--nproc", type=int, help="worker processes per node (default: 1 on CPU, gpusPerNode with GPUs)")
-    p.add_argument("--nnodes", metavar="MIN:MAX", help="torchrun agents on localhost, an elastic range (default: the recipe's)")
-    p.add_argument("--checkpoint-dir", help="use this directory instead of spec.checkpoint.uri")
-    p.add_argument("--max-steps", type=int, help="stop every stage after this many steps (resumable later)")
-    p.add_argument("--metrics-port", type=int, help="rank 0's Prometheus port (default: spec.metrics.port, else a free one)")
-    p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
-    p.add_argument("--run-dir", help="configs, progress files, logs, summary (default: runs/<name>)")
-    p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto", help="bar or plain log lines")
-    p.add_argument("--pvc", action="append", metavar="CLAIM=DIR", help="read pvc://CLAIM/... data from DIR (repeatable)")
+    local_arguments(p)
     p.add_argument("--parallel", type=int, metavar="N",
                    help="a VLMPretrainSweep: run N of its runs at once (default 1: one after another)")
     p.add_argument("--grounding", action="store_true",

@@ -54,21 +54,6 @@ def parse_nnodes(value: str) -> tuple[int, int]:
     return lo_i, hi_i
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `local` options (argparse only; cli.py keeps its own copy of this block)."""
-    p.add_argument("file", metavar="FILE", help="VLMPretrainRun manifest (e.g. examples/demo.yaml)")
-    p.add_argument("--nproc", type=int, help="worker processes per node (default: 1 on CPU, gpusPerNode with GPUs)")
-    p.add_argument("--nnodes", metavar="MIN:MAX", help="torchrun agents on localhost, as an elastic range (default: 1)")
-    p.add_argument("--checkpoint-dir", help="use this directory instead of spec.checkpoint.uri")
-    p.add_argument("--max-steps", type=int, help="stop every stage after this many steps (a resumable prefix)")
-    p.add_argument("--metrics-port", type=int, help="rank 0's Prometheus port (default: spec.metrics.port, else a free one)")
-    p.add_argument("--stage", help="run only this stage (initialised from the previous stage's final checkpoint)")
-    p.add_argument("--run-dir", help="configs, progress files, logs and summary (default: runs/<name>)")
-    p.add_argument("--progress", choices=["auto", "bar", "plain"], default="auto",
-                   help="progress bar (terminal) or plain log lines (default: auto)")
-    p.add_argument("--pvc", action="append", metavar="CLAIM=DIR", help="read pvc://CLAIM/... data from DIR (repeatable)")
-
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -62,11 +62,12 @@ from pathlib import Path
 from typing import IO
 
 from vlm_api import schema, stage_policy
+from vlm_api.local_arguments import local_arguments
 from vlm_api.cluster import PVC_ENV, parse_pvc_dirs
 from vlm_api.validate import load_documents, validate_text
 
 from . import appdef as local_app
-from .options import LocalOptions, LocalRunError, add_arguments, free_port, gpu_count, local_checkpoint_uri, \
+from .options import LocalOptions, LocalRunError, free_port, gpu_count, local_checkpoint_uri, \
     missing_shards, port_free
 from .processes import ProcessTracker, set_child_subreaper
 from .steps import StepExecution, rel
@@ -424,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_local.runner", description=__doc__.splitlines()[0])
-    add_arguments(parser)
+    local_arguments(parser)
     return main(parser.parse_args(argv))
 
 
