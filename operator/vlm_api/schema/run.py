@@ -173,7 +173,7 @@ class VLMPretrainRunStatus(Model):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"] | None = Field(
         None, description="Pending, Running, Succeeded, Failed, Suspended or Invalid."
     )
-    stage: str | None = Field(None, description="Current stage name.")
+    stage: str | None = Field(None, description="Current step: a stage name, or <stage>-pruned while that stage's pruning step runs.")
     stage_index: int | None = Field(None, description="Index of the current stage.")
     step: int | None = Field(None, description="Latest optimizer step reported by rank 0.")
     tokens: int | None = Field(None, description="Tokens trained in this stage.")
