@@ -116,7 +116,8 @@ def measure_blocking(endpoint: str, tmp: Path, quick: bool) -> tuple[harness.Fig
     import torch
     from prometheus_client import CollectorRegistry
 
-    from vlm_trainer.checkpoint.manager import CheckpointManager, CheckpointSettings, TrainState
+    from vlm_trainer.checkpoint.manager import CheckpointManager, CheckpointSettings
+    from vlm_trainer.checkpoint.state import ModelState, OptimizerState
 
     model, opt = _model(quick)
     params = sum(p.numel() for p in model.parameters())
@@ -124,16 +125,16 @@ def measure_blocking(endpoint: str, tmp: Path, quick: bool) -> tuple[harness.Fig
         v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     uri = f"s3://{new_bucket(endpoint)}/blocking"
     mgr = CheckpointManager(CheckpointSettings(uri=uri, endpoint=endpoint, interval=10**9, keep=1,
-                                               local_dir=str(tmp / "local")), stage="bench",
+                                               local_dir=str(tmp / "local")),
+                            {"model": ModelState(model), "optim": OptimizerState(model, opt)}, stage="bench",
                             registry=CollectorRegistry())
-    target = TrainState(model, opt, extra_state=lambda: {"step": 0})
     step = [0]
     bg: list[float] = []
 
     def run_async():
         step[0] += 1
         t0 = time.perf_counter()
-        mgr.save(target, step[0])
+        mgr.save(step[0])
         blocked = time.perf_counter() - t0
         t1 = time.perf_counter()
         out = mgr.wait()  # outside the figure: the save goes on in the background
@@ -145,7 +146,7 @@ def measure_blocking(endpoint: str, tmp: Path, quick: bool) -> tuple[harness.Fig
     def run_sync():
         step[0] += 1
         t0 = time.perf_counter()
-        out = mgr.save(target, step[0], blocking=True)
+        out = mgr.save(step[0], blocking=True)
         if not out.ok:
             raise RuntimeError(out.error)
         return time.perf_counter() - t0

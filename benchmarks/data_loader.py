@@ -36,7 +36,7 @@ def run(quick: bool) -> dict:
 
     from vlm_trainer import metrics as vmetrics
     from vlm_trainer.data.loader import StepLoader
-    from vlm_trainer.train import NullCheckpointer, Trainer
+    from vlm_trainer.train import Trainer
 
     steps_per_round = 5 if quick else 10
     repeats = 3 if quick else 10
@@ -48,9 +48,10 @@ def run(quick: bool) -> dict:
         for var in ("MASTER_ADDR", "RANK", "WORLD_SIZE"):
             os.environ.pop(var, None)  # a plain process: no group
         os.environ["VLM_FORCE_CPU"] = os.environ.get("VLM_FORCE_CPU", "1")
+        os.environ["VLM_NO_CHECKPOINT"] = "1"  # the data path only
         vmetrics.reset_registry()
         spec = demo_spec(tmp / "data", steps=total_steps)
-        trainer = Trainer(trainer_config(spec), checkpointer=NullCheckpointer(), serve_metrics=False)
+        trainer = Trainer(trainer_config(spec), serve_metrics=False)
         model, optimizer, _ = bare_copy(trainer)
         loader = StepLoader(trainer.planner, trainer.sources, trainer.builder, rank=0, world_size=1,
                             micro_batch_size=trainer.stage.micro_batch_size, worker="inline")

@@ -10,8 +10,8 @@ full run repeats the measurement (8 rounds) with every core for compute:
 ``step_time_ratio_all_cores`` shows what the data path costs when it competes with compute
 (no target; on a GPU node the data worker has CPU cores to itself). Two changes, both so that every
 measured step is the same kind of work: ``visualIntroduceAt: 0`` (the demo's multimodal
-mixture from step 0) and no periodic evaluation. No checkpointer (that cost is the
-checkpoint area's); metrics registry and the progress file are live, as in the demo.
+mixture from step 0) and no periodic evaluation. No checkpoints (``VLM_NO_CHECKPOINT=1``: that
+cost is the checkpoint area's); metrics registry and the progress file are live, as in the demo.
 
 A = the trainer: ``Trainer.train()`` itself (data worker process, per-step seed, count all-reduce,
 micro-steps under ``no_sync``, clipping, schedule, AdamW, metrics, progress line, logs).
@@ -20,13 +20,13 @@ DDP), the same AdamW groups, stepping over the *same micro-batches the trainer j
 trained on*, already in memory: forward, summed token loss / label tokens, backward,
 ``optimizer.step()``, ``zero_grad``. Nothing else.
 
-The trainer drives: after warm-up, every ``chunk`` trainer steps the checkpoint seam
-(``after_step``) runs ``chunk`` bare steps over the batches of those trainer steps, so the
+The trainer drives: after warm-up, every ``chunk`` trainer steps the step observer
+(``StepObserver.observe``, wrapped) runs ``chunk`` bare steps over the batches of those trainer steps, so the
 schedule is A B A B ... in one process. Cold steps are treated alike in both arms: the
 first ``PREFETCH_SKIP`` (2) steps of every chunk run but are not timed, in A (the data
 worker had the previous B chunk to fill its queue, and caches were B's) and in B (caches
 were A's); both samples are means over the *same* remaining batches of the chunk. A's
-sample is the mean wall time between consecutive ``after_step`` calls (the whole loop
+sample is the mean wall time between consecutive ``observe`` calls (the whole loop
 iteration); B's the mean bare step time. The figure is the median over chunks of A/B with
 its bootstrap 95% interval (``harness.bootstrap_ci``) and min-max. Rounds during which
 other processes (anything outside this process and its data worker) used more than 15%
@@ -192,7 +192,7 @@ def metric_series(reg) -> dict:
 
 
 class _Interleaver:
-    """The checkpoint seam of the trainer, used as the A/B scheduler."""
+    """The A/B scheduler, run by the trainer's step observer after every step."""
 
     def __init__(self, trainer, model, optimizer, *, warmup: int, chunk: int, rounds: int, rss_steps: int,
                  budget_s: float, clean_wanted: int | None = None):
@@ -233,20 +233,11 @@ class _Interleaver:
 
         def observe(rank_step, out, dt, wait):
             self._wait = wait
-            return inner_observe(rank_step, out, dt, wait)
+            inner_observe(rank_step, out, dt, wait)
+            self.after_step(tr, tr.progress.step)
 
         tr.train_step = train_step
         tr.observer.observe = observe
-
-    # Checkpointer protocol
-    def restore(self, trainer) -> None:
-        pass
-
-    def finalize(self, trainer) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
     def after_step(self, trainer, step: int) -> None:
         now = time.perf_counter()
@@ -338,6 +329,7 @@ def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps:
         tmp = Path(tmp)
         os.environ.setdefault("VLM_METRICS_PORT", "0")
         os.environ["VLM_PROGRESS_FILE"] = str(tmp / "progress.jsonl")
+        os.environ["VLM_NO_CHECKPOINT"] = "1"
         quiet_logging(tmp / "trainer.log")
         t_setup = time.perf_counter()
         spec = demo_spec(tmp / "data", steps=steps_needed)
@@ -346,7 +338,7 @@ def _measure(quick: bool, *, threads: int, rounds: int | None = None, rss_steps:
         vmetrics.reset_registry()
         inter = _Interleaver(None, None, None, warmup=warmup, chunk=chunk, rounds=rounds, rss_steps=rss_steps,
                              budget_s=budget_s, clean_wanted=min(rounds, MIN_CLEAN) if quick else rounds)
-        trainer = Trainer(cfg, ctx=ctx, checkpointer=inter)
+        trainer = Trainer(cfg, ctx=ctx)
         model, optimizer, _ = bare_copy(trainer)
         inter.trainer, inter.model, inter.optimizer = trainer, model, optimizer
         inter.wrap()

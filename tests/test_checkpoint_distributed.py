@@ -23,7 +23,6 @@ from tests.support import ckpt_tiny as T  # noqa: E402
 from tests.support.s3 import free_port, new_bucket  # noqa: E402
 from vlm_trainer.checkpoint import CheckpointSettings, open_store  # noqa: E402
 from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
-from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,15 +62,15 @@ def two_ranks(moto_endpoint, aws_env, tmp_path_factory):
     uri = f"s3://{new_bucket(moto_endpoint)}/dist"
     # the single-process checkpoint the two ranks load (1 -> 2)
     module, opt = T.build("single", seed=5)
-    box, get, load = T.extra_state_holder()
+    box, states = T.states(module, opt)
     for step in (1, 2, 3):
         T.train_step(module, opt, step)
         box["step"] = step
     torch.save(T.full_state(module, opt), tmp / "ref-single-3.pt")
     mgr = CheckpointManager(CheckpointSettings(uri=uri, endpoint=moto_endpoint, interval=100,
-                                               local_dir=str(tmp / "single")), stage="single",
+                                               local_dir=str(tmp / "single")), states, stage="single",
                             registry=CollectorRegistry())
-    assert mgr.finalize(TrainState(module, opt, extra_state=get, load_extra_state=load), 3, final=False).ok
+    assert mgr.finalize(3, final=False).ok
     mgr.close()
 
     cfg = tmp / "cfg.json"
@@ -103,10 +102,10 @@ def test_one_process_checkpoint_loads_into_two(two_ranks, loaded):
 def test_two_process_checkpoint_loads_into_one(two_ranks, saved, tmp_path):
     tmp = two_ranks["tmp"]
     module, opt = T.build("single", seed=77)
-    box, get, load = T.extra_state_holder()
+    box, states = T.states(module, opt)
     mgr = CheckpointManager(CheckpointSettings(uri=two_ranks["uri"], endpoint=two_ranks["endpoint"], interval=100,
-                                               local_dir=str(tmp_path)), stage=saved, registry=CollectorRegistry())
-    r = mgr.restore(TrainState(module, opt, extra_state=get, load_extra_state=load))
+                                               local_dir=str(tmp_path)), states, stage=saved, registry=CollectorRegistry())
+    r = mgr.restore()
     assert r.step == 3 and r.ref.world_size == 2 and r.world_size_changed and not r.rng_restored
     assert box["step"] == 3 and box["data"] == {"text": 30, "captions": 9}
     ref3 = torch.load(tmp / f"ref-{saved}-3.pt", weights_only=False)

@@ -1,5 +1,5 @@
 """Self-describing checkpoints and `vlmpretrain export --format hf`, on a real tiny VLM
-trained two steps by the real trainer and checkpointer (local store): the committed
+trained two steps by the real trainer and its checkpoint manager (local store): the committed
 checkpoint carries its TrainerConfig, so `analyze-layers` needs only the URI; the export
 loads with transformers' own classes and computes what the trainer's model computes."""
 

@@ -33,7 +33,7 @@ from vlm_trainer.checkpoint import (  # noqa: E402
     open_store,
 )
 from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
-from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
+from vlm_trainer.checkpoint.state import ModelState  # noqa: E402
 from vlm_trainer.schedule import init_optimizer_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -50,9 +50,9 @@ def make_settings(uri: str, tmp_path: Path, endpoint: str = "", **kw) -> Checkpo
     return CheckpointSettings(uri=uri, endpoint=endpoint, local_dir=str(tmp_path / "local"), **kw)
 
 
-def manager(settings: CheckpointSettings, stage: str = "pretrain", **kw) -> CheckpointManager:
+def manager(settings: CheckpointSettings, run: "Run", stage: str = "pretrain", **kw) -> CheckpointManager:
     kw.setdefault("registry", CollectorRegistry())
-    return CheckpointManager(settings, stage=stage, **kw)
+    return CheckpointManager(settings, run.states, stage=stage, **kw)
 
 
 def sample(reg: CollectorRegistry, name: str, labels: dict | None = None) -> float | None:
@@ -67,9 +67,7 @@ class Run:
         self.module, self.opt = T.build("single", seed=seed, frozen=frozen, hidden=hidden)
         if eager_state:
             init_optimizer_state(self.opt)
-        self.box, get, load = T.extra_state_holder()
-        self.target = TrainState(self.module, self.opt, extra_state=get, load_extra_state=load,
-                                 continue_schedule=continue_schedule)
+        self.box, self.states = T.states(self.module, self.opt, continue_schedule=continue_schedule)
         self.step = 0
 
     def train(self, n: int = 1, mgr: CheckpointManager | None = None) -> None:
@@ -79,7 +77,7 @@ class Run:
             self.box["step"] = self.step
             self.box["data"] = {"text": 5 * self.step, "captions": 2 * self.step}
             if mgr is not None:
-                mgr.maybe_save(self.target, self.step)
+                mgr.after_step(self.step)
 
     def state(self) -> dict:
         return T.full_state(self.module, self.opt)
@@ -96,14 +94,14 @@ def s3(moto_endpoint):
 def test_round_trip_async_and_final_with_metrics(s3, tmp_path):
     uri, endpoint = s3
     reg = CollectorRegistry()
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=2, keep=3), registry=reg)
     run = Run()
-    assert mgr.restore(run.target) is None  # fresh start
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=2, keep=3), run, registry=reg)
+    assert mgr.restore() is None  # fresh start
     run.train(2, mgr)  # async save at step 2
     assert mgr.in_flight or mgr.last_committed is not None
     at2 = run.state()
     run.train(1, mgr)  # step 3 trains while step 2 is written and uploaded
-    out = mgr.finalize(run.target, 3)  # waits for step 2, then the synchronous final one
+    out = mgr.finalize(3)  # waits for step 2, then the synchronous final one
     assert out.ok and out.final and out.step == 3
     at3 = run.state()
     store = open_store(uri, endpoint_url=endpoint)
@@ -131,8 +129,8 @@ def test_round_trip_async_and_final_with_metrics(s3, tmp_path):
     # a new process: the newest committed checkpoint, exactly (model, optimizer, extra state)
     reg2 = CollectorRegistry()
     fresh = Run(seed=99)
-    mgr2 = manager(make_settings(uri, tmp_path / "b", endpoint), registry=reg2)
-    r = mgr2.restore(fresh.target)
+    mgr2 = manager(make_settings(uri, tmp_path / "b", endpoint), fresh, registry=reg2)
+    r = mgr2.restore()
     assert r.mode == "resume" and r.step == 3 and r.rng_restored and not r.world_size_changed
     assert T.diff(at3, fresh.state()) == []
     assert fresh.box["step"] == 3 and fresh.box["data"] == {"text": 15, "captions": 6}
@@ -140,7 +138,7 @@ def test_round_trip_async_and_final_with_metrics(s3, tmp_path):
     assert sample(reg2, "vlmtrain_checkpoint_last_step") == 3
     assert sample(reg2, "vlmtrain_checkpoint_last_info", {"uri": committed[0].uri}) == 1
     # the stage is done: finalize at the same step is a no-op, not a second commit
-    assert mgr2.finalize(fresh.target, 3).ok
+    assert mgr2.finalize(3).ok
     mgr2.close()
     assert at2 != {}
 
@@ -153,15 +151,15 @@ def test_resume_continues_exactly(s3, tmp_path):
     for step in range(1, 7):
         losses.append(T.train_step(ref.module, ref.opt, step))
     a = Run()
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1))
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1), a)
     a.train(3, mgr)  # async saves at 1, 2, 3: the later ones reuse the staging buffers
     at3 = a.state()
-    assert mgr.finalize(a.target, 3, final=False).ok  # step 3 is committed already: nothing more
+    assert mgr.finalize(3, final=False).ok  # step 3 is committed already: nothing more
     assert [o.step for o in mgr.outcomes] == [1, 2, 3]
     mgr.close()
     b = Run(seed=5)
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=3))
-    assert mgr.restore(b.target).step == 3
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=3), b)
+    assert mgr.restore().step == 3
     assert T.diff(at3, b.state()) == [] and b.box["data"] == {"text": 15, "captions": 6}
     resumed = [T.train_step(b.module, b.opt, step) for step in range(4, 7)]
     assert resumed == losses[3:]  # bit-exact
@@ -175,7 +173,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_one_before_restored(s3, 
     the checkpoint before it, exactly, and says which file failed."""
     uri, endpoint = s3
     a = Run(seed=2)
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1))
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1), a)
     a.train(1, mgr)
     mgr.wait()
     at1 = a.state()
@@ -185,9 +183,9 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_one_before_restored(s3, 
     corrupt(store, "pretrain", 2, "__0_0.distcp")
     b = Run(seed=9)
     reg = CollectorRegistry()
-    mgr = manager(make_settings(uri, tmp_path / "b", endpoint, interval=1), registry=reg)
+    mgr = manager(make_settings(uri, tmp_path / "b", endpoint, interval=1), b, registry=reg)
     with caplog.at_level(logging.WARNING):
-        r = mgr.restore(b.target)
+        r = mgr.restore()
     mgr.close()
     assert r.step == 1 and T.diff(at1, b.state()) == [] and b.box["step"] == 1
     assert "step-000000002" in caplog.text and "sha256 mismatch __0_0.distcp" in caplog.text
@@ -200,8 +198,8 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_one_before_restored(s3, 
 
 def test_retention_keeps_exactly_keep_and_final_marks_the_last_save(tmp_path):
     uri = str(tmp_path / "store")
-    mgr = manager(make_settings(uri, tmp_path, interval=1, keep=2))
     run = Run()
+    mgr = manager(make_settings(uri, tmp_path, interval=1, keep=2), run)
     store = open_store(uri)
     for _ in range(5):
         run.train(1, mgr)
@@ -210,7 +208,7 @@ def test_retention_keeps_exactly_keep_and_final_marks_the_last_save(tmp_path):
         assert steps == list(range(run.step, max(0, run.step - 2), -1))  # exactly keep (newest never deleted)
     assert [r.step for r in store.checkpoints("pretrain")] == [5, 4]  # nothing else left behind
     run.train(1, mgr)  # the interval save of step 6 is the stage's last step
-    out = mgr.finalize(run.target, 6)  # -> marked final in place, not written twice
+    out = mgr.finalize(6)  # -> marked final in place, not written twice
     assert out.ok and out.final and len(mgr.outcomes) == 7
     committed = store.committed("pretrain")
     assert [(r.step, r.final) for r in committed] == [(6, True), (5, False)]
@@ -221,15 +219,15 @@ def test_retention_keeps_exactly_keep_and_final_marks_the_last_save(tmp_path):
 
 
 def test_duration_interval(tmp_path):
-    mgr = manager(make_settings(str(tmp_path / "s"), tmp_path, interval="10m"))
+    run = Run()
+    mgr = manager(make_settings(str(tmp_path / "s"), tmp_path, interval="10m"), run)
     reg = mgr.metrics
     assert mgr.kind == "seconds" and reg.interval._value.get() == 600
     assert not mgr.due(1)
     mgr._last_save_clock -= 601
     assert mgr.due(2)
-    run = Run()
     run.train(1)
-    mgr.save(run.target, 2)
+    mgr.save(2)
     assert not mgr.due(3)  # the clock restarts with every save
     mgr.close()
 
@@ -243,18 +241,18 @@ def test_stage_init_loads_weights_and_only_shared_optimizer_moments(tmp_path):
     (the layers) carry over and emb starts fresh; without it the optimizer stays fresh."""
     uri = str(tmp_path / "store")
     a = Run(frozen=("emb",), eager_state=True)
-    mgr = manager(make_settings(uri, tmp_path, interval=2), stage="a")
+    mgr = manager(make_settings(uri, tmp_path, interval=2), a, stage="a")
     a.train(4, mgr)  # non-final checkpoints at 2 and 4 ...
     mgr.wait()
     a.train(1, mgr)
-    mgr.finalize(a.target, 5)  # ... and the final one at 5
+    mgr.finalize(5)  # ... and the final one at 5
     mgr.close()
     a_state = a.state()
 
     for cont in (True, False):
         b = Run(seed=42, frozen=("head",), eager_state=True, continue_schedule=cont)
-        mgr = manager(make_settings(uri, tmp_path / f"b{cont}", interval=2), stage="b", prev_stage="a")
-        r = mgr.restore(b.target)
+        mgr = manager(make_settings(uri, tmp_path / f"b{cont}", interval=2), b, stage="b", prev_stage="a")
+        r = mgr.restore()
         assert r.mode == "init" and r.step == 5 and r.ref.final and r.optimizer_loaded == cont
         st = b.state()
         assert T.diff(a_state, st, keys="model.") == []
@@ -279,41 +277,45 @@ def test_stage_init_loads_weights_and_only_shared_optimizer_moments(tmp_path):
     store = open_store(uri)
     four = store.step_uri("a", 4)
     c = Run(seed=1, frozen=("emb",), eager_state=True)
-    mgr = manager(make_settings(uri, tmp_path / "c", interval=1), stage="c", init_from=four)
-    r = mgr.restore(c.target)
+    mgr = manager(make_settings(uri, tmp_path / "c", interval=1), c, stage="c", init_from=four)
+    r = mgr.restore()
     assert r.mode == "init" and r.ref.stage == "a" and r.step == 4
     c.train(1, mgr)
     mgr.wait()
     mgr.close()
-    mgr = manager(make_settings(uri, tmp_path / "c2", interval=1), stage="c", init_from=four)
-    r = mgr.restore(Run(seed=2, frozen=("emb",), eager_state=True).target)
+    mgr = manager(make_settings(uri, tmp_path / "c2", interval=1), Run(seed=2, frozen=("emb",), eager_state=True),
+                  stage="c", init_from=four)
+    r = mgr.restore()
     assert r.mode == "resume" and r.ref.stage == "c" and r.step == 1
     mgr.close()
     # init_from may also name the previous stage's prefix (what the operator renders when it
     # has not seen the final checkpoint's URI): its newest FINAL checkpoint, as a URI or a path
     for prefix in (store.uri + "a/", str(tmp_path / "store" / "a")):
-        mgr = manager(make_settings(uri, tmp_path / "d", interval=1), stage="d", init_from=prefix)
-        r = mgr.restore(Run(seed=3, frozen=("emb",), eager_state=True).target)
+        mgr = manager(make_settings(uri, tmp_path / "d", interval=1), Run(seed=3, frozen=("emb",), eager_state=True),
+                      stage="d", init_from=prefix)
+        r = mgr.restore()
         assert r.mode == "init" and r.ref.stage == "a" and r.step == 5 and r.ref.final
         mgr.close()
-    mgr = manager(make_settings(uri, tmp_path / "e", interval=1), stage="e", init_from=store.uri + "c/")
+    mgr = manager(make_settings(uri, tmp_path / "e", interval=1), Run(seed=3, frozen=("emb",), eager_state=True),
+                  stage="e", init_from=store.uri + "c/")
     with pytest.raises(CheckpointError, match="no valid final checkpoint of stage c"):
-        mgr.restore(Run(seed=3, frozen=("emb",), eager_state=True).target)
+        mgr.restore()
     mgr.close()
 
 
 def test_resume_with_a_missing_parameter_fails_loudly(tmp_path):
     uri = str(tmp_path / "store")
     a = Run()
-    mgr = manager(make_settings(uri, tmp_path, interval=1))
+    mgr = manager(make_settings(uri, tmp_path, interval=1), a)
     a.train(1)
-    mgr.finalize(a.target, 1, final=False)
+    mgr.finalize(1, final=False)
     mgr.close()
     bigger = Run()
     bigger.module.extra = torch.nn.Linear(2, 2)  # a parameter the checkpoint does not have
-    mgr = manager(make_settings(uri, tmp_path / "b", interval=1))
+    mgr = CheckpointManager(make_settings(uri, tmp_path / "b", interval=1), {"model": ModelState(bigger.module)},
+                            stage="pretrain", registry=CollectorRegistry())
     with pytest.raises(CheckpointError, match="model keys missing"):
-        mgr.restore(TrainState(bigger.module, None))
+        mgr.restore()
     assert sample_failures(mgr, "load") == 1
     mgr.close()
 
@@ -337,7 +339,7 @@ def test_killed_upload_is_skipped_on_resume(s3, tmp_path, caplog):
     retention removes the debris."""
     uri, endpoint = s3
     a = Run(seed=3)
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=2))
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=2), a)
     a.train(2, mgr)
     mgr.wait()
     mgr.close()
@@ -367,9 +369,9 @@ def test_killed_upload_is_skipped_on_resume(s3, tmp_path, caplog):
     refs = {r.step: r for r in store.checkpoints("pretrain")}
     assert set(refs) == {2, 4} and not refs[4].committed  # files of step 4, no marker
     b = Run(seed=8)
-    mgr = manager(make_settings(uri, tmp_path / "b", endpoint, interval=2))
+    mgr = manager(make_settings(uri, tmp_path / "b", endpoint, interval=2), b)
     with caplog.at_level(logging.WARNING):
-        r = mgr.restore(b.target)
+        r = mgr.restore()
     assert r.step == 2 and T.diff(at2, b.state()) == []
     assert "step-000000004" in caplog.text and "COMMITTED" in caplog.text
     b.step = 4
@@ -388,8 +390,8 @@ def test_s3_faults_during_saves_are_retried_and_training_goes_on(s3, tmp_path):
     try:
         reg = CollectorRegistry()
         settings = make_settings(uri, tmp_path, proxy.url, interval=2, keep=2, transfer=SMALL_PARTS)
-        mgr = manager(settings, registry=reg)
-        run = Run(hidden=8192)  # a shard of ~13 MB: multipart with 5 MiB parts
+        run = Run(hidden=8192)
+        mgr = manager(settings, run, registry=reg)  # a shard of ~13 MB: multipart with 5 MiB parts
         proxy.fail("UploadPart", 500, 2)
         proxy.fail("UploadPart", "drop", 1)
         proxy.fail("UploadPart", 503, 1)
@@ -410,7 +412,7 @@ def test_s3_faults_during_saves_are_retried_and_training_goes_on(s3, tmp_path):
         assert sample(reg, "vlmtrain_checkpoint_last_step") == 2
         proxy.clear()
         run.train(2, mgr)  # training went on; the next save commits
-        out = mgr.finalize(run.target, 6)
+        out = mgr.finalize(6)
         assert out.ok
         store = open_store(uri, endpoint_url=endpoint)
         assert [r.step for r in store.committed("pretrain")] == [6, 2]
@@ -423,8 +425,8 @@ def test_s3_faults_during_saves_are_retried_and_training_goes_on(s3, tmp_path):
 
 def test_final_checkpoint_that_cannot_commit_raises(tmp_path, monkeypatch):
     uri = str(tmp_path / "store")
-    mgr = manager(make_settings(uri, tmp_path, interval=100, final_attempts=2, final_backoff_s=0.0))
     run = Run()
+    mgr = manager(make_settings(uri, tmp_path, interval=100, final_attempts=2, final_backoff_s=0.0), run)
     run.train(1)
 
     def broken(*_a, **_k):
@@ -432,7 +434,7 @@ def test_final_checkpoint_that_cannot_commit_raises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mgr.store, "_put_exclusive", broken)
     with pytest.raises(CheckpointError, match="final checkpoint of pretrain step 1 not committed"):
-        mgr.finalize(run.target, 1)
+        mgr.finalize(1)
     assert sample_failures(mgr, "commit") == 2
     assert open_store(uri).committed("pretrain") == []
     mgr.close()
@@ -445,16 +447,16 @@ def test_async_save_blocks_training_far_less_than_a_sync_save(s3, tmp_path, reco
     """Blocking time of an async save vs. a synchronous save of the same state (~25 MB),
     alternating; the figure is reported, not asserted (timing on a shared 2-core box)."""
     uri, endpoint = s3
-    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1000, keep=1))
     run = Run(hidden=16384)
+    mgr = manager(make_settings(uri, tmp_path, endpoint, interval=1000, keep=1), run)
     run.train(1)
     sync_t, async_t = [], []
     for i in range(3):
-        out = mgr.save(run.target, 10 + 2 * i, blocking=True)
+        out = mgr.save(10 + 2 * i, blocking=True)
         assert out.ok
         sync_t.append(out.blocking_seconds)
         t0 = time.perf_counter()
-        mgr.save(run.target, 11 + 2 * i)
+        mgr.save(11 + 2 * i)
         async_t.append(time.perf_counter() - t0)
         assert mgr.wait().ok
     ratio = statistics.median(async_t) / statistics.median(sync_t)
@@ -466,10 +468,11 @@ def test_async_save_blocks_training_far_less_than_a_sync_save(s3, tmp_path, reco
 
 def test_a_failing_state_capture_is_counted_and_the_next_save_works(tmp_path):
     uri = str(tmp_path / "store")
-    mgr = manager(make_settings(uri, tmp_path, interval=1))
     run = Run()
+    mgr = manager(make_settings(uri, tmp_path, interval=1), run)
     calls = {"n": 0}
-    get = run.target.extra_state
+    small = run.states["trainer"]
+    get = small.state_dict
 
     def flaky():
         calls["n"] += 1
@@ -477,7 +480,7 @@ def test_a_failing_state_capture_is_counted_and_the_next_save_works(tmp_path):
             raise MemoryError("no room for the staging copy")
         return get()
 
-    run.target.extra_state = flaky
+    small.state_dict = flaky
     run.train(1, mgr)
     out = mgr.wait()
     assert out is None or not out.ok  # the failed save never started a write
@@ -498,9 +501,9 @@ def test_a_second_worker_group_never_writes_over_a_committed_step(tmp_path):
     WorkerGroupConflict so that torchrun restarts it into the current round."""
 
     uri = (tmp_path / "ckpt").as_uri()
-    ahead = manager(make_settings(uri, tmp_path / "a", interval=2, async_save=False))
-    behind = manager(make_settings(uri, tmp_path / "b", interval=2, async_save=False))
     a, b = Run(seed=1), Run(seed=2)
+    ahead = manager(make_settings(uri, tmp_path / "a", interval=2, async_save=False), a)
+    behind = manager(make_settings(uri, tmp_path / "b", interval=2, async_save=False), b)
     a.train(4, ahead)  # group A commits steps 2 and 4
     store = open_store(uri)
     before = {f["path"]: f["sha256"] for f in store.latest_committed("pretrain").manifest["files"]}
@@ -512,6 +515,6 @@ def test_a_second_worker_group_never_writes_over_a_committed_step(tmp_path):
     assert {f["path"]: f["sha256"] for f in ref.manifest["files"]} == before
     assert store.verify(store.ref_from_uri(store.step_uri("pretrain", 2))) == []
     with pytest.raises(WorkerGroupConflict):
-        behind.finalize(b.target, b.step)
+        behind.finalize(b.step)
     ahead.close()
     behind.close()

@@ -15,14 +15,11 @@ pytest.importorskip("moto.server")
 from tests.fixtures_trainer import REPO, one_thread, shared_data, spec_dict, stage, torchrun_env, trainer_config, write_config  # noqa: E402
 from tests.support import torchrun_util as TU  # noqa: E402
 from tests.support.s3 import FaultProxy, free_port, new_bucket  # noqa: E402
-from vlm_trainer.checkpoint import CheckpointSettings, RetrySettings, open_store  # noqa: E402
-from vlm_trainer.checkpoint.seam import TrainerCheckpointer  # noqa: E402
+from vlm_trainer.checkpoint import open_store  # noqa: E402
 from vlm_trainer.metrics import reset_registry  # noqa: E402
-from vlm_trainer.train import EXIT_OK, EXIT_STOPPED, NullCheckpointer, Trainer  # noqa: E402
+from vlm_trainer.train import EXIT_OK, EXIT_STOPPED, Trainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-FAST_RETRY = RetrySettings(max_attempts=4, connect_timeout=5, read_timeout=20)
 
 
 @pytest.fixture
@@ -32,22 +29,17 @@ def run_trainer(tmp_path_factory, monkeypatch, moto_endpoint):
     monkeypatch.setenv("VLM_METRICS_PORT", "0")
     monkeypatch.setenv("VLM_DATA_WORKER", "inline")
     monkeypatch.delenv("VLM_NO_CHECKPOINT", raising=False)
-    local = tmp_path_factory.mktemp("ckpt-local")
+    monkeypatch.setenv("VLM_CKPT_LOCAL_DIR", str(tmp_path_factory.mktemp("ckpt-local")))
 
     def run(uri: str, progress: Path, *, steps: int = 8, interval=3, max_steps=None, stop_early=False,
-            endpoint: str | None = None, settings_kw: dict | None = None):
+            endpoint: str | None = None):
         monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress))
         spec = spec_dict(data, stages=[stage(steps=steps, visualIntroduceAt=0.5)], checkpoint_uri=uri)
-        spec["checkpoint"].update(interval=interval, keep=2, endpoint=moto_endpoint)
+        spec["checkpoint"].update(interval=interval, keep=2, endpoint=endpoint or moto_endpoint)
         cfg = trainer_config(spec, **({"max_steps": max_steps} if max_steps else {}))
         reset_registry()
         with one_thread():
-            t = Trainer(cfg, serve_metrics=False, checkpointer=NullCheckpointer())
-            settings = CheckpointSettings.from_spec(cfg.spec.checkpoint, local_dir=str(local), retry=FAST_RETRY,
-                                                    **(settings_kw or {}))
-            if endpoint:
-                settings.endpoint = endpoint
-            t.checkpointer = TrainerCheckpointer(t, settings=settings)
+            t = Trainer(cfg, serve_metrics=False)
             if stop_early:
                 t.request_stop()
             try:
@@ -88,7 +80,7 @@ def test_exact_resume_of_the_trainer(run_trainer, moto_endpoint, tmp_path):
 
 def test_signal_stop_checkpoints_the_current_step(run_trainer, moto_endpoint, tmp_path):
     """SIGTERM (suspend, preemption): the trainer stops at a step boundary and the
-    checkpointer's on_stop commits that step, so the restart loses nothing."""
+    trainer checkpoints that step, so the restart loses nothing."""
     uri = f"s3://{new_bucket(moto_endpoint)}/stop"
     t, res, ev = run_trainer(uri, tmp_path / "s.jsonl", stop_early=True, interval=100)
     assert res.exit_code == EXIT_STOPPED and res.step == 1
@@ -110,10 +102,10 @@ def test_s3_faults_during_a_training_run(run_trainer, moto_endpoint, tmp_path):
         proxy.fail("PutObject", 500, 1)
         proxy.fail("PutCommitted", 503, 1)  # step 2: retried, commits
         proxy.fail("PutCommitted", "pass", 1)
-        proxy.fail("PutCommitted", 500, 4)  # step 4: all 4 of botocore's attempts fail -> counted, training goes on
+        proxy.fail("PutCommitted", 500, 5)  # step 4: all 5 of botocore's attempts fail -> counted, training goes on
         t, res, ev = run_trainer(uri, tmp_path / "f.jsonl", interval=2, endpoint=proxy.url)
         assert res.exit_code == EXIT_OK and res.step == 8
-        assert len([a for _, a in proxy.injected if a != "pass"]) == 3 + 1 + 4
+        assert len([a for _, a in proxy.injected if a != "pass"]) == 3 + 1 + 5
         failed = [e for e in ev if e["event"] == "checkpoint_failed"]
         assert [(e["step"], e["phase"]) for e in failed] == [(4, "commit")]
         assert [e["step"] for e in ev if e["event"] == "checkpoint"] == [2, 6, 8]

@@ -1,9 +1,9 @@
-"""The training loop in one process: frozen parameters, the checkpoint seam (state_dict
-round trip = uninterrupted run), metrics over HTTP, the progress file."""
+"""The training loop in one process: frozen parameters, the trainer's checkpointed
+components through the checkpoint manager (resume = uninterrupted run; a stage's init),
+metrics over HTTP, the progress file."""
 
 from __future__ import annotations
 
-import copy
 import json
 import urllib.request
 
@@ -13,6 +13,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vlm_trainer.metrics import reset_registry
 from vlm_trainer.train import EXIT_OK
+
+
+def _checkpoints(t, tmp_path, *, stage: str = "pretrain", **kw):
+    """A checkpoint manager over trainer ``t``'s components (``Trainer.states``), local store."""
+    from prometheus_client import CollectorRegistry
+
+    from vlm_trainer.checkpoint import CheckpointSettings
+    from vlm_trainer.checkpoint.manager import CheckpointManager
+
+    settings = CheckpointSettings(uri=str(tmp_path / "store"), interval=1000, local_dir=str(tmp_path / "local"))
+    return CheckpointManager(settings, t.states, stage=stage, registry=CollectorRegistry(), **kw)
 
 
 def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(make_trainer):
@@ -36,9 +47,9 @@ def test_frozen_parameters_stay_bit_identical_and_have_no_optimizer_state(make_t
     assert state_ids and state_ids <= optimized
 
 
-def test_state_dict_round_trip_continues_exactly(make_trainer, tmp_path, monkeypatch):
-    """The checkpoint seam: state after k steps loaded into a fresh trainer gives the same
-    next losses and weights as the uninterrupted run (DCP state-dict helpers, one process)."""
+def test_resume_from_a_checkpoint_continues_exactly(make_trainer, tmp_path, monkeypatch):
+    """The trainer's components checkpointed after k steps and restored into a fresh trainer
+    give the same next losses and weights as the uninterrupted run (one process)."""
     progress = tmp_path / "p.jsonl"
     kw = dict(steps=8, visualIntroduceAt=0.5, optimizer={"lr": 3e-3, "schedule": "cosine", "warmupSteps": 2})
     monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress))
@@ -51,13 +62,18 @@ def test_state_dict_round_trip_continues_exactly(make_trainer, tmp_path, monkeyp
     first = make_trainer(**kw)
     first.stop_at = 4
     assert first.train().completed
-    saved = copy.deepcopy(first.state_dict())
-    assert saved["trainer"]["step"] == 4 and saved["trainer"]["data"]["counters"]
+    small = first.states["trainer"].state_dict()
+    assert small["step"] == 4 and small["data"]["counters"]
+    mgr = _checkpoints(first, tmp_path)
+    assert mgr.finalize(4, final=False).ok
+    mgr.close()
 
     progress2 = tmp_path / "p2.jsonl"
     monkeypatch.setenv("VLM_PROGRESS_FILE", str(progress2))
     second = make_trainer(**kw)
-    second.load_state_dict(saved)
+    mgr = _checkpoints(second, tmp_path)
+    assert mgr.restore().mode == "resume"
+    mgr.close()
     assert second.progress.step == 4
     assert second.train().exit_code == EXIT_OK
     resumed = [json.loads(line)["loss"] for line in progress2.read_text().splitlines() if '"event": "step"' in line]
@@ -125,15 +141,19 @@ def test_projector_only_stage_with_text_steps(make_trainer):
     assert all(torch.equal(llm[n], p) for n, p in t.vlm.llm.named_parameters())
 
 
-def test_next_stage_initialises_from_previous_state(make_trainer):
+def test_next_stage_initialises_from_previous_state(make_trainer, tmp_path):
     """mode="init": weights and data positions carry over; with continueSchedule the LR
     starts at the previous stage's last LR without warmup and the global step goes on."""
     first = make_trainer(steps=4, optimizer={"lr": 2e-3, "schedule": "constant", "warmupSteps": 2})
     assert first.train().exit_code == EXIT_OK
-    saved = copy.deepcopy(first.state_dict())
+    mgr = _checkpoints(first, tmp_path)
+    final = mgr.finalize(4)
+    mgr.close()
     nxt = make_trainer(steps=4, optimizer={"lr": 1e-3, "schedule": "cosine", "warmupSteps": 3, "continueSchedule": True},
                        trainable={"visionEncoder": False, "projector": True, "llm": {"layers": [0, 2]}})
-    nxt.load_state_dict(saved, mode="init")
+    mgr = _checkpoints(nxt, tmp_path, stage="next", init_from=final.uri)
+    assert mgr.restore().mode == "init"
+    mgr.close()
     for (n, a), b in zip(first.vlm.named_parameters(), nxt.vlm.parameters()):
         assert torch.equal(a, b), n
     assert nxt.progress.step == 0 and nxt.progress.global_step == 4
@@ -145,7 +165,9 @@ def test_next_stage_initialises_from_previous_state(make_trainer):
     assert nxt.train().exit_code == EXIT_OK
 
     fresh = make_trainer(steps=4, optimizer={"lr": 1e-3, "schedule": "cosine", "warmupSteps": 3})
-    fresh.load_state_dict(saved, mode="init")
+    mgr = _checkpoints(fresh, tmp_path, stage="next", init_from=final.uri)
+    assert mgr.restore().mode == "init"
+    mgr.close()
     assert fresh.schedule.warmup == 3 and fresh.progress.global_step == 0
     assert all(float(s["exp_avg"].abs().sum()) == 0 for s in fresh.optimizer.state.values())
 

@@ -1,7 +1,7 @@
 """Visual-region tools: block influence per LLM layer, pruning outside the visual region,
 the pruned checkpoint, and a pruning stage that the next stage continues from.
 
-Tiny models throughout; the trained checkpoint comes from the real trainer + checkpointer
+Tiny models throughout; the trained checkpoint comes from the real trainer + checkpoint manager
 (one process, a few steps)."""
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ def test_visual_region_remap_through_lineage():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
     """Stage `pretrain` (visual region trained, declares prune) trained 4 steps with the real
-    checkpointer; stage `sft` follows. Returns (root, config path, TrainerConfig, final ref)."""
+    checkpoint manager; stage `sft` follows. Returns (root, config path, TrainerConfig, final ref)."""
     from vlm_trainer.metrics import reset_registry
     from vlm_trainer.train import Trainer
 
@@ -430,7 +430,7 @@ def test_pruning_step_then_next_stage_continues_from_pruned_model(trained, monke
         assert len(t.vlm.decoder_layers()) == DEPTH - 2
         assert t.policy.llm_layers == lineage["visual_region"]
         result = t.train()
-        restored = t.checkpointer.restored
+        restored = t.checkpoint.restored
     finally:
         t.close()
     assert result.exit_code == 0

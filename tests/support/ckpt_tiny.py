@@ -115,20 +115,31 @@ def diff(a: dict, b: dict, *, keys: str = "") -> list[str]:
     return out
 
 
-def extra_state_holder():
-    """A stand-in for the trainer's small state: (dict, get, load)."""
-    box: dict = {"step": 0, "data": {"text": 0, "captions": 0}, "loads": []}
+class SmallState:
+    """A stand-in for the trainer's small state (a DCP ``Stateful``), kept in ``box``."""
 
-    def get():
-        return {"step": box["step"], "data": dict(box["data"])}
+    def __init__(self):
+        self.box: dict = {"step": 0, "data": {"text": 0, "captions": 0}, "loads": []}
 
-    def load(state, *, mode):
-        box["loads"].append(mode)
-        if mode == "resume":
-            box["step"] = state["step"]
-            box["data"] = dict(state["data"])
+    def state_dict(self) -> dict:
+        return {"step": self.box["step"], "data": dict(self.box["data"])}
 
-    return box, get, load
+    def load_state_dict(self, state: dict) -> None:
+        self.box["loads"].append("resume")
+        self.box["step"] = state["step"]
+        self.box["data"] = dict(state["data"])
+
+    def load_init_state_dict(self, state: dict) -> None:
+        self.box["loads"].append("init")
+
+
+def states(module, opt, *, continue_schedule: bool = False) -> tuple[dict, dict]:
+    """(box of the small state, the checkpointed components: model, optimizer, small state)."""
+    from vlm_trainer.checkpoint.state import ModelState, OptimizerState
+
+    small = SmallState()
+    return small.box, {"model": ModelState(module), "optim": OptimizerState(module, opt, continue_schedule=continue_schedule),
+                       "trainer": small}
 
 
 def rank() -> int:

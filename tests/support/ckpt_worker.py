@@ -30,7 +30,6 @@ import ckpt_tiny as T  # noqa: E402
 from ckpt_faults import corrupt  # noqa: E402
 from vlm_trainer.checkpoint import CheckpointSettings, RetrySettings  # noqa: E402
 from vlm_trainer.checkpoint.manager import CheckpointManager  # noqa: E402
-from vlm_trainer.checkpoint.state import TrainState  # noqa: E402
 
 
 def settings(cfg, local_suffix: str) -> CheckpointSettings:
@@ -39,27 +38,27 @@ def settings(cfg, local_suffix: str) -> CheckpointSettings:
                               retry=RetrySettings())
 
 
-def manager(cfg, stage: str, suffix: str, node: str | None = None) -> CheckpointManager:
+def manager(cfg, states: dict, stage: str, suffix: str, node: str | None = None) -> CheckpointManager:
     if node:
         os.environ["VLM_NODE_ID"] = node
     else:
         os.environ.pop("VLM_NODE_ID", None)
     from prometheus_client import CollectorRegistry
 
-    return CheckpointManager(settings(cfg, suffix), stage=stage, registry=CollectorRegistry())
+    return CheckpointManager(settings(cfg, suffix), states, stage=stage, registry=CollectorRegistry())
 
 
 def save_once(cfg) -> None:
     """Scenario ``save``: one process, no process group: train ``step`` steps and save them
     synchronously (the test kills this process in the middle of the upload)."""
     module, opt = T.build("single", seed=3)
-    box, get, load = T.extra_state_holder()
+    box, states = T.states(module, opt)
     for step in range(1, cfg["step"] + 1):
         T.train_step(module, opt, step)
         box["step"] = step
-    mgr = manager(cfg, cfg.get("stage", "pretrain"), "save")
+    mgr = manager(cfg, states, cfg.get("stage", "pretrain"), "save")
     print("saving", flush=True)
-    mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), cfg["step"], blocking=True)
+    mgr.save(cfg["step"], blocking=True)
     print("saved", flush=True)
 
 
@@ -71,23 +70,22 @@ def restore_per_node(cfg) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     module, opt = T.build("fsdp", seed=11)
-    box, get, load = T.extra_state_holder()
-    mgr = manager(cfg, "nodes", "save", node=f"n{rank}")
+    box, components = T.states(module, opt)
+    mgr = manager(cfg, components, "nodes", "save", node=f"n{rank}")
     states, saved = {}, []
     for step in (1, 2, 3):
         T.train_step(module, opt, step)
         box["step"] = step
         if step >= 2:
             states[step] = T.full_state(module, opt)
-            saved.append(mgr.save(TrainState(module, opt, extra_state=get, load_extra_state=load), step,
-                                  blocking=True).ok)
+            saved.append(mgr.save(step, blocking=True).ok)
     mgr.close()
 
     def restore(suffix: str):
         m2, o2 = T.build("fsdp", seed=99)
-        box2, get2, load2 = T.extra_state_holder()
-        mgr2 = manager(cfg, "nodes", suffix, node=f"n{rank}")
-        r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
+        box2, states2 = T.states(m2, o2)
+        mgr2 = manager(cfg, states2, "nodes", suffix, node=f"n{rank}")
+        r = mgr2.restore()
         mgr2.close()
         return r, box2["step"], T.full_state(m2, o2)
 
@@ -121,9 +119,9 @@ def main() -> None:
     ref_single = torch.load(out / "ref-single-3.pt", weights_only=False) if rank == 0 else {}
     for strat in ("ddp", "fsdp"):
         module, opt = T.build(strat, seed=7)
-        box, get, load = T.extra_state_holder()
-        mgr = manager(cfg, "single", f"single-{strat}")
-        r = mgr.restore(TrainState(module, opt, extra_state=get, load_extra_state=load))
+        box, states = T.states(module, opt)
+        mgr = manager(cfg, states, "single", f"single-{strat}")
+        r = mgr.restore()
         st = T.full_state(module, opt)
         if rank == 0:
             checks[f"single->{strat}"] = T.diff(ref_single, st) + ([] if r and r.step == 3 and box["step"] == 3
@@ -132,16 +130,15 @@ def main() -> None:
 
     for strat in ("ddp", "fsdp"):
         module, opt = T.build(strat)
-        box, get, load = T.extra_state_holder()
-        target = TrainState(module, opt, extra_state=get, load_extra_state=load)
+        box, states = T.states(module, opt)
         for step in (1, 2, 3):
             T.train_step(module, opt, step)
             box["step"] = step
             box["data"] = {"text": 10 * step, "captions": 3 * step}
         ref3 = T.full_state(module, opt)
-        mgr = manager(cfg, strat, f"save-{strat}", node=f"n{rank}" if strat == "fsdp" else None)
+        mgr = manager(cfg, states, strat, f"save-{strat}", node=f"n{rank}" if strat == "fsdp" else None)
         t0 = time.perf_counter()
-        mgr.save(target, 3)
+        mgr.save(3)
         res["blocking"][strat] = time.perf_counter() - t0
         for step in (4, 5):  # training goes on while the save is written and uploaded
             T.train_step(module, opt, step)
@@ -155,9 +152,9 @@ def main() -> None:
             torch.save(ref5, out / f"ref-{strat}-5.pt")
         for load_strat in ("ddp", "fsdp"):
             m2, o2 = T.build(load_strat, seed=123)  # different init: everything must come from the checkpoint
-            box2, get2, load2 = T.extra_state_holder()
-            mgr2 = manager(cfg, strat, f"load-{strat}-{load_strat}")
-            r = mgr2.restore(TrainState(m2, o2, extra_state=get2, load_extra_state=load2))
+            box2, states2 = T.states(m2, o2)
+            mgr2 = manager(cfg, states2, strat, f"load-{strat}-{load_strat}")
+            r = mgr2.restore()
             st3 = T.full_state(m2, o2)
             for step in (4, 5):
                 T.train_step(m2, o2, step)
@@ -172,7 +169,7 @@ def main() -> None:
             mgr2.close()
     # a duration interval is decided collectively: only rank 0's clock has passed it
     cfg_time = dict(cfg)
-    mgr = CheckpointManager(dataclasses_replace(settings(cfg_time, "time"), interval="1h"), stage="time")
+    mgr = CheckpointManager(dataclasses_replace(settings(cfg_time, "time"), interval="1h"), {}, stage="time")
     if rank == 0:
         mgr._last_save_clock -= 7200
     res["due_after_interval"] = mgr.due(1)

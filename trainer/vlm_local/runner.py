@@ -24,7 +24,7 @@ checkpoint (``stage_policy.is_final``), whatever the exit codes: a lost replica 
 agent) exits non-zero while the survivors finish the stage. It failed only when nothing
 confirms it. Re-running the same command resumes: a stage whose final checkpoint is
 committed is skipped, and a stage with committed checkpoints of its own resumes from the
-newest (the trainer's checkpointer decides that; the runner only passes ``init_from``).
+newest (the trainer's checkpoint manager decides that; the runner only passes ``init_from``).
 ``--max-steps N`` caps the stage at step N (an absolute step of the stage, a resumable
 prefix: the LR schedule is the whole stage's). A stage that the cap cuts short has no final
 checkpoint, so later stages do not start (they would train on a prefix of their

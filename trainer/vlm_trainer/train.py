@@ -4,15 +4,15 @@ Build order (:class:`Trainer`): process group -> tokenizer -> VLM (same seed on 
 rank) -> trainable policy -> DDP/FSDP2 -> AdamW groups -> data (probe, planner, stage
 length) -> schedule -> metrics/progress. Then :meth:`Trainer.train`:
 
-    checkpointer.restore(trainer)           # resume this stage / init from the previous one
+    checkpoint.restore()                    # resume this stage / init from the previous one
     loop until step == stop_at:
         rank batches of the step (prefetched)
         one all-reduce: label/text/image token counts, images per micro-step, stop flag
         micro-steps: loss_sum * world / global_label_tokens, backward (sync on the last)
         clip, lr, AdamW step; metrics, log line, progress line
         evaluation every evalInterval steps
-        checkpointer.after_step(trainer, step)   # the checkpointer decides (interval)
-    final evaluation; checkpointer.finalize(trainer) -> committed?
+        checkpoint.after_step(step)         # the manager decides (interval)
+    final evaluation; checkpoint.finalize(step) -> committed?
     rank 0: the stage's final checkpoint committed -> confirmation (termination message)
 
 Loss normalisation: every micro-step's summed token loss is divided by the GLOBAL number
@@ -36,17 +36,17 @@ the LR schedule and ``visualIntroduceAt`` are those of the whole stage, so a cap
 a prefix of the full one.
 
 Exit status: 0 when the run reached ``stop_at = min(stage steps, max_steps)`` and the
-checkpointer reports the final checkpoint committed; 1 on any failure; 3 when stopped by
+final checkpoint is committed; 1 on any failure; 3 when stopped by
 SIGTERM/SIGINT before the end (the stop is agreed collectively at a step boundary).
 
-Checkpoint seam: a checkpointer object (``restore``, ``after_step``, ``finalize``,
-``close``; see :class:`NullCheckpointer`) from ``vlm_trainer.checkpoint.seam.build_checkpointer``
-when that module exists. It reads and writes the whole training state through
-:meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` (DCP-ready: model and optimizer
-via ``torch.distributed.checkpoint.state_dict``) or the parts (:meth:`Trainer.extra_state`).
+Checkpoints: ``Trainer.states`` names the training state as DCP ``Stateful`` components
+(model, optimizer, the trainer's progress/data/schedule/seed: `vlm_trainer/trainer_state.py`);
+``Trainer.checkpoint`` is the `vlm_trainer/checkpoint/manager.py` manager over them, None
+when ``VLM_NO_CHECKPOINT=1`` (nothing restored or saved; the end counts as committed).
+A signal stop checkpoints its step synchronously, so the restart loses nothing.
 
 Completion confirmed (vlm_api/stage_policy.py): once the committed checkpoint of the end of
-the stage is known (``stage_policy.is_final`` of the checkpointer's committed one), global
+the stage is known (``stage_policy.is_final`` of the one ``finalize`` committed), global
 rank 0 writes ``stage_policy.confirmation(stage, step, uri, tokens, final validation loss)``
 to ``$VLM_TERMINATION_LOG``, else to ``/dev/termination-log`` when that exists and is
 writable (Kubernetes' termination message), else nowhere. Also when the stage had already
@@ -54,21 +54,20 @@ ended and this process only resumed its final checkpoint (a node that joins late
 nothing). A capped (``max_steps``) or stopped run confirms nothing.
 
 RNG: reseeded every step from (seed, global step, rank), so the random state is a function
-of the step and needs no checkpointing beyond the seed (kept in ``extra_state`` and checked).
+of the step and needs no checkpointing beyond the seed (kept in the trainer state and checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
 import signal
 import time
-from typing import Protocol
 
 import torch
+import yaml
 
 from vlm_api import stage_policy
 from vlm_api.quantities import parse_quantity
@@ -76,6 +75,8 @@ from vlm_api.schema import TrainerConfig
 
 from .data.loader import StepLoader, open_sources, probe_stats
 from .distributed import DistContext, Parallel, init_distributed, parallelize
+from .checkpoint.errors import CheckpointError
+from .checkpoint.state import MODEL_KEY, OPTIM_KEY, ModelState, OptimizerState
 from .evaluate import EvalResult, Evaluator
 from .observe import StepObserver
 from .data.mixture import MULTIMODAL, MixturePlanner, steps_for_epochs
@@ -84,60 +85,13 @@ from .data.packing import PackingPlanner, stage_steps_for_tokens
 from .policy import apply_trainable, param_groups
 from .schedule import LRSchedule, build_optimizer, init_optimizer_state
 from .stage_io import write_termination_log
-from .trainer_state import Progress, extra_state, load_extra_state
+from .trainer_state import Progress, TrainerState
 from .data.sequences import SequenceBuilder
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("vlm_trainer")
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
-
-
-# --------------------------------------------------------------------------- checkpoint seam
-
-
-class Checkpointer(Protocol):
-    def restore(self, trainer: "Trainer") -> None:
-        """Before the first step: load this stage's newest committed checkpoint, else
-        initialise from ``cfg.init_from`` (``trainer.load_state_dict(sd, mode="init")``)."""
-
-    def after_step(self, trainer: "Trainer", step: int) -> None:
-        """After every optimizer step (``step`` = completed steps); saves when due."""
-
-    def finalize(self, trainer: "Trainer") -> bool:
-        """After the last step: write the final checkpoint; True once it is committed."""
-
-    def close(self) -> None:
-        """Release resources (also called after failures)."""
-
-    # optional: on_stop(trainer) -- called once when a signal stops the run at a step boundary
-    # optional: committed_checkpoint() -> {"step", "uri", "final"} of the checkpoint finalize
-    #           committed (or found committed), the stage's final one if the trainer confirms
-
-
-class NullCheckpointer:
-    """No checkpoints: nothing to restore, nothing to save, the end counts as committed."""
-
-    def restore(self, trainer: "Trainer") -> None:
-        if trainer.cfg.init_from:
-            log.warning("init_from=%s ignored: no checkpoint manager installed", trainer.cfg.init_from)
-
-    def after_step(self, trainer: "Trainer", step: int) -> None:
-        pass
-
-    def finalize(self, trainer: "Trainer") -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
-
-
-def build_checkpointer(trainer: "Trainer") -> Checkpointer:
-    if os.environ.get("VLM_NO_CHECKPOINT") == "1" or importlib.util.find_spec("vlm_trainer.checkpoint") is None:
-        return NullCheckpointer()
-    from .checkpoint.seam import build_checkpointer as build  # provided by the checkpoint manager
-
-    return build(trainer)
 
 
 # --------------------------------------------------------------------------- state
@@ -147,7 +101,7 @@ def build_checkpointer(trainer: "Trainer") -> Checkpointer:
 class TrainResult:
     completed: bool  # reached stop_at
     stage_finished: bool  # reached the stage's full length (not just max_steps)
-    committed: bool  # the checkpointer committed the final checkpoint
+    committed: bool  # the final checkpoint is committed
     stopped: bool  # a signal stopped the run early
     step: int
     total_steps: int
@@ -165,8 +119,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, *, ctx: DistContext | None = None, checkpointer: Checkpointer | None = None,
-                 serve_metrics: bool = True):
+    def __init__(self, cfg: TrainerConfig, *, ctx: DistContext | None = None, serve_metrics: bool = True):
         self.cfg = cfg
         self.spec = spec = cfg.spec
         self.stage = cfg.stage_spec
@@ -234,7 +187,10 @@ class Trainer:
         self.observer = StepObserver(self, serve=serve_metrics)
         self.metrics, self.progress_file = self.observer.metrics, self.observer.progress_file
         self.metrics_port = self.observer.port
-        self.checkpointer = checkpointer if checkpointer is not None else build_checkpointer(self)
+        self.states = {MODEL_KEY: ModelState(self.par.module),
+                       OPTIM_KEY: OptimizerState(self.par.module, self.optimizer, continue_schedule=bool(opt.continue_schedule)),
+                       "trainer": TrainerState(self)}
+        self.checkpoint = self._checkpoint_manager()
         if self.ctx.is_main:
             layout = (f"{self.stage.batch_tokens} real tokens packed into ~{self.global_batch} sequences of {seq_len} "
                       f"(attention {self.attention})" if self.packing else
@@ -269,40 +225,36 @@ class Trainer:
             return torch.cuda.get_device_name(self.ctx.device)
         return "cpu"
 
-    # ---- the checkpoint seam
-    def extra_state(self) -> dict:
-        """Everything but model and optimizer tensors (`trainer_state.extra_state`)."""
-        return extra_state(self)
+    # ---- checkpoints
+    def _checkpoint_manager(self):
+        if os.environ.get("VLM_NO_CHECKPOINT") == "1":
+            if self.cfg.init_from:
+                log.warning("init_from=%s ignored: checkpoints are off (VLM_NO_CHECKPOINT=1)", self.cfg.init_from)
+            return None
+        from .checkpoint.manager import CheckpointManager
+        from .checkpoint.settings import CheckpointSettings
 
-    def load_extra_state(self, state: dict, *, mode: str = "resume") -> None:
-        load_extra_state(self, state, mode=mode)
+        cfg, spec = self.cfg, self.spec
+        # the config the checkpoint carries: analysis, pruning, export rebuild the model from the URI alone
+        config = yaml.safe_dump(cfg.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=False)
+        return CheckpointManager(
+            CheckpointSettings.from_spec(spec.checkpoint, ctl_timeout_s=float(spec.elastic.process_group_timeout)),
+            self.states, stage=cfg.stage, init_from=cfg.init_from,
+            prev_stage=spec.stages[self.stage_index - 1].name if self.stage_index > 0 else None,
+            registry=self.metrics.registry, progress=self.progress_file, run_name=f"{cfg.run.namespace}-{cfg.run.name}",
+            config_yaml=config, describe=lambda: {"strategy": self.par.strategy, "total_steps": self.total_steps,
+                                                  "tokens": self.progress.tokens, "run": cfg.run.name})
 
-    def model_state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.par.module)
-
-    def state_dict(self) -> dict:
-        """{"model", "optim", "trainer"}: model/optimizer from DCP's `get_state_dict` (sharded
-        DTensors under FSDP2, full tensors under DDP), "trainer" = :meth:`extra_state`."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.par.module, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd, "trainer": self.extra_state()}
-
-    def load_state_dict(self, state: dict, *, mode: str = "resume") -> None:
-        """Inverse of :meth:`state_dict`. ``init`` loads the model (and, with continueSchedule,
-        the optimizer moments that exist for this stage's trainable parameters)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-        options = StateDictOptions(strict=(mode == "resume"))
-        if "optim" in state and (mode == "resume" or self.stage.optimizer.continue_schedule):
-            set_state_dict(self.par.module, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"], options=options)
-        else:
-            set_model_state_dict(self.par.module, state["model"], options=options)
-        if "trainer" in state:
-            self.load_extra_state(state["trainer"], mode=mode)
+    def _save_now(self, *, final: bool):
+        """The synchronous checkpoint of this step, the stage's (``final``) or this run's end:
+        (committed, its SaveOutcome); a failure is logged; (True, None) without checkpoints."""
+        if self.checkpoint is None:
+            return True, None
+        try:
+            return True, self.checkpoint.finalize(self.progress.step, final=final)
+        except CheckpointError as e:
+            log.error("%s", e)
+            return False, None
 
     # ---- signals
     def install_signal_handlers(self) -> None:
@@ -373,7 +325,8 @@ class Trainer:
     # ---- the loop
     def train(self) -> TrainResult:
         ctx, m = self.ctx, self.metrics
-        self.checkpointer.restore(self)
+        if self.checkpoint is not None:
+            self.checkpoint.restore()
         start_step = self.progress.step
         m.steps.inc(start_step)
         m.tokens.labels(modality="text").inc(self.progress.text_tokens)
@@ -414,21 +367,20 @@ class Trainer:
                 self.observer.observe(rank_step, out, dt, wait)
                 if self._eval_due(self.progress.step):
                     self.evaluate()
-                self.checkpointer.after_step(self, self.progress.step)
+                if self.checkpoint is not None and self.progress.step < self.stop_at:  # _save_now writes the last
+                    self.checkpoint.after_step(self.progress.step)
                 if out["stop"]:
                     stopped = True
-                    on_stop = getattr(self.checkpointer, "on_stop", None)
-                    if on_stop is not None:
-                        on_stop(self)  # optional: e.g. a last checkpoint before a graceful exit
+                    self._save_now(final=False)  # suspend, preemption, scale-in: the restart loses nothing
                     break
             completed = self.progress.step >= self.stop_at
             committed = False
             if completed:
                 if self.evaluator.enabled:
                     self.evaluate()
-                committed = bool(self.checkpointer.finalize(self))
-                if committed and ctx.is_main:
-                    self.confirm_final()
+                committed, saved = self._save_now(final=self.progress.step >= self.total_steps)
+                if saved is not None and ctx.is_main:
+                    self.confirm_final(saved)
             result = TrainResult(completed, self.progress.step >= self.total_steps, committed, stopped,
                                  self.progress.step, self.total_steps, last_loss, self.last_eval)
             status = "completed" if result.exit_code == EXIT_OK else ("stopped" if stopped else "failed")
@@ -446,27 +398,27 @@ class Trainer:
         finally:
             loader.close()
 
-    def confirm_final(self) -> str | None:
-        """Rank 0, after finalize committed: write the stage's confirmation when the committed
-        checkpoint ends the stage (`stage_policy.is_final`); returns the text written."""
-        get = getattr(self.checkpointer, "committed_checkpoint", None)
-        ref = get() if get is not None else None
-        if not ref or not stage_policy.is_final(self.stage, int(ref["step"]), bool(ref.get("final"))):
+    def confirm_final(self, saved) -> str | None:
+        """Rank 0, once ``saved`` (a SaveOutcome: a new save, the same step marked final, or the
+        final checkpoint this process resumed) is committed: write the stage's confirmation
+        when it ends the stage (`stage_policy.is_final`); returns the text written."""
+        if not saved.uri or not stage_policy.is_final(self.stage, saved.step, saved.final):
             return None
         losses = self.last_eval.by_modality if self.last_eval is not None else None
         try:
-            text = stage_policy.confirmation(self.stage.name, int(ref["step"]), ref["uri"], self.progress.tokens, losses)
+            text = stage_policy.confirmation(self.stage.name, saved.step, saved.uri, self.progress.tokens, losses)
             path = write_termination_log(text)
         except (OSError, ValueError) as exc:  # the checkpoint stays committed; the operator reports it unconfirmed
             log.error("could not write the stage's confirmation: %s", exc)
             return None
         if path is not None:
-            log.info("stage %s confirmed: final checkpoint step %s %s (%s)", self.stage.name, ref["step"], ref["uri"], path)
+            log.info("stage %s confirmed: final checkpoint step %s %s (%s)", self.stage.name, saved.step, saved.uri, path)
         return text
 
     def close(self) -> None:
         try:
-            self.checkpointer.close()
+            if self.checkpoint is not None:
+                self.checkpoint.close(wait=False)
         finally:
             self.observer.close()
 

@@ -1,6 +1,6 @@
 """Trainer checkpoints: layout and manifest (``layout.py``), typed errors (``errors.py``),
 the store and its local / S3 backends (``store.py``, ``backends/``), the save/commit
-protocol (``manager.py``), restore I/O (``restore.py``), the trainer's seam (``seam.py``)
+protocol (``manager.py``), restore I/O (``restore.py``), the saved components (``state.py``)
 and models read back from a checkpoint (``model_io.py``)."""
 
 from .backends import open_step_uri, open_store

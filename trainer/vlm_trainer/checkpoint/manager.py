@@ -37,10 +37,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
 
 from . import restore as restore_io
 from .backends import open_store
@@ -48,7 +49,7 @@ from .errors import CheckpointCommitConflict, CheckpointError, WorkerGroupConfli
 from .layout import CONFIG_NAME, CheckpointRef, short, step_dirname
 from .metrics import FAILURE_PHASES, CheckpointMetrics, iso_to_unix
 from .restore import Restored
-from .state import AlreadyStaged, Stager, TrainState, state_dict
+from .state import AlreadyStaged, Stager, state_dict
 from .settings import CheckpointSettings, SaveOutcome
 from .store import CheckpointStore
 
@@ -83,17 +84,18 @@ def _safe(name: str) -> str:
 
 
 class CheckpointManager:
-    """Saves and restores one stage's checkpoints (see module doc). All ranks construct it
-    (collectively: it creates process groups) and call every method in the same order."""
+    """Saves and restores one stage's checkpoints of ``states`` (DCP ``Stateful`` components by
+    name, ``state.py``) with ``config_yaml`` beside the manifest and ``describe()`` in its
+    ``extra``. All ranks construct it (collectively) and call every method in the same order."""
 
-    def __init__(self, settings: CheckpointSettings, *, stage: str, prev_stage: Optional[str] = None,
-                 init_from: Optional[str] = None, registry=None, progress=None,
-                 store: Optional[CheckpointStore] = None, run_name: str = "run"):
+    def __init__(self, settings: CheckpointSettings, states: dict[str, Stateful], *, stage: str,
+                 prev_stage: Optional[str] = None, init_from: Optional[str] = None, registry=None, progress=None,
+                 store: Optional[CheckpointStore] = None, run_name: str = "run", config_yaml: Optional[str] = None,
+                 describe: Optional[Callable[[], dict]] = None):
         from vlm_api.quantities import parse_interval
 
-        self.settings = settings
-        self.stage = stage
-        self.prev_stage = prev_stage
+        self.settings, self.states, self.config_yaml, self.describe = settings, states, config_yaml, describe
+        self.stage, self.prev_stage = stage, prev_stage
         self.init_from = init_from or None
         self.progress = progress
         self.store = store or open_store(settings.uri, **settings.store_kwargs(settings.uri))
@@ -133,6 +135,7 @@ class CheckpointManager:
         self.last_committed: Optional[CheckpointRef] = None  # newest committed of this stage (all ranks agree)
         self.last_final = False
         self.outcomes: list[SaveOutcome] = []
+        self.restored: Optional[Restored] = None  # what restore loaded (None: a fresh start)
         self.conflict: Optional[SaveOutcome] = None  # set by a save that met another group's commit
         self._last_save_clock = time.monotonic()
         self._closed = False
@@ -195,15 +198,14 @@ class CheckpointManager:
             raise WorkerGroupConflict(f"stage {out.stage} step {out.step} was committed by another worker group "
                                       f"({out.error}): this group left the rendezvous unnoticed and stops")
 
-    def maybe_save(self, target: TrainState, step: int) -> bool:
+    def after_step(self, step: int) -> None:
+        """After every optimizer step (``step`` completed): save when due."""
         self.check_conflict()
         if self.due(step):
-            self.save(target, step)
-            return True
-        return False
+            self.save(step)
 
     # ------------------------------------------------------------------ save
-    def save(self, target: TrainState, step: int, *, final: bool = False, blocking: Optional[bool] = None
+    def save(self, step: int, *, final: bool = False, blocking: Optional[bool] = None
              ) -> Optional[SaveOutcome]:
         """Checkpoint the state after ``step`` steps. Asynchronous unless ``blocking`` (or
         async saves are off): then the outcome is returned once committed (or failed)."""
@@ -217,12 +219,12 @@ class CheckpointManager:
         self._last_save_clock = time.monotonic()
         node_dir = self.node_root / "staging" / self.stage / step_dirname(step)
         p = _Pending(stage=self.stage, step=step, final=final, node_dir=node_dir, t_start=t0,
-                     extra=self._manifest_extra(target), config_yaml=target.config_yaml)
+                     extra=self._manifest_extra(), config_yaml=self.config_yaml)
         self.metrics.in_flight.set(1)
         sd = None
         try:
             node_dir.mkdir(parents=True, exist_ok=True)
-            sd = state_dict(target, self.rank)
+            sd = state_dict(self.states, self.rank)
             if not blocking:
                 sd = self._stager.stage(sd)  # a private CPU copy: training may change the originals now
         except Exception as e:  # noqa: BLE001 - counted; the exchange below keeps ranks in step
@@ -261,10 +263,10 @@ class CheckpointManager:
         p.thread.start()
         return None
 
-    def _manifest_extra(self, target: TrainState) -> dict:
+    def _manifest_extra(self) -> dict:
         extra = {"world_size": self.world_size, "nodes": self.num_nodes, "format": "dcp", "torch": torch.__version__}
-        if target.manifest_extra is not None:
-            extra.update(target.manifest_extra())
+        if self.describe is not None:
+            extra.update(self.describe())
         return extra
 
     def _complete(self, p: _Pending) -> SaveOutcome:
@@ -414,7 +416,7 @@ class CheckpointManager:
             return self._pending is not None
 
     # ------------------------------------------------------------------ final
-    def finalize(self, target: TrainState, step: int, *, final: bool = True) -> SaveOutcome:
+    def finalize(self, step: int, *, final: bool = True) -> SaveOutcome:
         """The synchronous checkpoint at the end of the stage (``final``) or of this run
         (``final=False``: stopped before the stage's end). Retried; raises
         :class:`CheckpointError` when it could not be committed."""
@@ -427,7 +429,7 @@ class CheckpointManager:
             return self._mark_final(last)
         error = ""
         for attempt in range(1, max(1, self.settings.final_attempts) + 1):
-            out = self.save(target, step, final=final, blocking=True)
+            out = self.save(step, final=final, blocking=True)
             if out.ok:
                 return out
             error = f"{out.phase}: {out.error}"
@@ -460,9 +462,9 @@ class CheckpointManager:
         return out
 
     # ------------------------------------------------------------------ restore
-    def restore(self, target: TrainState) -> Optional[Restored]:
+    def restore(self) -> Optional[Restored]:
         """Load the checkpoint to start from (``restore.py``); None = fresh start."""
-        restored = restore_io.restore(self, target)
+        restored = self.restored = restore_io.restore(self, self.states)
         if restored is None:
             return None
         ref = restored.ref

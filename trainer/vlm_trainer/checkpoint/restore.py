@@ -14,7 +14,7 @@ Same stage ("resume"): model, optimizer, trainer state, RNG (the RNG only at the
 size; the trainer reseeds every step from (seed, step, rank) anyway). Another stage
 ("init"): model weights only; with ``continue_schedule`` also the optimizer moments of the
 parameters present in both stages (others start fresh), and the trainer decides what else
-carries over (``load_extra_state(mode="init")``).
+carries over (the components' ``load_init_state_dict``, ``state.py``).
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from torch.distributed.checkpoint.stateful import Stateful
+
 import torch
 
 from .. import safe_load
 from .backends import open_step_uri, open_store
 from .errors import CheckpointError, CheckpointVerifyError
 from .layout import CheckpointRef, short, split_checkpoint_uri, step_dirname
-from .state import TRAINER_KEY, TrainState, rng_key, set_rng_state, unpack
+from .state import MODEL_KEY, OPTIM_KEY, rng_key, set_rng_state, unpack
 from .store import CheckpointStore
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def fetching_reader(files: NodeFiles):
     return FetchingReader(str(files.local))
 
 
-def restore(mgr, target: TrainState) -> Optional[Restored]:
+def restore(mgr, states: dict[str, Stateful]) -> Optional[Restored]:
     """Load the checkpoint to start from (see module doc); None = fresh start. A checkpoint
     whose files fail verification on any node is skipped by every rank alike and the next
     older candidate is tried."""
@@ -134,7 +136,7 @@ def restore(mgr, target: TrainState) -> Optional[Restored]:
             return None
         files = node_files(mgr, choice)
         ref = files.ref
-        restored, failure = try_load(mgr, target, files, choice["mode"])
+        restored, failure = try_load(mgr, states, files, choice["mode"])
         fetched_files += files.fetched
         fetched_bytes += files.bytes
         if failure is None:
@@ -191,7 +193,7 @@ def node_files(mgr, choice: dict) -> NodeFiles:
                      ref, mgr.download_root() / ref.stage / step_dirname(ref.step))
 
 
-def try_load(mgr, target: TrainState, files: NodeFiles, mode: str
+def try_load(mgr, states: dict[str, Stateful], files: NodeFiles, mode: str
              ) -> tuple[Optional[Restored], Optional[BaseException]]:
     """One collective load attempt: (restored, None), or (None, the error) on every rank
     alike (DCP raises on all ranks when any rank's read fails)."""
@@ -208,7 +210,7 @@ def try_load(mgr, target: TrainState, files: NodeFiles, mode: str
         if statuses:
             return None, CheckpointError(f"downloading {ref.uri} failed: {'; '.join(statuses)}")
         try:
-            restored = load(mgr, target, files, mode)
+            restored = load(mgr, states, files, mode)
         except (Exception, dcp.CheckpointException) as e:  # DCP's error is a BaseException
             return None, e
         fetched = mgr.all_gather((mgr.node, files.fetched, files.bytes))
@@ -229,17 +231,15 @@ def try_load(mgr, target: TrainState, files: NodeFiles, mode: str
         mgr.barrier()  # nobody fetches into the directory while it is removed
 
 
-def load(mgr, target: TrainState, files: NodeFiles, mode: str) -> Restored:
+def load(mgr, states: dict[str, Stateful], files: NodeFiles, mode: str) -> Restored:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
 
     ref = files.ref
     reader = fetching_reader(files)
     keys = set(reader.read_metadata().state_dict_metadata)
-    msd = get_model_state_dict(target.module)
-    present = [k for k in msd if f"model.{k}" in keys]
+    model, optim = states[MODEL_KEY], states.get(OPTIM_KEY)
+    msd = model.state_dict()
+    present = [k for k in msd if f"{MODEL_KEY}.{k}" in keys]
     missing = sorted(set(msd) - set(present))
     if missing and mode == "resume":
         raise CheckpointError(f"{ref.uri}: model keys missing from the checkpoint: {missing[:5]}"
@@ -247,39 +247,43 @@ def load(mgr, target: TrainState, files: NodeFiles, mode: str) -> Restored:
     if missing:
         log.warning("%s: %d model keys not in the checkpoint keep their initial values: %s", ref.uri,
                     len(missing), missing[:5])
-    sd: dict[str, Any] = {"model": {k: msd[k] for k in present}}
-    opts = StateDictOptions(flatten_optimizer_state_dict=True)
-    load_optim = target.optimizer is not None and any(k.startswith("optim.") for k in keys) and (
-        mode == "resume" or target.continue_schedule)
+    sd: dict[str, Any] = {MODEL_KEY: {k: msd[k] for k in present}}
+    load_optim = optim is not None and any(k.startswith(f"{OPTIM_KEY}.") for k in keys) and (
+        mode == "resume" or optim.continue_schedule)
     osd: dict[str, Any] = {}
     if load_optim:
-        osd = get_optimizer_state_dict(target.module, target.optimizer, options=opts)
+        osd = optim.state_dict()
         if mode == "resume":
-            want = {k: v for k, v in osd.items() if f"optim.{k}" in keys}
+            want = {k: v for k, v in osd.items() if f"{OPTIM_KEY}.{k}" in keys}
             lost = sorted(set(osd) - set(want))
             if lost:
                 raise CheckpointError(f"{ref.uri}: optimizer entries missing from the checkpoint: {lost[:5]}")
         else:  # moments of the parameters both stages train; this stage's hyper-parameters
-            want = {k: v for k, v in osd.items() if k.startswith("state.") and f"optim.{k}" in keys}
-        sd["optim"] = want
-    if TRAINER_KEY in keys:
-        sd[TRAINER_KEY] = b""
+            want = {k: v for k, v in osd.items() if k.startswith("state.") and f"{OPTIM_KEY}.{k}" in keys}
+        sd[OPTIM_KEY] = want
+    # the other components: their own stage's state; another stage's only where they take it
+    others = {name: st for name, st in states.items() if name not in (MODEL_KEY, OPTIM_KEY) and name in keys
+              and (mode == "resume" or hasattr(st, "load_init_state_dict"))}
+    sd.update({name: b"" for name in others})
     same_world = ref.world_size == mgr.world_size
     rkey = rng_key(mgr.rank)
     if same_world and mode == "resume" and rkey in keys:
         sd[rkey] = b""
     dcp.load(sd, storage_reader=reader, planner=safe_load.SafeLoadPlanner(), process_group=mgr.pg,
              no_dist=not mgr.distributed)
-    set_model_state_dict(target.module, sd["model"], options=StateDictOptions(strict=not missing))
+    model.load_state_dict(sd[MODEL_KEY], strict=not missing)
     fresh: list[str] = []
     if load_optim:
         full = dict(osd)
-        full.update(sd["optim"])
-        set_optimizer_state_dict(target.module, target.optimizer, full, options=opts)
+        full.update(sd[OPTIM_KEY])
+        optim.load_state_dict(full)
         if mode != "resume":
-            fresh = reset_unloaded_moments(target, set(sd["optim"]))
-    if TRAINER_KEY in sd and target.load_extra_state is not None:
-        target.load_extra_state(unpack(sd[TRAINER_KEY]), mode=mode)
+            fresh = reset_unloaded_moments(optim, set(sd[OPTIM_KEY]))
+    for name, st in others.items():
+        if mode == "resume":
+            st.load_state_dict(unpack(sd[name]))
+        else:
+            st.load_init_state_dict(unpack(sd[name]))
     rng_restored = False
     if rkey in sd:
         set_rng_state(unpack(sd[rkey]))
@@ -289,19 +293,19 @@ def load(mgr, target: TrainState, files: NodeFiles, mode: str) -> Restored:
                     fresh_optimizer_params=fresh)
 
 
-def reset_unloaded_moments(target: TrainState, loaded: set[str]) -> list[str]:
+def reset_unloaded_moments(optim, loaded: set[str]) -> list[str]:
     """After a partial optimizer load: parameters without saved moments start fresh: zero
     moments and step 0, exactly a new AdamW's state before its first step (the state stays
     complete, so later checkpoints of this stage load strictly)."""
     from torch.distributed.checkpoint.state_dict import _get_fqns
 
     fresh = []
-    opt = target.optimizer
+    opt = optim.optimizer
     params = {id(p) for g in opt.param_groups for p in g["params"]}
-    for name, p in target.module.named_parameters():
+    for name, p in optim.module.named_parameters():
         if id(p) not in params:
             continue
-        fqns = _get_fqns(target.module, name)
+        fqns = _get_fqns(optim.module, name)
         if not any(k.startswith(f"state.{f}.") for f in fqns for k in loaded):
             state = opt.state.get(p)
             for key, value in list((state or {}).items()):

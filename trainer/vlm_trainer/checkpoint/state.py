@@ -1,5 +1,12 @@
 """What a checkpoint holds and how it is copied off the training loop.
 
+What is saved is a dict of DCP ``Stateful`` components (``state_dict()`` /
+``load_state_dict()``) the trainer hands the manager: ``model`` (:class:`ModelState`),
+``optim`` (:class:`OptimizerState`, optional) and small replicated ones (the trainer's
+progress, data positions, schedule, seed: ``trainer_state.TrainerState``). A component
+that defines ``load_init_state_dict(state)`` also takes another stage's state when a stage
+starts from it (``init``); the others only resume their own stage.
+
 Keys of the one ``torch.distributed.checkpoint`` save (DCP writes ``.metadata`` +
 ``__<rank>_0.distcp`` per rank):
 
@@ -11,7 +18,7 @@ Keys of the one ``torch.distributed.checkpoint`` save (DCP writes ``.metadata`` 
                     AdamW moments/step and group hyper-parameters, flattened per
                     parameter FQN (``flatten_optimizer_state_dict``), so a stage whose
                     trainable set differs loads the entries of the parameters it has
-``trainer``         the trainer's small replicated state (step, schedule, data positions,
+``<name>``          any other component (``trainer``: step, schedule, data positions,
                     token counts, seed ...), pickled into one bytes blob
 ``rng_rank<r>``     RNG states of rank r (python ``random``, numpy, torch CPU, CUDA)
 ==================  =====================================================================
@@ -19,37 +26,58 @@ Keys of the one ``torch.distributed.checkpoint`` save (DCP writes ``.metadata`` 
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import random
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
 from .. import safe_load
 
-TRAINER_KEY = "trainer"
+MODEL_KEY, OPTIM_KEY = "model", "optim"
 
 
-@dataclasses.dataclass
-class TrainState:
-    """The parts of a trainer a checkpoint saves and restores.
+class ModelState:
+    """The model as trained (DDP / FSDP2 / plain) as a DCP ``Stateful``: canonical FQNs, so
+    any wrapper at any world size loads what any other saved."""
 
-    ``module``: the model as trained (DDP / FSDP2 / plain); ``optimizer`` (or None);
-    ``extra_state()`` -> small picklable dict identical on all ranks (step, schedule, data
-    positions ...); ``load_extra_state(state, mode=...)`` with mode ``resume`` | ``init``;
-    ``continue_schedule``: a stage init also loads optimizer moments; ``manifest_extra()``
-    -> small JSON-able dict recorded in the COMMITTED manifest; ``config_yaml``: the
-    TrainerConfig the checkpoint is written with (stored next to the manifest).
-    """
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
 
-    module: torch.nn.Module
-    optimizer: Optional[torch.optim.Optimizer] = None
-    extra_state: Optional[Callable[[], dict]] = None
-    load_extra_state: Optional[Callable[..., None]] = None
-    continue_schedule: bool = False
-    manifest_extra: Optional[Callable[[], dict]] = None
-    config_yaml: Optional[str] = None
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state: dict, *, strict: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(strict=strict))
+
+
+class OptimizerState:
+    """The optimizer's state flattened per parameter FQN, as a DCP ``Stateful``.
+    ``continue_schedule``: a stage that starts from another one also takes its moments."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, continue_schedule: bool = False):
+        self.module, self.optimizer, self.continue_schedule = module, optimizer, continue_schedule
+
+    @staticmethod
+    def _options():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.module, self.optimizer, options=self._options())
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.module, self.optimizer, state, options=self._options())
 
 
 def pack(obj: Any) -> bytes:
@@ -89,20 +117,11 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def state_dict(target: TrainState, rank: int) -> dict:
-    """The state dict of one save (see module doc)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    if target.optimizer is not None:
-        msd, osd = get_state_dict(target.module, target.optimizer,
-                                  options=StateDictOptions(flatten_optimizer_state_dict=True))
-    else:
-        msd, osd = get_model_state_dict(target.module), None
-    sd: dict[str, Any] = {"model": msd}
-    if osd is not None:
-        sd["optim"] = osd
-    if target.extra_state is not None:
-        sd[TRAINER_KEY] = pack(target.extra_state())
+def state_dict(states: dict[str, Stateful], rank: int) -> dict:
+    """The state dict of one save (see module doc): the model's and the optimizer's tensors
+    as they are, every other component pickled into one blob under its name."""
+    sd: dict[str, Any] = {name: st.state_dict() if name in (MODEL_KEY, OPTIM_KEY) else pack(st.state_dict())
+                          for name, st in states.items()}
     sd[rng_key(rank)] = pack(rng_state())
     return sd
 
