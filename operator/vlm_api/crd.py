@@ -15,7 +15,6 @@ import yaml
 
 from . import schema as s
 
-CRD_NAME = f"{s.PLURAL}.{s.GROUP}"
 CRD_FILE = f"crds/{s.GROUP}_{s.PLURAL}.yaml"
 
 _KEEP = {
@@ -194,19 +193,24 @@ def build_crd() -> dict:
             }
         },
     }
+    return crd_document(s.KIND, s.PLURAL, s.SINGULAR, s.SHORT_NAMES, version)
+
+
+def crd_document(kind: str, plural: str, singular: str, short_names: list[str], version: dict) -> dict:
+    """The CustomResourceDefinition of one namespaced kind of this API group (run or sweep)."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "vlm-pretrain-operator"}},
+        "metadata": {"name": f"{plural}.{s.GROUP}", "labels": {"app.kubernetes.io/part-of": "vlm-pretrain-operator"}},
         "spec": {
             "group": s.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": s.KIND,
-                "listKind": f"{s.KIND}List",
-                "plural": s.PLURAL,
-                "singular": s.SINGULAR,
-                "shortNames": s.SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
                 "categories": ["vlm"],
             },
             "versions": [version],

@@ -11,7 +11,6 @@ import yaml
 from . import crd, sweep as sw
 from .schema.common import GROUP, VERSION
 
-SWEEP_CRD_NAME = f"{sw.PLURAL}.{GROUP}"
 SWEEP_CRD_FILE = f"crds/{GROUP}_{sw.PLURAL}.yaml"
 
 
@@ -58,24 +57,7 @@ def build_sweep_crd() -> dict:
             }
         },
     }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": SWEEP_CRD_NAME, "labels": {"app.kubernetes.io/part-of": "vlm-pretrain-operator"}},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": sw.KIND,
-                "listKind": f"{sw.KIND}List",
-                "plural": sw.PLURAL,
-                "singular": sw.SINGULAR,
-                "shortNames": sw.SHORT_NAMES,
-                "categories": ["vlm"],
-            },
-            "versions": [version],
-        },
-    }
+    return crd.crd_document(sw.KIND, sw.PLURAL, sw.SINGULAR, sw.SHORT_NAMES, version)
 
 
 def sweep_crd_yaml() -> str:

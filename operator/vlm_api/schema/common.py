@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.alias_generators import to_camel
 
 from .. import limits
@@ -152,6 +152,13 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
     if reason:
         out["reason"] = reason
     return out
+
+
+def secret_ref(reads: str) -> Any:
+    """A `credentialsSecret` field: the name of a Secret holding AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN); `reads` says what it is for."""
+    return Field(None, max_length=253, pattern=NAME_PATTERN, description="Secret with AWS_ACCESS_KEY_ID / "
+                 f"AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN) {reads}")
 
 
 def free_form(description: str) -> dict:

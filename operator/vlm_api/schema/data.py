@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..quantities import MAX_SHARDS, count_shards
-from .common import DATA_URI_PATTERN, NAME_PATTERN, Model, list_map
+from .common import DATA_URI_PATTERN, NAME_PATTERN, Model, list_map, secret_ref
 
 
 class DataSource(Model):
@@ -30,11 +30,8 @@ class DataSource(Model):
         pattern=DATA_URI_PATTERN,
         description="Held-out shards for per-modality validation loss (same format).",
     )
-    credentials_secret: str | None = Field(
-        None,
-        max_length=253,
-        pattern=NAME_PATTERN,
-        description="Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) that reads this source's s3:// shards; default: data.credentialsSecret.",
+    credentials_secret: str | None = secret_ref(
+        "that reads this source's s3:// shards; default: data.credentialsSecret."
     )
 
     @field_validator("uri", "validation_uri")
@@ -53,11 +50,8 @@ class DataSpec(Model):
         json_schema_extra=list_map(),
     )
     seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per training sequence (image tokens included).")
-    credentials_secret: str | None = Field(
-        None,
-        max_length=253,
-        pattern=NAME_PATTERN,
-        description="Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN) that reads s3:// sources without their own; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role).",
+    credentials_secret: str | None = secret_ref(
+        "that reads s3:// sources without their own; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role)."
     )
     packing: bool = Field(
         True,

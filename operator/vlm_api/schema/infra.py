@@ -24,6 +24,7 @@ from .common import (
     RDZV_PORT,
     RESERVED_PORTS,
     STORE_HEALTH_PORT,
+    secret_ref,
     URI_PATTERN,
     Model,
     Quantity,
@@ -176,11 +177,8 @@ class Checkpoint(Model):
         json_schema_extra={"x-kubernetes-validations": INTERVAL_CEL},
     )
     keep: int = Field(3, ge=1, le=1000, description="Committed checkpoints kept per stage (stage-final ones are always kept).")
-    credentials_secret: str | None = Field(
-        None,
-        max_length=253,
-        pattern=NAME_PATTERN,
-        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN), injected as env via secretKeyRef.",
+    credentials_secret: str | None = secret_ref(
+        "for the checkpoints, injected as env via secretKeyRef."
     )
     endpoint: str = Field(
         "", max_length=2048, pattern=ENDPOINT_PATTERN,

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import NAME_PATTERN, URI_PATTERN, Model, cel, free_form
+from .common import URI_PATTERN, Model, cel, free_form, secret_ref
 
 
 class ModelPart(Model):
@@ -28,11 +28,8 @@ class ModelPart(Model):
         pattern=URI_PATTERN,
         description="Directory that transformers' from_pretrained loads (local, file:// or s3://, downloaded first).",
     )
-    credentials_secret: str | None = Field(
-        None,
-        max_length=253,
-        pattern=NAME_PATTERN,
-        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (optional AWS_SESSION_TOKEN) that reads this s3:// path; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role). The LLM's also reads the tokenizer.",
+    credentials_secret: str | None = secret_ref(
+        "that reads this s3:// path; default: checkpoint.credentialsSecret, else the pod's ambient identity (service account, instance role). The LLM's also reads the tokenizer."
     )
     config: dict[str, Any] | None = Field(
         None, **free_form("Inline transformers config (must contain model_type); the part starts from random weights.")
