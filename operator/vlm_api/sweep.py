@@ -128,7 +128,9 @@ class SweepBest(Model):
 class VLMPretrainSweepStatus(Model):
     """What the operator observed; written by the operator only."""
 
-    phase: Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Invalid"] | None = Field(
+    # The run's phases in the run's order: typing caches `Literal[...] | None` by set equality,
+    # so a second order of the same set would make the CRD's enum depend on import order.
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"] | None = Field(
         None, description="Pending, Running, Suspended, Succeeded (all runs ended, one or more succeeded), "
         "Failed (all runs failed) or Invalid.")
     done: str | None = Field(None, description="Finished runs / all runs, e.g. 3/12.")
