@@ -108,10 +108,17 @@ def test_operator_exports_its_own_metrics(cluster):
         cluster.wait_phase("good", "Running")
         from prometheus_client import generate_latest
 
-        text = generate_latest(opmetrics.REGISTRY).decode()
+        # Phases are read from the operator's informer cache, which sees the status write a
+        # watch event after the API server does: wait for it, as a scrape would.
+        running = 'vlmoperator_run_phase{name="good",namespace="ns1",phase="Running"} 1.0'
+        def scraped_running():
+            text = generate_latest(opmetrics.REGISTRY).decode()
+            return text if running in text else None
+
+        text = wait(scraped_running, what="the Running phase in the operator's metrics")
     assert opmetrics.value("vlmoperator_reconciles_total", {"result": "success"}) > success
     assert opmetrics.value("vlmoperator_reconciles_total", {"result": "invalid"}) > invalid
-    assert 'vlmoperator_run_phase{name="good",namespace="ns1",phase="Running"} 1.0' in text
+    assert running in text
     assert 'vlmoperator_run_phase{name="bad",namespace="ns1",phase="Invalid"} 1.0' in text
     assert 'vlmoperator_runs{phase="Running"} 1.0' in text and 'vlmoperator_runs{phase="Failed"} 0.0' in text
     assert "vlmoperator_handler_duration_seconds_bucket" in text and "vlmoperator_api_errors_total" in text
