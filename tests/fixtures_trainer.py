@@ -82,6 +82,28 @@ def write_config(cfg: TrainerConfig, path: Path) -> Path:
     return path
 
 
+def train_with_checkpoints(cfg: TrainerConfig, staging: Path):
+    """Train `cfg`'s stage in this process with the real checkpoint manager (staging under
+    `staging`, inline data worker, no metrics server); the closed Trainer."""
+    import pytest
+
+    from vlm_trainer.metrics import reset_registry
+    from vlm_trainer.train import Trainer
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {"VLM_METRICS_PORT": "0", "VLM_DATA_WORKER": "inline", "VLM_CKPT_LOCAL_DIR": str(staging)}.items():
+        mp.setenv(k, v)
+    mp.delenv("VLM_NO_CHECKPOINT", raising=False)
+    reset_registry()
+    t = Trainer(cfg, serve_metrics=False)
+    try:
+        assert t.train().exit_code == 0
+    finally:
+        t.close()
+        mp.undo()
+    return t
+
+
 def torchrun_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "VLM_LOG_EVERY": "1",

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.fixtures_trainer import shared_data, spec_dict, stage, trainer_config
+from tests.fixtures_trainer import shared_data, spec_dict, stage, train_with_checkpoints, trainer_config
 from vlm_api.schema import TrainerConfig
 from vlm_trainer.checkpoint import CONFIG_NAME, open_store
 
@@ -22,24 +22,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(trainer after 2 steps, config, store root, final ref, the shared data)."""
-    from vlm_trainer.metrics import reset_registry
-    from vlm_trainer.train import Trainer
-
     data = shared_data(tmp_path_factory)
     root = tmp_path_factory.mktemp("export-run")
     cfg = trainer_config(spec_dict(data, stages=[stage("pretrain", steps=2, evalBatches=1)],
                                    checkpoint_uri=str(root / "ckpt")))
-    mp = pytest.MonkeyPatch()
-    for k, v in {"VLM_METRICS_PORT": "0", "VLM_DATA_WORKER": "inline", "VLM_CKPT_LOCAL_DIR": str(root / "staging")}.items():
-        mp.setenv(k, v)
-    mp.delenv("VLM_NO_CHECKPOINT", raising=False)
-    reset_registry()
-    t = Trainer(cfg, serve_metrics=False)
-    try:
-        assert t.train().exit_code == 0
-    finally:
-        t.close()
-        mp.undo()
+    t = train_with_checkpoints(cfg, root / "staging")
     ref = open_store(str(root / "ckpt")).latest_committed("pretrain")
     assert ref is not None and ref.final and ref.step == 2
     return t, cfg, root, ref, data

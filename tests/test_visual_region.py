@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.fixtures_trainer import PYTHON, REPO, TINY_LLM, make_data, spec_dict, stage, trainer_config, write_config
+from tests.fixtures_trainer import PYTHON, REPO, TINY_LLM, make_data, spec_dict, stage, train_with_checkpoints, trainer_config, \
+    write_config
 
 DEPTH = 8
 LLM8 = {**TINY_LLM, "num_hidden_layers": DEPTH}
@@ -281,9 +282,6 @@ def test_visual_region_remap_through_lineage():
 def trained(tmp_path_factory, data):
     """Stage `pretrain` (visual region trained, declares prune) trained 4 steps with the real
     checkpoint manager; stage `sft` follows. Returns (root, config path, TrainerConfig, final ref)."""
-    from vlm_trainer.metrics import reset_registry
-    from vlm_trainer.train import Trainer
-
     root = tmp_path_factory.mktemp("vr-run")
     stages = [stage("pretrain", steps=4, trainable={"visionEncoder": False, "projector": True, "llm": REGION},
                     evalBatches=1, prune={"removeLayers": 2, "calibration": {"source": "captions", "samples": 12}}),
@@ -291,17 +289,7 @@ def trained(tmp_path_factory, data):
                     trainable={"visionEncoder": False, "projector": True, "llm": REGION})]
     cfg = trainer_config(spec_dict(data, stages=stages, llm=LLM8, checkpoint_uri=str(root / "ckpt")))
     path = write_config(cfg, root / "config.yaml")
-    mp = pytest.MonkeyPatch()
-    for k, v in {"VLM_METRICS_PORT": "0", "VLM_DATA_WORKER": "inline", "VLM_CKPT_LOCAL_DIR": str(root / "staging")}.items():
-        mp.setenv(k, v)
-    mp.delenv("VLM_NO_CHECKPOINT", raising=False)
-    reset_registry()
-    t = Trainer(cfg, serve_metrics=False)
-    try:
-        assert t.train().exit_code == 0
-    finally:
-        t.close()
-        mp.undo()
+    train_with_checkpoints(cfg, root / "staging")
     from vlm_trainer.visual_region.prune import final_checkpoint_ref
 
     return root, path, cfg, final_checkpoint_ref(cfg)
